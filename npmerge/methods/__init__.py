@@ -1,0 +1,1 @@
+"""Merge methods, registered as data (see registry.py)."""
