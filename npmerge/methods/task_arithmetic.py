@@ -1,0 +1,18 @@
+"""Task arithmetic: add weighted task vectors to the base (Ilharco et al., 2023)."""
+
+from .registry import LAMBDA, WEIGHT, Method, Param, boolean, register
+
+METHOD = register(Method(
+    name="task_arithmetic",
+    title="Task arithmetic",
+    paper="https://arxiv.org/abs/2212.04089",
+    summary="add the weighted sum of task vectors (fine-tune minus base) to the base",
+    uses_base=True,
+    model_params=(WEIGHT,),
+    global_params=(
+        Param("normalize", False, boolean, "divide by the sum of weights"),
+        LAMBDA,
+    ),
+    zero_denominator_eps=1e-8,
+    fixed={"consensus": "none"},
+))
