@@ -1,0 +1,65 @@
+"""The library entry points: plan a merge, execute it into an output directory.
+
+Order of work: plan (every input validated, nothing written) -> writer preflight
+(output location, free space, lock) -> engine (tensor data) -> companions, model
+card, recipe, report -> atomic rename. Any failure before the rename leaves no
+output directory behind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .engine import Engine, Progress
+from .io.companions import write_companions
+from .io.writer import OutputWriter
+from .plan import Plan, build_plan
+from .recipe import Recipe
+from .report import build_report, model_card, report_json, sha256_file
+
+RECIPE_NAME = "npmerge_recipe.yml"
+REPORT_NAME = "merge_report.json"
+CARD_NAME = "README.md"
+
+
+def plan_merge(recipe: Recipe, *, max_memory=None, threads=None, shard_size=None) -> Plan:
+    return build_plan(recipe, max_memory=max_memory, threads=threads, shard_size=shard_size)
+
+
+def execute(plan: Plan, out, *, force: bool = False, progress: Progress | None = None) -> dict:
+    """Run a plan into directory `out`; return the report (also written as merge_report.json)."""
+    out = Path(out)
+    inputs = [Path(c.path) for c in plan.inputs]
+    with OutputWriter(out, plan.layout, inputs=inputs, force=force) as writer:
+        writer.open()
+        stats = Engine(plan, writer, progress).run()
+        ref = plan.reference
+        write_companions(writer, ref.root, _config_dtype(plan))
+        recipe_yaml = plan.recipe.to_yaml()
+        writer.add_bytes(RECIPE_NAME, recipe_yaml.encode())
+        writer.add_bytes(CARD_NAME, model_card(plan, recipe_yaml).encode())
+        writer.finish_shards()
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                 for p in sorted(writer.staging_dir.iterdir()) if p.is_file() and p.name not in writer.private_files}
+        report = build_report(plan, stats, files)
+        writer.add_bytes(REPORT_NAME, report_json(report))
+        writer.commit()
+    return report
+
+
+def _config_dtype(plan: Plan) -> str:
+    """The dtype config.json announces: the output dtype of the float tensors (most bytes wins)."""
+    sizes: dict[str, int] = {}
+    for job in plan.jobs:
+        if not job.copy:
+            sizes[job.out_dtype] = sizes.get(job.out_dtype, 0) + job.numel
+    return max(sizes, key=sizes.get) if sizes else "F32"
+
+
+def run_merge(recipe: Recipe, out, *, max_memory=None, threads=None, force=False, progress=None,
+              shard_size=None) -> dict:
+    plan = plan_merge(recipe, max_memory=max_memory, threads=threads, shard_size=shard_size)
+    try:
+        return execute(plan, out, force=force, progress=progress)
+    finally:
+        plan.close()

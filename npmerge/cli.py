@@ -1,0 +1,259 @@
+"""The `npmerge` command line: parse flags into a Recipe, call the API, render.
+
+Thin on purpose: no business logic here. Progress and tables go to stderr (rich),
+`--json` output to stdout. Errors print `Error:` and `Hint:` lines and exit with
+the error's code (FORMAT-AND-SAFETY.md §5); Ctrl-C exits 130 and SIGTERM 143,
+both after removing the partial output. NPMERGE_DEBUG=1 shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+from .errors import NpmergeError
+
+app = typer.Typer(
+    name="npmerge",
+    help="Merge fine-tuned safetensors checkpoints (TIES, task arithmetic, linear) exactly, "
+         "in bounded memory, on CPU. No PyTorch.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Consensus(str, Enum):
+    sum = "sum"
+    count = "count"
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"npmerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Show the version and exit.")):
+    """Merge fine-tuned safetensors checkpoints exactly, in bounded memory, without PyTorch."""
+
+
+# -- shared options -------------------------------------------------------------------
+OUT = typer.Option(..., "-o", "--out", help="Output model directory (created atomically).")
+OUT_DTYPE = typer.Option(None, "--out-dtype", help="Output dtype: bfloat16, float16, float32 (default: the base's).")
+SHARD = typer.Option(None, "--shard-size", help="Max tensor bytes per output shard, e.g. 5GB (default 5GB).")
+MEM = typer.Option(None, "--max-memory", help="Working-memory budget, e.g. 512MiB, 4GiB (default: 1/4 of free RAM, max 4GiB).")
+THREADS = typer.Option(None, "--threads", help="Compute threads (default: all cores).")
+DRY = typer.Option(False, "--dry-run", help="Check inputs and print the plan; write nothing.")
+JSON = typer.Option(False, "--json", help="Print the merge report (or error) as JSON on stdout.")
+FORCE = typer.Option(False, "--force", help="Replace an existing output directory.")
+NONFINITE = typer.Option(False, "--allow-nonfinite", help="Merge even if a weight is NaN or Inf.")
+QUIET = typer.Option(False, "-q", "--quiet", help="No progress bar or summary.")
+WEIGHT = typer.Option(None, "--weight", "-w", help="Model weight; repeat once per model, or give once for all.")
+NORMALIZE = typer.Option(None, "--normalize/--no-normalize", help="Divide by the sum of (agreeing) weights.")
+LAMBDA = typer.Option(None, "--lambda", help="Scale of the merged task vector (default 1).")
+
+
+@app.command()
+def ties(
+    base: str = typer.Argument(..., help="Base model (directory or .safetensors file)."),
+    models: List[str] = typer.Argument(..., help="Fine-tuned models to merge."),
+    out: Path = OUT,
+    density: Optional[List[float]] = typer.Option(None, "--density", "-d", help="Fraction of each task vector kept, in (0, 1]; repeat per model or once for all (default 1)."),
+    weight: Optional[List[float]] = WEIGHT,
+    lam: Optional[float] = LAMBDA,
+    normalize: Optional[bool] = NORMALIZE,
+    consensus: Consensus = typer.Option(Consensus.sum, "--consensus", help="Sign election: weighted sum or count."),
+    out_dtype: Optional[str] = OUT_DTYPE, shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM,
+    threads: Optional[int] = THREADS, dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE,
+    allow_nonfinite: bool = NONFINITE, quiet: bool = QUIET,
+):
+    """TIES-merging: trim small deltas, elect a sign per weight, average the agreeing deltas."""
+    _merge_command("ties", base, models, out, dict(weights=weight, densities=density, out_dtype=out_dtype,
+                   allow_nonfinite=allow_nonfinite, normalize=normalize, consensus=consensus.value,
+                   **{"lambda": lam}), shard_size, max_memory, threads, dry_run, json_out, force, quiet)
+
+
+@app.command("task-arithmetic")
+def task_arithmetic(
+    base: str = typer.Argument(..., help="Base model (directory or .safetensors file)."),
+    models: List[str] = typer.Argument(..., help="Fine-tuned models whose task vectors are added."),
+    out: Path = OUT,
+    weight: Optional[List[float]] = WEIGHT, lam: Optional[float] = LAMBDA, normalize: Optional[bool] = NORMALIZE,
+    out_dtype: Optional[str] = OUT_DTYPE, shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM,
+    threads: Optional[int] = THREADS, dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE,
+    allow_nonfinite: bool = NONFINITE, quiet: bool = QUIET,
+):
+    """Task arithmetic: base + lambda * sum of weighted task vectors."""
+    _merge_command("task_arithmetic", base, models, out, dict(weights=weight, out_dtype=out_dtype,
+                   allow_nonfinite=allow_nonfinite, normalize=normalize, **{"lambda": lam}),
+                   shard_size, max_memory, threads, dry_run, json_out, force, quiet)
+
+
+@app.command()
+def linear(
+    models: List[str] = typer.Argument(..., help="Models to average (the first one's config and tokenizer are kept)."),
+    out: Path = OUT,
+    weight: Optional[List[float]] = WEIGHT, normalize: Optional[bool] = NORMALIZE,
+    out_dtype: Optional[str] = OUT_DTYPE, shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM,
+    threads: Optional[int] = THREADS, dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE,
+    allow_nonfinite: bool = NONFINITE, quiet: bool = QUIET,
+):
+    """Linear merge (model soup): weighted average of the models."""
+    _merge_command("linear", None, models, out, dict(weights=weight, out_dtype=out_dtype,
+                   allow_nonfinite=allow_nonfinite, normalize=normalize),
+                   shard_size, max_memory, threads, dry_run, json_out, force, quiet)
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML in mergekit's layout (merge_method, base_model, models, parameters)."),
+    out: Path = OUT,
+    shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS,
+    dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE, quiet: bool = QUIET,
+):
+    """Run a merge recipe (YAML), e.g. the npmerge_recipe.yml of an earlier merge."""
+    def build():
+        from .recipe import Recipe
+
+        try:
+            text = recipe.read_text(encoding="utf-8")
+        except OSError as exc:
+            from .errors import RecipeError
+
+            raise RecipeError(f"cannot read recipe '{recipe}': {exc.strerror}") from None
+        return Recipe.from_yaml(text, str(recipe))
+
+    _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet)
+
+
+@app.command()
+def info(
+    path: str = typer.Argument(..., help="A model directory or .safetensors file."),
+    json_out: bool = JSON,
+    tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
+):
+    """Show a checkpoint's tensors, dtypes, parameter count and shards (validates every header)."""
+    def body():
+        from .io.checkpoint import Checkpoint
+
+        ckpt = Checkpoint(path)
+        dtypes: dict[str, int] = {}
+        for ref in ckpt.tensors.values():
+            dtypes[ref.info.dtype.name] = dtypes.get(ref.info.dtype.name, 0) + ref.info.numel
+        data = {"path": str(path), "tensors": len(ckpt.tensors), "parameters": ckpt.total_params,
+                "bytes": ckpt.total_bytes, "dtypes": dtypes,
+                "shards": [Path(p).name for p in ckpt.files],
+                "architecture": (ckpt.config or {}).get("architectures", [None])[0] if ckpt.config else None}
+        if tensors or json_out:
+            data["tensor_list"] = [{"name": n, "dtype": r.info.dtype.name, "shape": list(r.info.shape),
+                                    "file": Path(r.file.path).name} for n, r in ckpt.tensors.items()]
+        ckpt.close()
+        if json_out:
+            typer.echo(json.dumps(data, indent=2))
+            return
+        from . import render
+
+        render.info(data, tensors)
+
+    _guard(body, json_out)
+
+
+@app.command()
+def warmup():
+    """Compile and cache every kernel now (e.g. while building a container image)."""
+    def body():
+        from . import render
+        from .warmup import compile_all
+
+        seconds = compile_all()
+        render.stderr().print(f"kernels compiled and cached in {seconds:.1f} s")
+
+    _guard(body, False)
+
+
+# -- plumbing -------------------------------------------------------------------------
+def _merge_command(method, base, models, out, recipe_args, shard_size, max_memory, threads, dry_run,
+                   json_out, force, quiet):
+    def build():
+        from .recipe import Recipe
+
+        return Recipe.from_cli(method, base, list(models), **recipe_args)
+
+    _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet)
+
+
+def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet):
+    def body():
+        from . import api, render
+
+        started = time.perf_counter()
+        recipe = build_recipe()
+        plan = api.plan_merge(recipe, max_memory=max_memory, threads=threads, shard_size=shard_size)
+        try:
+            if dry_run:
+                if json_out:
+                    typer.echo(json.dumps(render.plan_dict(plan, out), indent=2))
+                else:
+                    render.plan(plan, out)
+                return
+            with render.progress(plan, disable=quiet or json_out) as advance:
+                report = api.execute(plan, out, force=force, progress=advance)
+        finally:
+            plan.close()
+        elapsed = time.perf_counter() - started
+        if json_out:
+            typer.echo(json.dumps(report, indent=2))
+        elif not quiet:
+            render.summary(plan, report, out, elapsed)
+
+    _guard(body, json_out)
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(143)
+
+
+def _guard(body, json_out: bool) -> None:
+    """Run a command body; turn npmerge errors and interrupts into messages and exit codes."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        body()
+    except NpmergeError as exc:
+        if os.environ.get("NPMERGE_DEBUG"):
+            raise
+        _fail(exc.exit_code, exc.code, exc.message, exc.hint, json_out)
+    except KeyboardInterrupt:
+        _fail(130, "interrupted", "interrupted; no output was written", None, json_out)
+    except SystemExit as exc:
+        if exc.code == 143:
+            _fail(143, "terminated", "terminated; no output was written", None, json_out)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(code: int, kind: str, message: str, hint: str | None, json_out: bool):
+    if json_out:
+        typer.echo(json.dumps({"error": {"code": kind, "exit_code": code, "message": message, "hint": hint}}))
+    first, *rest = message.split("\n")
+    sys.stderr.write(f"Error: {first}\n" + "".join(f"{line}\n" for line in rest))
+    if hint:
+        sys.stderr.write(f"Hint: {hint}\n")
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()

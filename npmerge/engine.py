@@ -1,0 +1,129 @@
+"""Runs a Plan: for each tensor, each pass of its method, each chunk.
+
+The engine owns the working buffers (allocated once, sized by the plan from
+--max-memory), decodes input chunks straight from the memory-mapped files into
+float32 rows, hands them to the method, encodes merged chunks and passes them to
+the writer. It knows no method's math and never imports rich: progress goes
+through a callback.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from . import kernels
+from .constants import BLOCK
+from .dtypes import DTYPES, decode, encode
+from .errors import IncompatibleModels
+from .methods.family import TensorMerge
+from .plan import Plan, TensorJob
+
+Progress = Callable[[int, str], None]  # (bytes advanced, tensor name)
+_EMPTY = np.empty(0, np.float32)
+
+
+class Engine:
+    def __init__(self, plan: Plan, writer, progress: Progress | None = None):
+        self.plan = plan
+        self.writer = writer
+        self.progress = progress or (lambda advance, name: None)
+        self.threads = kernels.set_threads(plan.threads)
+        nm, chunk = len(plan.models), plan.chunk
+        self._rows = np.empty(nm * chunk, np.float32)
+        self._base = np.empty(chunk, np.float32)
+        self._out = np.empty(chunk, np.float32)
+        self._raw = np.empty(chunk * 8, np.uint8)
+        self.stats: dict[str, dict] = {}
+
+    def run(self) -> dict[str, dict]:
+        for job in self.plan.jobs:
+            if job.copy:
+                self._copy(job)
+            else:
+                self._merge(job)
+            self._release(job)
+        return self.stats
+
+    # -- one tensor ----------------------------------------------------------------
+    def _copy(self, job: TensorJob) -> None:
+        src = job.base.file.flat(job.name).view(np.uint8)
+        piece = self.plan.chunk * 4
+        for start in range(0, src.size, piece):
+            self.writer.write(job.name, start, src[start:start + piece])
+        self.progress(job.read_bytes, job.name)
+
+    def _merge(self, job: TensorJob) -> None:
+        plan, nm, n = self.plan, len(job.models), job.numel
+        has_base = plan.method.uses_base
+        tm = TensorMerge(plan.method, plan.global_params, plan.model_params, n, has_base, self.threads)
+        base_src = job.base.file.flat(job.name) if has_base else None
+        model_src = [r.file.flat(job.name) for r in job.models]
+        base_code = job.base.info.dtype.name if has_base else None
+        codes = [r.info.dtype.name for r in job.models]
+        out_dt = DTYPES[job.out_dtype]
+        sumsq: list[np.ndarray] = []
+        nonfinite = np.zeros(nm + 1, np.int64)
+        for pass_no, pass_name in enumerate(tm.passes):
+            for start in range(0, n, plan.chunk):
+                c = min(plan.chunk, n - start)
+                rows = self._rows[:nm * c].reshape(nm, c)
+                base = self._base[:c] if has_base else _EMPTY
+                if has_base:
+                    decode(base_src[start:start + c], base_code, base)
+                for i in range(nm):
+                    decode(model_src[i][start:start + c], codes[i], rows[i], base if has_base else None)
+                if pass_no == 0:
+                    self._first_pass_checks(rows, base, sumsq, nonfinite)
+                out = self._out[:c]
+                tm.feed(pass_name, rows, base, out)
+                if pass_name == "merge":
+                    raw = self._raw[:c * out_dt.itemsize].view(out_dt.storage)
+                    encode(out, job.out_dtype, raw)
+                    self.writer.write(job.name, start * out_dt.itemsize, raw)
+                self.progress(job.read_bytes * c // max(n, 1), job.name)
+            tm.end_pass(pass_name)
+            if pass_no == 0:
+                self._refuse_nonfinite(job, nonfinite)
+        stats = tm.stats()
+        partials = np.concatenate(sumsq, axis=1) if sumsq else np.zeros((nm, 0))
+        for i, m in enumerate(stats["models"]):
+            m["l2"] = math.sqrt(math.fsum(partials[i].tolist()))  # exact sum of a fixed block grid
+        stats["numel"] = n
+        self.stats[job.name] = stats
+
+    def _first_pass_checks(self, rows, base, sumsq, nonfinite) -> None:
+        select = kernels.load("select")
+        c = rows.shape[1]
+        part = np.empty((rows.shape[0], -(-c // BLOCK)), np.float64)
+        select.block_sumsq(rows, BLOCK, part)
+        sumsq.append(part)
+        counts = np.zeros(rows.shape[0], np.int64)
+        select.count_nonfinite(rows, counts)
+        nonfinite[1:] += counts
+        if base.size:
+            one = np.zeros(1, np.int64)
+            select.count_nonfinite(base.reshape(1, -1), one)
+            nonfinite[0] += one[0]
+
+    def _refuse_nonfinite(self, job: TensorJob, nonfinite: np.ndarray) -> None:
+        if not nonfinite.any() or self.plan.recipe.allow_nonfinite:
+            return
+        plan = self.plan
+        if nonfinite[0]:
+            who, count = f"base '{plan.base.label}'", nonfinite[0]
+        else:
+            i = int(np.flatnonzero(nonfinite[1:])[0])
+            who, count = f"model {i + 1} '{plan.models[i].label}'", nonfinite[1 + i]
+        raise IncompatibleModels(
+            f"{who} tensor '{job.name}' has {count} NaN/Inf value(s)"
+            + ("" if nonfinite[0] else " (in the weights or their difference from the base)"),
+            hint="a broken fine-tune poisons the merge; pass --allow-nonfinite to merge anyway")
+
+    def _release(self, job: TensorJob) -> None:
+        """Drop the finished tensor's input pages so resident memory does not grow with the model."""
+        refs = ([job.base] if job.base else []) + list(job.models)
+        for ref in refs:
+            ref.file.advise(job.name, "dontneed")

@@ -1,0 +1,198 @@
+"""A model on disk: one .safetensors file, a directory with model.safetensors, or a
+sharded directory with model.safetensors.index.json.
+
+Opening a checkpoint validates every header and the index against the shards
+(FORMAT-AND-SAFETY.md §3.3) before anything else happens, so a corrupt download
+fails in seconds with the file named, never mid-merge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path, PureWindowsPath
+
+from ..errors import InvalidCheckpoint
+from .safetensors import SafetensorsFile, TensorInfo
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+OTHER_FORMATS = (".gguf", ".ggml", ".h5", ".msgpack", ".onnx")
+_CONVERT_HINT = (
+    "npmerge reads safetensors only and never unpickles; convert the model first, e.g. "
+    "load it with transformers and save_pretrained(..., safe_serialization=True)"
+)
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor of a checkpoint lives."""
+
+    file: SafetensorsFile
+    info: TensorInfo
+
+
+class Checkpoint:
+    """A validated model: tensor catalogue (name -> file, dtype, shape, offset) and config."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.files: dict[str, SafetensorsFile] = {}
+        self.tensors: dict[str, TensorRef] = {}
+        self.config: dict | None = None
+        self.root: Path | None = None  # model directory, None for a bare file
+        self._open()
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    # -- opening -----------------------------------------------------------
+    def _open(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise InvalidCheckpoint(f"model path '{self.path}' does not exist",
+                                    hint="check the path; npmerge never downloads models") from None
+        except OSError as exc:
+            raise InvalidCheckpoint(f"cannot access model path '{self.path}': {exc.strerror}") from None
+        if stat.S_ISDIR(st.st_mode):
+            self.root = self.path
+            self._open_dir()
+        elif stat.S_ISREG(st.st_mode):
+            self._refuse_other_format(self.path)
+            self._add_file(self.path)
+            for name, info in self.files[str(self.path)].header.tensors.items():
+                self.tensors[name] = TensorRef(self.files[str(self.path)], info)
+        else:
+            raise InvalidCheckpoint(f"model path '{self.path}' is not a file or directory")
+        self._sort_tensors()
+
+    @staticmethod
+    def _refuse_other_format(path: Path) -> None:
+        suffix = path.suffix.lower()
+        if suffix in PICKLE_SUFFIXES:
+            raise InvalidCheckpoint(f"'{path}' is a pickle checkpoint ({suffix}), not safetensors",
+                                    hint=_CONVERT_HINT)
+        if suffix in OTHER_FORMATS:
+            raise InvalidCheckpoint(f"'{path}' is a {suffix[1:].upper()} file, not safetensors",
+                                    hint="npmerge merges safetensors checkpoints only")
+
+    def _open_dir(self) -> None:
+        root = self.path
+        index, single = root / INDEX_NAME, root / SINGLE_NAME
+        if index.exists() and single.exists():
+            raise InvalidCheckpoint(
+                f"ambiguous weights in '{root}': both {SINGLE_NAME} and {INDEX_NAME} exist",
+                hint="remove the stale one (transformers would silently load model.safetensors)")
+        if index.exists():
+            self._open_index(index)
+        elif single.exists():
+            self._add_file(single)
+            for name, info in self.files[str(single)].header.tensors.items():
+                self.tensors[name] = TensorRef(self.files[str(single)], info)
+        else:
+            names = sorted(os.listdir(root))
+            if any(n.lower().endswith(PICKLE_SUFFIXES) for n in names):
+                raise InvalidCheckpoint(f"'{root}' holds pickle weights (.bin/.pt), not safetensors",
+                                        hint=_CONVERT_HINT)
+            if "adapter_model.safetensors" in names:
+                raise InvalidCheckpoint(f"'{root}' is a LoRA adapter, not a full model",
+                                        hint="merge the adapter into its base model first (peft merge_and_unload)")
+            raise InvalidCheckpoint(f"no {SINGLE_NAME} or {INDEX_NAME} in '{root}'",
+                                    hint="point npmerge at a Hugging Face model directory or a .safetensors file")
+        config = root / "config.json"
+        if config.is_file():
+            try:
+                self.config = json.loads(config.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise InvalidCheckpoint(f"invalid config.json in '{root}': {exc}") from None
+            if not isinstance(self.config, dict):
+                raise InvalidCheckpoint(f"invalid config.json in '{root}': not a JSON object")
+
+    def _open_index(self, index: Path) -> None:
+        where = f"index '{index}'"
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidCheckpoint(f"{where} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+            raise InvalidCheckpoint(f"{where} has no 'weight_map' object")
+        if "metadata" in data and not isinstance(data["metadata"], dict):
+            raise InvalidCheckpoint(f"{where}: 'metadata' must be an object")
+        weight_map = data["weight_map"]
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str):
+                raise InvalidCheckpoint(f"{where}: shard of tensor '{name}' is not a file name")
+            self._check_shard_name(index, shard)
+        for shard in dict.fromkeys(weight_map.values()):
+            self._add_file(self.path / shard, must_stay_in=self.path)
+        for name, shard in weight_map.items():
+            file = self.files[str(self.path / shard)]
+            info = file.header.tensors.get(name)
+            if info is None:
+                raise InvalidCheckpoint(f"{where} puts tensor '{name}' in '{shard}', which does not contain it",
+                                        hint="the download is inconsistent; fetch the model again")
+            self.tensors[name] = TensorRef(file, info)
+        for file in self.files.values():
+            for name in file.header.tensors:
+                owner = weight_map.get(name)
+                if owner is None:
+                    raise InvalidCheckpoint(f"tensor '{name}' of shard '{Path(file.path).name}' is missing from {where}",
+                                            hint="the index and shards disagree; fetch the model again")
+                if self.path / owner != Path(file.path):
+                    raise InvalidCheckpoint(f"tensor '{name}' is in both '{Path(file.path).name}' and '{owner}'")
+
+    @staticmethod
+    def _check_shard_name(index: Path, shard: str) -> None:
+        pure = PureWindowsPath(shard)
+        if (not shard or "/" in shard or "\\" in shard or pure.drive or pure.root or shard in (".", "..")
+                or not shard.endswith(".safetensors")):
+            raise InvalidCheckpoint(f"unsafe shard path '{shard}' in index '{index}'",
+                                    hint="shard names must be plain .safetensors file names in the model directory")
+
+    def _add_file(self, path: Path, must_stay_in: Path | None = None) -> None:
+        if str(path) in self.files:
+            return
+        if must_stay_in is not None:
+            try:
+                st = os.lstat(path)
+            except OSError as exc:
+                raise InvalidCheckpoint(f"shard '{path}' listed in the index cannot be opened: {exc.strerror}",
+                                        hint="the download is incomplete; fetch the model again") from None
+            real = Path(os.path.realpath(path))
+            inside = Path(os.path.realpath(must_stay_in))
+            in_hf_cache = "blobs" in real.parts  # HF hub cache: snapshots/<rev>/x -> ../../blobs/<sha>
+            if stat.S_ISLNK(st.st_mode) and not (real.is_relative_to(inside) or in_hf_cache):
+                raise InvalidCheckpoint(f"shard path '{path}' resolves outside the model directory ({real})")
+        self.files[str(path)] = SafetensorsFile(path)
+
+    def _sort_tensors(self) -> None:
+        """Physical order: files in the order first named, then data offset."""
+        order = {id(f): i for i, f in enumerate(self.files.values())}
+        items = sorted(self.tensors.items(), key=lambda kv: (order[id(kv[1].file)], kv[1].info.begin, kv[0]))
+        self.tensors = dict(items)
+
+    # -- facts ---------------------------------------------------------------
+    @property
+    def total_bytes(self) -> int:
+        return sum(ref.info.nbytes for ref in self.tensors.values())
+
+    @property
+    def total_params(self) -> int:
+        return sum(ref.info.numel for ref in self.tensors.values())
+
+    def identity(self) -> set[tuple[int, int]]:
+        """(st_dev, st_ino) of every weight file: two paths naming one model share them."""
+        out = set()
+        for p in self.files:
+            st = os.stat(p)
+            out.add((st.st_dev, st.st_ino))
+        return out
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()

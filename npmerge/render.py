@@ -1,0 +1,117 @@
+"""Human output of the CLI (rich, on stderr): plans, progress, summaries, info."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.table import Table
+
+_console: Console | None = None
+
+
+def stderr() -> Console:
+    global _console
+    if _console is None:
+        _console = Console(stderr=True)
+    return _console
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def info(data: dict, tensors: bool) -> None:
+    c = stderr()
+    table = Table(title=str(data["path"]), show_header=False)
+    table.add_row("architecture", str(data.get("architecture") or "-"))
+    table.add_row("tensors", f"{data['tensors']:,}")
+    table.add_row("parameters", f"{data['parameters']:,}")
+    table.add_row("size", human(data["bytes"]))
+    table.add_row("dtypes", ", ".join(f"{k} ({v:,} params)" for k, v in data["dtypes"].items()))
+    table.add_row("files", "\n".join(data["shards"]))
+    c.print(table)
+    if tensors:
+        t = Table("name", "dtype", "shape", "file")
+        for row in data["tensor_list"]:
+            t.add_row(row["name"], row["dtype"], str(row["shape"]), row["file"])
+        c.print(t)
+
+
+def plan_dict(plan, out) -> dict:
+    return {
+        "method": plan.method.name,
+        "base": plan.recipe.base,
+        "models": [{"path": e.path, "parameters": p} for e, p in zip(plan.recipe.models, plan.model_params)],
+        "parameters": plan.global_params,
+        "out": str(out),
+        "tensors_merged": sum(1 for j in plan.jobs if not j.copy),
+        "tensors_copied": sum(1 for j in plan.jobs if j.copy),
+        "shards": [s.filename for s in plan.layout.shards],
+        "read_bytes": plan.read_bytes,
+        "streamed_bytes": plan.total_work,
+        "write_bytes": sum(s.size for s in plan.layout.shards),
+        "memory_budget": plan.budget,
+        "working_memory": plan.work_bytes,
+        "chunk_elements": plan.chunk,
+        "threads": plan.threads,
+        "notes": plan.notes,
+    }
+
+
+def plan(plan, out) -> None:
+    d = plan_dict(plan, out)
+    t = Table(title=f"npmerge plan: {d['method']} -> {out}", show_header=False)
+    if d["base"]:
+        t.add_row("base", d["base"])
+    for i, m in enumerate(d["models"]):
+        t.add_row(f"model {i + 1}", f"{m['path']}  " + ", ".join(f"{k}={v}" for k, v in m["parameters"].items()))
+    t.add_row("parameters", ", ".join(f"{k}={v}" for k, v in d["parameters"].items()) or "-")
+    t.add_row("tensors", f"{d['tensors_merged']} merged, {d['tensors_copied']} copied")
+    t.add_row("output", f"{len(d['shards'])} shard(s), {human(d['write_bytes'])}")
+    t.add_row("reads", f"{human(d['read_bytes'])} of input, {human(d['streamed_bytes'])} streamed over all passes")
+    t.add_row("memory", f"{human(d['working_memory'])} working buffers (budget {human(d['memory_budget'])}), "
+                        f"chunks of {d['chunk_elements']:,} elements")
+    t.add_row("threads", str(d["threads"]))
+    for note in d["notes"]:
+        t.add_row("note", note)
+    stderr().print(t)
+
+
+@contextlib.contextmanager
+def progress(plan, disable: bool):
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=stderr(), disable=disable, transient=False)
+    with bar:
+        task = bar.add_task(plan.method.name, total=plan.total_work)
+
+        def advance(nbytes: int, name: str) -> None:
+            bar.update(task, advance=nbytes)
+
+        yield advance
+
+
+def summary(plan, report: dict, out, elapsed: float) -> None:
+    c = stderr()
+    tot = report["totals"]
+    t = Table("model", "kept", "excluded by vote", "‖Δ‖₂" if plan.method.uses_base else "‖W‖₂",
+              title=f"{plan.method.title} -> {out}")
+    for e, m in zip(plan.recipe.models, tot["models"]):
+        t.add_row(Path(e.path).name or e.path, f"{m['kept']:.1%}", f"{m['excluded']:.1%}", f"{m['l2']:.4g}")
+    c.print(t)
+    size = sum(f["size"] for f in report["files"].values())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    c.print(f"sign conflicts: {tot['sign_conflict']:.1%} of weights; "
+            f"{report['tensors_merged']} tensors merged, {report['tensors_copied']} copied; "
+            f"{human(size)} written in {elapsed:.1f} s ({human(plan.read_bytes / max(elapsed, 1e-9))}/s of input); "
+            f"peak RSS {human(rss)}")
+    for note in report["notes"]:
+        c.print(f"note: {note}")

@@ -1,0 +1,86 @@
+"""Merge statistics, the JSON report and the model card.
+
+Everything written here is deterministic (no timestamps, durations, thread
+counts or memory figures), so the whole output directory is byte-identical for
+the same inputs and recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+from . import __version__
+
+
+def totals(stats: dict[str, dict], n_models: int) -> dict:
+    """Model-level figures: element-weighted over tensors."""
+    numel = sum(s["numel"] for s in stats.values()) or 1
+    models = []
+    for i in range(n_models):
+        kept_nz = sum(s["models"][i]["kept_nonzero"] for s in stats.values())
+        excluded = sum(s["models"][i]["excluded_count"] for s in stats.values())
+        models.append({
+            "kept": sum(s["models"][i]["kept"] * s["numel"] for s in stats.values()) / numel,
+            "excluded": excluded / kept_nz if kept_nz else 0.0,
+            "l2": math.sqrt(math.fsum(s["models"][i]["l2"] ** 2 for s in stats.values())),
+        })
+    conflict = sum(s["sign_conflict"] * s["numel"] for s in stats.values()) / numel
+    return {"sign_conflict": conflict, "models": models}
+
+
+def sha256_file(path: Path, piece: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(piece):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_report(plan, stats: dict[str, dict], files: dict[str, dict]) -> dict:
+    method = plan.method
+    return {
+        "npmerge_version": __version__,
+        "method": method.name,
+        "base": os.path.abspath(plan.recipe.base) if plan.recipe.base else None,
+        "models": [{"path": os.path.abspath(e.path), "parameters": p}
+                   for e, p in zip(plan.recipe.models, plan.model_params)],
+        "parameters": plan.global_params,
+        "out_dtype": plan.recipe.out_dtype,
+        "notes": plan.notes,
+        "tensors_merged": sum(1 for j in plan.jobs if not j.copy),
+        "tensors_copied": sum(1 for j in plan.jobs if j.copy),
+        "totals": totals(stats, len(plan.models)),
+        "tensors": {name: {k: v for k, v in s.items()} for name, s in stats.items()},
+        "files": files,
+    }
+
+
+def report_json(report: dict) -> bytes:
+    return (json.dumps(report, indent=2, allow_nan=True) + "\n").encode()
+
+
+def model_card(plan, recipe_yaml: str) -> str:
+    method = plan.method
+    base = plan.recipe.base
+    lines = ["---"]
+    if base:
+        lines.append(f"base_model: {json.dumps(os.path.abspath(base))}")
+    lines += ["base_model_relation: merge", "library_name: transformers", "tags:", "- merge", "- npmerge", "---", ""]
+    lines += ["# Merged model", "",
+              f"This model was made with [npmerge](https://pypi.org/project/npmerge/) {__version__} using "
+              f"**{method.title}**" + (f" ([paper]({method.paper}))" if method.paper else "") + f": {method.summary}.",
+              ""]
+    if base:
+        lines += [f"Base model: `{os.path.abspath(base)}`", ""]
+    lines += ["| model | parameters |", "| --- | --- |"]
+    for e, p in zip(plan.recipe.models, plan.model_params):
+        params = ", ".join(f"{k}={v}" for k, v in p.items())
+        lines.append(f"| `{os.path.abspath(e.path)}` | {params} |")
+    lines += ["", "All arithmetic ran in float32 and was rounded once to the output dtype; "
+              "the statistics of the merge are in `merge_report.json`.", "",
+              "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
+    return "\n".join(lines)
