@@ -30,7 +30,7 @@ DEFAULT_MEMORY_FRACTION = 0.25
 DEFAULT_MEMORY_CAP = 4 << 30
 
 # Output data is written in pieces of at most this many bytes.
-WRITE_PIECE_BYTES = 16 << 20
+WRITE_PIECE_BYTES = 1 << 20
 
 # Safetensors header metadata written on every output shard (transformers requires it).
 OUTPUT_METADATA = {"format": "pt"}

@@ -39,12 +39,23 @@ class Engine:
         self.stats: dict[str, dict] = {}
 
     def run(self) -> dict[str, dict]:
-        for job in self.plan.jobs:
-            if job.copy:
-                self._copy(job)
-            else:
-                self._merge(job)
-            self._release(job)
+        """Shard by shard, in each shard's data order: output is written sequentially and
+        each shard is final (fsynced) as soon as its last tensor is done."""
+        jobs = {job.name: job for job in self.plan.jobs}
+        for i, shard in enumerate(self.plan.layout.shards):
+            resumed = self.writer.resumed_stats(i)
+            if resumed is not None:  # completed by an interrupted run, verified by the writer
+                self.stats.update(resumed)
+                self.progress(sum(jobs[n].read_bytes * jobs[n].passes for n in shard.tensors), "resumed")
+                continue
+            for name in shard.tensors:
+                job = jobs[name]
+                if job.copy:
+                    self._copy(job)
+                else:
+                    self._merge(job)
+                self._release(job)
+            self.writer.finish_shard(i, {n: self.stats[n] for n in shard.tensors if n in self.stats})
         return self.stats
 
     # -- one tensor ----------------------------------------------------------------

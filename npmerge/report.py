@@ -32,7 +32,7 @@ def totals(stats: dict[str, dict], n_models: int) -> dict:
     return {"sign_conflict": conflict, "models": models}
 
 
-def sha256_file(path: Path, piece: int = 1 << 24) -> str:
+def sha256_file(path: Path, piece: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(piece):

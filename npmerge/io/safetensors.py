@@ -9,6 +9,7 @@ rejected here with the same error class (`err.kind`), and everything it accepts
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import mmap
@@ -86,6 +87,14 @@ def _q(name: str) -> str:
     if len(name) > 120:
         name = name[:100] + "..."
     return "'" + name.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
+
+
+def _jtype(x) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if x is None or type(x) is bool:
+        return json.dumps(x)
+    return {int: "an integer", float: "a number", str: "a string", list: "an array"}.get(
+        type(x), "an object")
 
 
 def _fail(source: str, kind: str, what: str, hint: str | None = _HINT_CORRUPT):
@@ -173,9 +182,8 @@ def _has_lone_surrogate(root) -> bool:
                 x.encode("utf-8")
             except UnicodeEncodeError:
                 return True
-        elif isinstance(x, dict):
-            stack.extend(x.keys())
-            stack.extend(x.values())
+        elif isinstance(x, dict):  # raw pairs too: serde also parses overwritten duplicates
+            stack.extend(itertools.chain.from_iterable(x.pairs or x.items()))
         elif isinstance(x, list):
             stack.extend(x)
     return False
@@ -209,7 +217,7 @@ def _load_json(hb, source: str):
     if _SURROGATE_RE.search(text) and _has_lone_surrogate(obj):
         raise bad("invalid JSON in header: a \\u escape is an unpaired UTF-16 surrogate")
     if not isinstance(obj, dict):
-        raise bad(f"header JSON must be an object, not {type(obj).__name__}")
+        raise bad(f"header JSON must be an object, not {_jtype(obj)}")
     return obj
 
 
@@ -237,14 +245,13 @@ def _parse_entries(buf, file_size: int, source: str):
             if entry is None:
                 continue
             if not isinstance(entry, dict):
-                raise bad(f"__metadata__ must be an object of strings, not {type(entry).__name__}")
-            for k, v in entry.items():
+                raise bad(f"__metadata__ must be an object of strings, not {_jtype(entry)}")
+            for k, v in entry.pairs or entry.items():
                 if type(v) is not str:
-                    raise bad(f"__metadata__ value for key {_q(k)} must be a string, "
-                              f"not {type(v).__name__}")
+                    raise bad(f"__metadata__ value for key {_q(k)} must be a string, not {_jtype(v)}")
             if entry.pairs:
-                dup = next(k for i, (k, _) in enumerate(entry.pairs)
-                           if any(k == k2 for k2, _ in entry.pairs[:i]))
+                seen: set[str] = set()
+                dup = next(k for k, _ in entry.pairs if k in seen or seen.add(k))
                 later.append(("duplicate-metadata-key", f"duplicate __metadata__ key {_q(dup)}"))
             metadata = dict(entry)
             continue
@@ -255,7 +262,7 @@ def _parse_entries(buf, file_size: int, source: str):
             entry.pairs = None
         if not isinstance(entry, dict):
             raise bad(f"{what}: entry must be an object with dtype, shape and data_offsets, "
-                      f"not {'an array' if type(entry) is list else type(entry).__name__}")
+                      f"not {_jtype(entry)}")
         if entry.pairs:
             keys = [k for k, _ in entry.pairs]
             for f in _FIELDS:
@@ -269,9 +276,11 @@ def _parse_entries(buf, file_size: int, source: str):
                 and next(iter(dt)) in DTYPES and next(iter(dt.values())) is None):
             later.append(("dtype-map-form", f"{what}: dtype must be a string, not an object"))
             dt = next(iter(dt))
-        if type(dt) is not str or dt not in DTYPES:
-            shown = repr(dt) if type(dt) is str else type(dt).__name__
-            raise bad(f"{what} has unknown dtype {shown[:60]} (accepted: {', '.join(DTYPES)})")
+        if type(dt) is not str:
+            raise bad(f"{what}: dtype must be a string such as \"F32\", not {_jtype(dt)}")
+        if dt not in DTYPES:
+            raise bad(f"{what} has unknown dtype {_q(dt)} (accepted, case-sensitive: "
+                      f"{', '.join(DTYPES)})")
         shape, offs = entry["shape"], entry["data_offsets"]
         if not _is_u64_list(shape):
             raise bad(f"shape of {_q(name)} must be non-negative integers below 2**64")

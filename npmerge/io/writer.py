@@ -520,22 +520,40 @@ class OutputWriter:
         for name, size in self._sizes.items():
             if size is not None and self._written[name] != size:
                 raise RuntimeError(f"tensor {name!r} incomplete: {self._written[name]} of {size} bytes written")
-        for i, shard in enumerate(self.layout.shards):
-            tmp = self._staging / (shard.filename + ".tmp")
-            with _writing(tmp):
-                fd = self._fds.pop(i)
-                try:
-                    os.fsync(fd)
-                    size = os.fstat(fd).st_size
-                finally:
-                    os.close(fd)
-                if size != shard.size:
-                    raise OutputError(f"{tmp} is {size} bytes, {shard.size} planned")
-                os.rename(tmp, self._staging / shard.filename)
+        for i in range(len(self.layout.shards)):
+            self.finish_shard(i)
         index = self.layout.index_json()
         if index is not None:
             self._place(self._staging / INDEX_NAME, [index])
         self._shards_done = True
+
+    def resumed_stats(self, i: int) -> dict | None:
+        """Statistics of shard i if an interrupted run completed it (resume); None: compute it."""
+        return None
+
+    def finish_shard(self, i: int, stats: dict | None = None) -> None:
+        """Make shard i final in staging: every tensor complete, fsync, size check, rename.
+
+        `stats` (the engine's per-tensor statistics of this shard) is what a resumed run
+        gets back from `resumed_stats`."""
+        if i not in self._fds:
+            return
+        shard = self.layout.shards[i]
+        for name in shard.tensors:
+            size = self._sizes[name]
+            if size is not None and self._written[name] != size:
+                raise RuntimeError(f"tensor {name!r} incomplete: {self._written[name]} of {size} bytes written")
+        tmp = self._staging / (shard.filename + ".tmp")
+        with _writing(tmp):
+            fd = self._fds.pop(i)
+            try:
+                os.fsync(fd)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if size != shard.size:
+                raise OutputError(f"{tmp} is {size} bytes, {shard.size} planned")
+            os.rename(tmp, self._staging / shard.filename)
 
     def _swap_in(self) -> None:
         """The commit point. With force, an existing OUT is set aside first and removed after."""
