@@ -106,18 +106,13 @@ class Engine:
         self.stats[job.name] = stats
 
     def _first_pass_checks(self, rows, base, sumsq, nonfinite) -> None:
+        """Delta norms (on the fixed block grid) and NaN/Inf counts, once per tensor."""
         select = kernels.load("select")
-        c = rows.shape[1]
-        part = np.empty((rows.shape[0], -(-c // BLOCK)), np.float64)
-        select.block_sumsq(rows, BLOCK, part)
+        part = np.empty((rows.shape[0], -(-rows.shape[1] // BLOCK)), np.float64)
+        select.block_stats(rows, BLOCK, part, nonfinite[1:])
         sumsq.append(part)
-        counts = np.zeros(rows.shape[0], np.int64)
-        select.count_nonfinite(rows, counts)
-        nonfinite[1:] += counts
         if base.size:
-            one = np.zeros(1, np.int64)
-            select.count_nonfinite(base.reshape(1, -1), one)
-            nonfinite[0] += one[0]
+            select.block_stats(base.reshape(1, -1), BLOCK, np.empty((1, part.shape[1])), nonfinite[:1])
 
     def _refuse_nonfinite(self, job: TensorJob, nonfinite: np.ndarray) -> None:
         if not nonfinite.any() or self.plan.recipe.allow_nonfinite:

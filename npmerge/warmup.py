@@ -35,6 +35,5 @@ def compile_all() -> float:
             tm.feed(p, rows, base if method.uses_base else np.empty(0, np.float32), np.empty(n, np.float32))
             tm.end_pass(p)
     sel = kernels.load("select")
-    sel.block_sumsq(rows, BLOCK, np.empty((2, 1), np.float64))
-    sel.count_nonfinite(rows, np.zeros(2, np.int64))
+    sel.block_stats(rows, BLOCK, np.empty((2, 1), np.float64), np.zeros(2, np.int64))
     return time.perf_counter() - started

@@ -11,6 +11,10 @@ ordinal j is carried across chunks by the caller (`tie_pos`) and across blocks
 by a prefix sum of per-block tie counts, so the choice never depends on chunk
 size or thread count. Instead of big products j*q the kernel steps the
 remainder r = j*q mod m: element j is kept iff r + q >= m.
+
+Each block is processed model by model in short element-wise loops (trim,
+vote, disjoint sum) that LLVM vectorises; only tied elements that must be
+thinned take a scalar path.
 """
 
 import numpy as np
@@ -40,6 +44,110 @@ def _mulmod(a, b, m):
     return r
 
 
+@njit(cache=True, nogil=True)
+def _trim_weight(x, xbits, t, keep_ties, w, u):
+    """u = w * (x if kept else 0): keep |x| > t, and |x| == t when keep_ties."""
+    for e in range(x.shape[0]):
+        mag = np.int64(xbits[e] & MAG_MASK)
+        keep = (mag > t) | (keep_ties & (mag == t))
+        u[e] = w * (x[e] if keep else np.float32(0.0))
+
+
+@njit(cache=True, nogil=True)
+def _thin_ties(x, xbits, t, q, m, rem, w, u):
+    """Scalar pass over the tied elements: keep the j-th iff r_j + q >= m; return r."""
+    for e in range(x.shape[0]):
+        if np.int64(xbits[e] & MAG_MASK) == t:
+            keep = rem + q >= m
+            rem = rem + q - (m if keep else 0)
+            u[e] = w * (x[e] if keep else np.float32(0.0))
+    return rem
+
+
+@njit(cache=True, nogil=True)
+def _count_ties(xbits, t):
+    n = 0
+    for e in range(xbits.shape[0]):
+        n += np.int64(xbits[e] & MAG_MASK) == t
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _merge_block(rows, bits, base, lo, hi, weights, tbits, tq, tm, thin, rem, consensus, normalize, eps, lam,
+                 out, cnt):
+    """Elements lo..hi: trim and weight each model, elect, disjoint sum, normalise, add the base.
+
+    Rows are sliced per model (rows[i, lo:hi] keeps a contiguous layout, so the
+    element loops vectorise)."""
+    nm = rows.shape[0]
+    n = hi - lo
+    u = np.empty((nm, n), np.float32)
+    for i in range(nm):
+        x = rows[i, lo:hi]
+        xb = bits[i, lo:hi]
+        _trim_weight(x, xb, tbits[i], tq[i] > 0, weights[i], u[i])
+        if thin[i]:
+            _thin_ties(x, xb, tbits[i], tq[i], tm[i], rem[i], weights[i], u[i])
+
+    # Elect: positive[e] is the sign every agreeing u must have.
+    positive = np.ones(n, np.bool_)
+    if consensus == CONSENSUS_SUM:
+        s = np.zeros(n, np.float32)
+        for i in range(nm):
+            ui = u[i]
+            for e in range(n):
+                s[e] += ui[e]
+        for e in range(n):
+            positive[e] = s[e] >= 0
+    elif consensus == CONSENSUS_COUNT:
+        k = np.zeros(n, np.int32)
+        for i in range(nm):
+            ui = u[i]
+            for e in range(n):
+                k[e] += np.int32(ui[e] > 0) - np.int32(ui[e] < 0)
+        for e in range(n):
+            positive[e] = k[e] >= 0
+
+    # Disjoint sum of the agreeing deltas and their weights, with statistics.
+    delta = np.zeros(n, np.float32)
+    denom = np.zeros(n, np.float32)
+    pos = np.zeros(n, np.bool_)
+    neg = np.zeros(n, np.bool_)
+    for i in range(nm):
+        ui = u[i]
+        w = weights[i]
+        nonzero = 0
+        excluded = 0
+        for e in range(n):
+            v = ui[e]
+            agree = (v > 0) if positive[e] else (v < 0)
+            if consensus == CONSENSUS_NONE:
+                agree = True
+            delta[e] += v if agree else np.float32(0.0)
+            denom[e] += w if agree else np.float32(0.0)
+            nonzero += v != 0
+            excluded += (v != 0) & (not agree)
+            pos[e] |= v > 0
+            neg[e] |= v < 0
+        cnt[1 + 2 * i] += nonzero
+        cnt[2 + 2 * i] += excluded
+    conflicts = 0
+    has_base = base.size != 0
+    o = out[lo:hi]
+    bs = base[lo:hi] if has_base else base
+    for e in range(n):
+        conflicts += pos[e] & neg[e]
+        d = delta[e]
+        if normalize:
+            dd = denom[e]
+            if dd == 0 or abs(dd) < eps:
+                dd = np.float32(1.0)
+            d = d / dd
+        d = lam * d
+        o[e] = (bs[e] + d) if has_base else d
+    cnt[0] += conflicts
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def merge_chunk(rows, base, weights, tbits, tq, tm, tie_pos, consensus, normalize,
                 eps, lam, block, out, counts):
@@ -64,22 +172,15 @@ def merge_chunk(rows, base, weights, tbits, tq, tm, tie_pos, consensus, normaliz
     has_base = base.size != 0
     bits = rows.view(np.uint32)
 
-    # Which models need the tie ordinal, and per-block tie counts for them.
-    thin = np.zeros(nm, np.bool_)
-    for i in range(nm):
-        thin[i] = tq[i] > 0 and tq[i] < tm[i]
+    # Per-block tie counts, prefix-summed into each block's first tie ordinal.
+    thin = (tq > 0) & (tq < tm)
     ties = np.zeros((nblocks, nm), np.int64)
     for b in prange(nblocks):
         lo = b * block
         hi = min(lo + block, c)
         for i in range(nm):
             if thin[i]:
-                t = tbits[i]
-                n = 0
-                for e in range(lo, hi):
-                    if (bits[i, e] & MAG_MASK) == t:
-                        n += 1
-                ties[b, i] = n
+                ties[b, i] = _count_ties(bits[i, lo:hi], tbits[i])
     start = np.zeros((nblocks, nm), np.int64)
     for i in range(nm):
         j = tie_pos[i]
@@ -96,61 +197,8 @@ def merge_chunk(rows, base, weights, tbits, tq, tm, tie_pos, consensus, normaliz
         for i in range(nm):
             if thin[i]:
                 rem[i] = _mulmod(start[b, i], tq[i], tm[i])
-        u = np.empty(nm, np.float32)
-        cnt = per_block[b]
-        for e in range(lo, hi):
-            s_sum = np.float32(0.0)
-            s_cnt = 0
-            for i in range(nm):
-                mag = np.int64(bits[i, e] & MAG_MASK)
-                t = tbits[i]
-                keep = mag > t
-                if mag == t:
-                    if thin[i]:
-                        keep = rem[i] + tq[i] >= tm[i]
-                        rem[i] = rem[i] + tq[i] - (tm[i] if keep else 0)
-                    else:
-                        keep = tq[i] > 0
-                x = rows[i, e] if keep else np.float32(0.0)
-                ui = weights[i] * x
-                u[i] = ui
-                s_sum += ui
-                if ui > 0:
-                    s_cnt += 1
-                elif ui < 0:
-                    s_cnt -= 1
-            if consensus == CONSENSUS_SUM:
-                positive = s_sum >= 0
-            else:
-                positive = s_cnt >= 0
-            delta = np.float32(0.0)
-            denom = np.float32(0.0)
-            has_pos = False
-            has_neg = False
-            for i in range(nm):
-                ui = u[i]
-                agree = True
-                if ui != 0:
-                    cnt[1 + 2 * i] += 1
-                    if ui > 0:
-                        has_pos = True
-                    else:
-                        has_neg = True
-                if consensus != CONSENSUS_NONE:
-                    agree = (ui > 0) if positive else (ui < 0)
-                    if ui != 0 and not agree:
-                        cnt[2 + 2 * i] += 1
-                if agree:
-                    delta += ui
-                    denom += weights[i]
-            if has_pos and has_neg:
-                cnt[0] += 1
-            if normalize:
-                if denom == 0 or abs(denom) < eps:
-                    denom = np.float32(1.0)
-                delta = delta / denom
-            delta = lam * delta
-            out[e] = (base[e] + delta) if has_base else delta
+        _merge_block(rows, bits, base, lo, hi, weights, tbits, tq, tm, thin, rem, consensus, normalize, eps, lam,
+                     out, per_block[b])
     for b in range(nblocks):
         for j in range(1 + 2 * nm):
             counts[j] += per_block[b, j]

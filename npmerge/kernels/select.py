@@ -54,32 +54,44 @@ def hist_lo(rows, bucket, hist):
                         h[m & 0xFFFF] += 1
 
 
+@njit(cache=True, nogil=True)
+def _sumsq_nonfinite(x):
+    """(float64 sum of x**2, count of NaN/Inf) over a short 1-D slice.
+
+    Eight interleaved accumulators (element e goes to e % 8, combined in a fixed
+    order) break the add-latency chain; the order is a function of the block
+    alone, so the result is as deterministic as a plain left-to-right sum."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    bad = 0
+    n = x.shape[0]
+    main = n - n % 8
+    for e in range(0, main, 8):
+        v0 = np.float64(x[e]); v1 = np.float64(x[e + 1]); v2 = np.float64(x[e + 2]); v3 = np.float64(x[e + 3])
+        v4 = np.float64(x[e + 4]); v5 = np.float64(x[e + 5]); v6 = np.float64(x[e + 6]); v7 = np.float64(x[e + 7])
+        a0 += v0 * v0; a1 += v1 * v1; a2 += v2 * v2; a3 += v3 * v3
+        a4 += v4 * v4; a5 += v5 * v5; a6 += v6 * v6; a7 += v7 * v7
+    for e in range(main, n):
+        v = np.float64(x[e])
+        a0 += v * v
+    for e in range(n):
+        bad += not np.isfinite(x[e])
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)), bad
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def block_sumsq(rows, block, out):
-    """out[i, b] = float64 sum of rows[i]**2 over block b, summed in index order.
+def block_stats(rows, block, sumsq, nonfinite):
+    """sumsq[i, b] = float64 sum of rows[i]**2 over block b; nonfinite[i] += NaN/Inf count of row i.
 
     The block grid is global (chunks are whole multiples of `block`), so the
     partial sums do not depend on chunking or threads."""
     nm, c = rows.shape
     nblocks = (c + block - 1) // block
+    bad = np.zeros((nblocks, nm), np.int64)
     for b in prange(nblocks):
         lo = b * block
         hi = min(lo + block, c)
         for i in range(nm):
-            s = 0.0
-            for e in range(lo, hi):
-                v = np.float64(rows[i, e])
-                s += v * v
-            out[i, b] = s
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def count_nonfinite(rows, out):
-    """out[i] = number of NaN/Inf values in row i."""
-    nm, c = rows.shape
-    for i in range(nm):
-        n = 0
-        for e in prange(c):
-            if not np.isfinite(rows[i, e]):
-                n += 1
-        out[i] = n
+            sumsq[i, b], bad[b, i] = _sumsq_nonfinite(rows[i, lo:hi])
+    for b in range(nblocks):
+        for i in range(nm):
+            nonfinite[i] += bad[b, i]
