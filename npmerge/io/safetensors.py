@@ -41,9 +41,6 @@ _NP_MAXDIMS = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
 _FIELDS = ("dtype", "shape", "data_offsets")
 _HINT_CORRUPT = "the file is corrupt or not a safetensors file; re-download or re-export it"
 _HINT_SHORT = "the file is incomplete; re-download it"
-# One string token (closing quote optional, so the match never fails and never
-# backtracks: linear time even on hostile input) or a run of non-bracket text.
-_STRIP_RE = re.compile(r'"[^"\\]*(?:\\[\s\S][^"\\]*)*"?|[^\[\]{}"]+')
 _SURROGATE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _DEPTH_LUT = np.zeros(256, np.int8)
@@ -111,8 +108,9 @@ def _diverge(source: str, key: str, what: str):
 def _check_prefix(prefix, file_size: int, source: str) -> int:
     """Steps 1-3: return N, refusing it before anything of size N is allocated."""
     if file_size < 8 or len(prefix) < 8:
-        raise _fail(source, "HeaderTooSmall",
-                    f"file is {file_size} bytes; a safetensors file needs at least 8", _HINT_SHORT)
+        raise _fail(source, "HeaderTooSmall", f"file is {file_size} bytes; a safetensors file "
+                    "needs at least 8" if file_size < 8 else f"only {len(prefix)} of the 8 "
+                    "length bytes could be read (file changed while reading?)", _HINT_SHORT)
     n = int.from_bytes(bytes(prefix[:8]), "little")
     if n > MAX_HEADER_BYTES:
         raise _fail(source, "HeaderTooLarge",
@@ -157,17 +155,23 @@ def _no_constant(s: str):
     raise ValueError(f"{s} is not valid JSON")
 
 
-def _json_depth(text: str) -> int:
-    """Max bracket depth outside strings, computed without recursion (linear time)."""
-    brackets = _STRIP_RE.sub("", text).encode("ascii")
-    if len(brackets) < MAX_JSON_DEPTH:
-        return len(brackets)
-    steps = _DEPTH_LUT[np.frombuffer(brackets, np.uint8)]
-    depth, best = 0, 0
-    for i in range(0, len(steps), 1 << 20):
-        run = np.cumsum(steps[i:i + (1 << 20)], dtype=np.int64) + depth
-        best = max(best, int(run.max()))
-        depth = int(run[-1])
+def _json_depth(hb) -> int:
+    """Max bracket depth outside strings, without recursion, in linear time (NumPy).
+
+    Escapes are dropped first (`\\\\` pairs, then `\\"`), exactly as a JSON lexer pairs
+    them; then a bracket counts only where the number of quotes before it is even.
+    """
+    arr = np.frombuffer(hb, np.uint8)
+    if np.count_nonzero((arr == 91) | (arr == 123)) < MAX_JSON_DEPTH:
+        return 0
+    if np.any(arr == 92):
+        arr = np.frombuffer(bytes(hb).replace(b"\\\\", b"").replace(b'\\"', b""), np.uint8)
+    depth = quotes = best = 0
+    for i in range(0, len(arr), 1 << 20):
+        chunk = arr[i:i + (1 << 20)]
+        q = np.cumsum(chunk == 34, dtype=np.int64) + quotes
+        run = np.cumsum(np.where(q & 1, 0, _DEPTH_LUT[chunk]), dtype=np.int64) + depth
+        best, depth, quotes = max(best, int(run.max())), int(run[-1]), int(q[-1])
         if best >= MAX_JSON_DEPTH:
             break
     return best
@@ -205,7 +209,10 @@ def _load_json(hb, source: str):
         raise bad("header starts with a UTF-8 byte-order mark, which JSON does not allow")
     if text.endswith("\x00"):
         raise bad("header padded with NUL bytes instead of spaces (writer bug)")
-    if _json_depth(text) >= MAX_JSON_DEPTH:
+    head = text.lstrip(" \t\n\r")[:1]
+    if head != "{":  # serde fails at the first token too; never parse 100 MB of it
+        raise bad(f"header JSON must be an object, but it starts with {head!r}")
+    if _json_depth(hb) >= MAX_JSON_DEPTH:
         raise bad(f"header nesting too deep ({MAX_JSON_DEPTH} or more levels of brackets)")
     try:
         obj = json.loads(text, object_pairs_hook=_hook, parse_int=_parse_int,
@@ -216,8 +223,6 @@ def _load_json(hb, source: str):
         raise bad(f"invalid JSON in header: {e}")
     if _SURROGATE_RE.search(text) and _has_lone_surrogate(obj):
         raise bad("invalid JSON in header: a \\u escape is an unpaired UTF-16 surrogate")
-    if not isinstance(obj, dict):
-        raise bad(f"header JSON must be an object, not {_jtype(obj)}")
     return obj
 
 
