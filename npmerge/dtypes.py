@@ -107,7 +107,8 @@ def parse_user_dtype(text: str) -> str:
 # read-only float32 array.
 
 _convert = None  # the kernels module, once loaded
-_LUTS: dict[str, np.ndarray] = {}
+_LUTS: dict[str, np.ndarray] = {}  # read-only float32 decode tables, built on first use
+_NO_BASE: np.ndarray | None = None  # the shared empty read-only float32 "no base"
 
 # Aliases for raw bit-pattern dtypes: a float16 / ml_dtypes view of the same bytes is
 # accepted and reinterpreted as the storage dtype (never converted).
@@ -141,9 +142,17 @@ def _unaligned_ok() -> bool:
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
+    """A plain-ndarray read-only view (memmap subclasses and writability never reach numba)."""
     v = a.view(np.ndarray)
     v.flags.writeable = False
     return v
+
+
+def _no_base() -> np.ndarray:
+    global _NO_BASE
+    if _NO_BASE is None:
+        _NO_BASE = _readonly(np.empty(0, dtype=np.float32))
+    return _NO_BASE
 
 
 def lut_f16() -> np.ndarray:
@@ -310,12 +319,3 @@ def _encode(k, s: np.ndarray, code: str, dst: np.ndarray) -> None:
     else:  # F64
         k.encode_f64(s, dst)
 
-
-_NO_BASE: np.ndarray | None = None
-
-
-def _no_base() -> np.ndarray:
-    global _NO_BASE
-    if _NO_BASE is None:
-        _NO_BASE = _readonly(np.empty(0, dtype=np.float32))
-    return _NO_BASE
