@@ -1,21 +1,27 @@
 """The library entry points: plan a merge, execute it into an output directory.
 
 Order of work: plan (every input validated, nothing written) -> writer preflight
-(output location, free space, lock) -> engine (tensor data) -> companions, model
-card, recipe, report -> atomic rename. Any failure before the rename leaves no
-output directory behind.
+(output location, free space, lock; with `resume`, the interrupted run's verified
+shards) -> engine (tensor data, shard by shard) -> companions, model card, recipe,
+report -> input re-check and atomic rename. Any failure before the rename leaves
+no output directory behind; after an interruption or output error the finished
+shards stay in staging and the exception carries `resume_hint`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from .engine import Engine, Progress
+from .errors import IncompatibleModels
 from .io.companions import write_companions
+from .io.staging import sha256_file
 from .io.writer import OutputWriter
 from .plan import Plan, build_plan
 from .recipe import Recipe
-from .report import build_report, model_card, report_json, sha256_file
+from .report import build_report, model_card, report_json
 
 RECIPE_NAME = "npmerge_recipe.yml"
 REPORT_NAME = "merge_report.json"
@@ -26,25 +32,79 @@ def plan_merge(recipe: Recipe, *, max_memory=None, threads=None, shard_size=None
     return build_plan(recipe, max_memory=max_memory, threads=threads, shard_size=shard_size)
 
 
-def execute(plan: Plan, out, *, force: bool = False, progress: Progress | None = None) -> dict:
-    """Run a plan into directory `out`; return the report (also written as merge_report.json)."""
-    out = Path(out)
+def execute(plan: Plan, out, *, force: bool = False, resume: bool = False,
+            progress: Progress | None = None) -> dict:
+    """Run a plan into directory `out`; return the report (also written as merge_report.json).
+
+    `resume`: continue an interrupted run of the same plan into the same `out`.
+    """
     inputs = [Path(c.path) for c in plan.inputs]
-    with OutputWriter(out, plan.layout, inputs=inputs, force=force) as writer:
-        writer.open()
-        stats = Engine(plan, writer, progress).run()
-        ref = plan.reference
-        write_companions(writer, ref.root, _config_dtype(plan))
-        recipe_yaml = plan.recipe.to_yaml()
-        writer.add_bytes(RECIPE_NAME, recipe_yaml.encode())
-        writer.add_bytes(CARD_NAME, model_card(plan, recipe_yaml).encode())
-        writer.finish_shards()
-        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                 for p in sorted(writer.staging_dir.iterdir()) if p.is_file() and p.name not in writer.private_files}
-        report = build_report(plan, stats, files)
-        writer.add_bytes(REPORT_NAME, report_json(report))
-        writer.commit()
+    writer = OutputWriter(Path(out), plan.layout, inputs=inputs, force=force, resume=resume,
+                          fingerprint=plan.fingerprint())
+    try:
+        with writer:
+            writer.open()
+            sink = writer if plan.recipe.allow_nonfinite else FiniteOutput(writer, plan)
+            stats = Engine(plan, sink, progress).run()
+            write_companions(writer, plan.reference.root, _config_dtype(plan))
+            recipe_yaml = plan.recipe.to_yaml()
+            writer.add_bytes(RECIPE_NAME, recipe_yaml.encode())
+            writer.add_bytes(CARD_NAME, model_card(plan, recipe_yaml).encode())
+            writer.finish_shards()
+            shards = writer.shard_files
+            files = {p.name: shards.get(p.name) or {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                     for p in sorted(writer.staging_dir.iterdir())
+                     if p.is_file() and p.name not in writer.private_files}
+            report = build_report(plan, stats, files)
+            writer.add_bytes(REPORT_NAME, report_json(report))
+            writer.commit()
+    except BaseException as exc:
+        if writer.kept:
+            exc.resume_hint = writer.kept
+        raise
     return report
+
+
+class FiniteOutput:
+    """The writer, refusing merged values the output dtype cannot hold.
+
+    With finite inputs (the engine refuses others unless --allow-nonfinite, which turns
+    this check off) an Inf/NaN in the encoded output is an overflow, e.g. F32 values
+    above 65504 written as F16. Counted per tensor as chunks pass, raised when the
+    shard is finished: by then the engine has reported any non-finite input itself.
+    """
+
+    _EXPONENT = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80),
+                 "F32": (np.uint32, 0x7F800000), "F64": (np.uint64, 0x7FF0000000000000)}
+    _PIECE = 1 << 16  # elements per check: bounds the temporaries
+
+    def __init__(self, writer: OutputWriter, plan: Plan):
+        self._writer = writer
+        self._dtypes = {j.name: j.out_dtype for j in plan.jobs if not j.copy and j.out_dtype in self._EXPONENT}
+        self._overflow: dict[str, int] = {}
+
+    def __getattr__(self, name):
+        return getattr(self._writer, name)
+
+    def write(self, name: str, byte_offset: int, data) -> None:
+        code = self._dtypes.get(name)
+        if code is not None:
+            uint, mask = self._EXPONENT[code]
+            bits = np.ascontiguousarray(data).reshape(-1).view(np.uint8).view(uint)
+            bad = sum(int(np.count_nonzero((bits[i:i + self._PIECE] & mask) == mask))
+                      for i in range(0, bits.size, self._PIECE))
+            if bad:
+                self._overflow[name] = self._overflow.get(name, 0) + bad
+        self._writer.write(name, byte_offset, data)
+
+    def finish_shard(self, i: int, stats: dict | None = None) -> None:
+        for name in self._writer.layout.shards[i].tensors:
+            if self._overflow.get(name):
+                raise IncompatibleModels(
+                    f"merged tensor '{name}' has {self._overflow[name]} value(s) beyond the range of "
+                    f"{self._dtypes[name]}: they would be written as Inf/NaN",
+                    hint="choose a wider --out-dtype (e.g. float32), or lower --lambda or the weights")
+        self._writer.finish_shard(i, stats)
 
 
 def _config_dtype(plan: Plan) -> str:
@@ -56,10 +116,10 @@ def _config_dtype(plan: Plan) -> str:
     return max(sizes, key=sizes.get) if sizes else "F32"
 
 
-def run_merge(recipe: Recipe, out, *, max_memory=None, threads=None, force=False, progress=None,
+def run_merge(recipe: Recipe, out, *, max_memory=None, threads=None, force=False, resume=False, progress=None,
               shard_size=None) -> dict:
     plan = plan_merge(recipe, max_memory=max_memory, threads=threads, shard_size=shard_size)
     try:
-        return execute(plan, out, force=force, progress=progress)
+        return execute(plan, out, force=force, resume=resume, progress=progress)
     finally:
         plan.close()

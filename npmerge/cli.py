@@ -1,9 +1,10 @@
 """The `npmerge` command line: parse flags into a Recipe, call the API, render.
 
 Thin on purpose: no business logic here. Progress and tables go to stderr (rich),
-`--json` output to stdout. Errors print `Error:` and `Hint:` lines and exit with
-the error's code (FORMAT-AND-SAFETY.md §5); Ctrl-C exits 130 and SIGTERM 143,
-both after removing the partial output. NPMERGE_DEBUG=1 shows tracebacks.
+`--json` output to stdout. Errors, usage errors included, print `Error:` and `Hint:`
+lines and exit with the error's code (FORMAT-AND-SAFETY.md §5); Ctrl-C exits 130,
+SIGTERM 143 and SIGHUP 129, never leaving an output directory (finished shards stay in
+staging for --resume). NPMERGE_DEBUG=1 shows tracebacks.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ JSON = typer.Option(False, "--json", help="Print the merge report (or error) as 
 FORCE = typer.Option(False, "--force", help="Replace an existing output directory.")
 NONFINITE = typer.Option(False, "--allow-nonfinite", help="Merge even if a weight is NaN or Inf.")
 QUIET = typer.Option(False, "-q", "--quiet", help="No progress bar or summary.")
+RESUME = typer.Option(False, "--resume", help="Continue an interrupted merge into the same -o: its finished shards "
+                                              "are verified (sha256) and kept. Refused if the recipe or inputs changed.")
 WEIGHT = typer.Option(None, "--weight", "-w", help="Model weight; repeat once per model, or give once for all.")
 NORMALIZE = typer.Option(None, "--normalize/--no-normalize", help="Divide by the sum of (agreeing) weights.")
 LAMBDA = typer.Option(None, "--lambda", help="Scale of the merged task vector (default 1).")
@@ -78,12 +81,12 @@ def ties(
     consensus: Consensus = typer.Option(Consensus.sum, "--consensus", help="Sign election: weighted sum or count."),
     out_dtype: Optional[str] = OUT_DTYPE, shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM,
     threads: Optional[int] = THREADS, dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE,
-    allow_nonfinite: bool = NONFINITE, quiet: bool = QUIET,
+    allow_nonfinite: bool = NONFINITE, quiet: bool = QUIET, resume: bool = RESUME,
 ):
     """TIES-merging: trim small deltas, elect a sign per weight, average the agreeing deltas."""
     _merge_command("ties", base, models, out, dict(weights=weight, densities=density, out_dtype=out_dtype,
                    allow_nonfinite=allow_nonfinite, normalize=normalize, consensus=consensus.value,
-                   **{"lambda": lam}), shard_size, max_memory, threads, dry_run, json_out, force, quiet)
+                   **{"lambda": lam}), shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume)
 
 
 @app.command("task-arithmetic")
@@ -94,12 +97,12 @@ def task_arithmetic(
     weight: Optional[List[float]] = WEIGHT, lam: Optional[float] = LAMBDA, normalize: Optional[bool] = NORMALIZE,
     out_dtype: Optional[str] = OUT_DTYPE, shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM,
     threads: Optional[int] = THREADS, dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE,
-    allow_nonfinite: bool = NONFINITE, quiet: bool = QUIET,
+    allow_nonfinite: bool = NONFINITE, quiet: bool = QUIET, resume: bool = RESUME,
 ):
     """Task arithmetic: base + lambda * sum of weighted task vectors."""
     _merge_command("task_arithmetic", base, models, out, dict(weights=weight, out_dtype=out_dtype,
                    allow_nonfinite=allow_nonfinite, normalize=normalize, **{"lambda": lam}),
-                   shard_size, max_memory, threads, dry_run, json_out, force, quiet)
+                   shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume)
 
 
 @app.command()
@@ -109,12 +112,12 @@ def linear(
     weight: Optional[List[float]] = WEIGHT, normalize: Optional[bool] = NORMALIZE,
     out_dtype: Optional[str] = OUT_DTYPE, shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM,
     threads: Optional[int] = THREADS, dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE,
-    allow_nonfinite: bool = NONFINITE, quiet: bool = QUIET,
+    allow_nonfinite: bool = NONFINITE, quiet: bool = QUIET, resume: bool = RESUME,
 ):
     """Linear merge (model soup): weighted average of the models."""
     _merge_command("linear", None, models, out, dict(weights=weight, out_dtype=out_dtype,
                    allow_nonfinite=allow_nonfinite, normalize=normalize),
-                   shard_size, max_memory, threads, dry_run, json_out, force, quiet)
+                   shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume)
 
 
 @app.command()
@@ -122,7 +125,7 @@ def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML in mergekit's layout (merge_method, base_model, models, parameters)."),
     out: Path = OUT,
     shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS,
-    dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE, quiet: bool = QUIET,
+    dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE, quiet: bool = QUIET, resume: bool = RESUME,
 ):
     """Run a merge recipe (YAML), e.g. the npmerge_recipe.yml of an earlier merge."""
     def build():
@@ -136,7 +139,7 @@ def run(
             raise RecipeError(f"cannot read recipe '{recipe}': {exc.strerror}") from None
         return Recipe.from_yaml(text, str(recipe))
 
-    _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet)
+    _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume)
 
 
 @app.command()
@@ -186,16 +189,16 @@ def warmup():
 
 # -- plumbing -------------------------------------------------------------------------
 def _merge_command(method, base, models, out, recipe_args, shard_size, max_memory, threads, dry_run,
-                   json_out, force, quiet):
+                   json_out, force, quiet, resume):
     def build():
         from .recipe import Recipe
 
         return Recipe.from_cli(method, base, list(models), **recipe_args)
 
-    _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet)
+    _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume)
 
 
-def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet):
+def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume):
     def body():
         from . import api, render
 
@@ -210,7 +213,7 @@ def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_o
                     render.plan(plan, out)
                 return
             with render.progress(plan, disable=quiet or json_out) as advance:
-                report = api.execute(plan, out, force=force, progress=advance)
+                report = api.execute(plan, out, force=force, resume=resume, progress=advance)
         finally:
             plan.close()
         elapsed = time.perf_counter() - started
@@ -222,38 +225,73 @@ def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_o
     _guard(body, json_out)
 
 
-def _on_sigterm(signum, frame):
-    raise SystemExit(143)
+_SIGNALS = {signal.SIGTERM: (143, "terminated"), signal.SIGHUP: (129, "hung up")}
+
+
+def _on_signal(signum, frame):
+    """SIGTERM/SIGHUP end Python without running `finally` blocks; raising runs the cleanup."""
+    raise SystemExit(_SIGNALS[signum][0])
 
 
 def _guard(body, json_out: bool) -> None:
     """Run a command body; turn npmerge errors and interrupts into messages and exit codes."""
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in _SIGNALS}
     try:
         body()
     except NpmergeError as exc:
         if os.environ.get("NPMERGE_DEBUG"):
             raise
-        _fail(exc.exit_code, exc.code, exc.message, exc.hint, json_out)
-    except KeyboardInterrupt:
-        _fail(130, "interrupted", "interrupted; no output was written", None, json_out)
+        _fail(exc.exit_code, exc.code, exc.message, [exc.hint, getattr(exc, "resume_hint", None)], json_out)
+    except KeyboardInterrupt as exc:
+        _fail(130, "interrupted", "interrupted; no output was written", [getattr(exc, "resume_hint", None)], json_out)
     except SystemExit as exc:
-        if exc.code == 143:
-            _fail(143, "terminated", "terminated; no output was written", None, json_out)
+        for code, what in _SIGNALS.values():
+            if exc.code == code:
+                _fail(code, what.replace(" ", "_"), f"{what}; no output was written",
+                      [getattr(exc, "resume_hint", None)], json_out)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _fail(code: int, kind: str, message: str, hint: str | None, json_out: bool):
+def _fail(code: int, kind: str, message: str, hints: list, json_out: bool):
+    hints = [h for h in hints if h]
     if json_out:
-        typer.echo(json.dumps({"error": {"code": kind, "exit_code": code, "message": message, "hint": hint}}))
+        typer.echo(json.dumps({"error": {"code": kind, "exit_code": code, "message": message,
+                                         "hint": "; ".join(hints) or None}}))
     first, *rest = message.split("\n")
     sys.stderr.write(f"Error: {first}\n" + "".join(f"{line}\n" for line in rest))
-    if hint:
-        sys.stderr.write(f"Hint: {hint}\n")
+    sys.stderr.write("".join(f"Hint: {h}\n" for h in hints))
     raise typer.Exit(code)
 
 
-def main() -> None:
-    app()
+def _usage_error_class() -> type:
+    """Typer >= 0.2x vendors click (its errors derive from TyperException); older Typer uses click's."""
+    base = getattr(typer, "TyperException", None)
+    if base is None:
+        import click
+
+        base = click.ClickException
+    return base
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console entry point; usage errors get the same `Error:`/`Hint:` lines as the rest."""
+    try:
+        code = app(args=argv, prog_name="npmerge", standalone_mode=False)
+    except _usage_error_class() as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `npmerge`: the help, as a usage error
+            sys.stderr.write(exc.format_message() + "\n")
+            code = exc.exit_code
+        else:
+            ctx = getattr(exc, "ctx", None)
+            hints = [f"see '{ctx.command_path} --help'"] if ctx is not None else []
+            try:
+                _fail(exc.exit_code, "usage", exc.format_message(), hints, "--json" in (argv or sys.argv[1:]))
+            except typer.Exit as done:
+                code = done.exit_code
+    except typer.Abort:
+        sys.stderr.write("Error: interrupted\n")
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)

@@ -9,17 +9,18 @@ dtype and shard position, and the chunk size that keeps working memory within
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from . import constants
+from . import __version__, constants
 from .dtypes import DECODABLE, DTYPES, ENCODABLE
 from .errors import BudgetError, IncompatibleModels, RecipeError
 from .io.checkpoint import Checkpoint, TensorRef
 from .methods.family import keep_count
+from .io.staging import file_fingerprint
 from .io.writer import OutputTensor, ShardLayout, plan_shards
 from .recipe import Recipe
 
@@ -74,6 +75,15 @@ class Plan:
     @property
     def read_bytes(self) -> int:
         return sum(j.read_bytes for j in self.jobs)
+
+    def fingerprint(self) -> dict:
+        """What a resumed run must share with the interrupted one (the writer adds the layout):
+        same npmerge, same recipe, same input files (stat and header hash of each)."""
+        return {
+            "npmerge_version": __version__,
+            "recipe_sha256": hashlib.sha256(self.recipe.to_yaml().encode()).hexdigest(),
+            "inputs": [file_fingerprint(p) for ckpt in self.inputs for p in ckpt.files],
+        }
 
     def close(self) -> None:
         for ckpt in self.inputs:
@@ -182,17 +192,13 @@ def _jobs(recipe: Recipe, method, model_params: list[dict], base: Checkpoint | N
     notes: list[str] = []
     _check_names(ref, inputs)
     problems = []
-    for name, ref_t in ref.tensors.items():
+    for name in ref.tensors:
         shapes = {role: c.tensors[name].info.shape for role, c in inputs}
         if len(set(shapes.values())) > 1:
             problems.append((name, shapes))
     if problems:
-        lines = [f"  {n}: " + ", ".join(f"{r} {list(s)}" for r, s in shp.items()) for n, shp in problems[:5]]
-        vocab = any("embed" in n or "lm_head" in n for n, _ in problems)
-        raise IncompatibleModels(
-            f"shape mismatch in {len(problems)} tensor(s):\n" + "\n".join(lines),
-            hint=("the vocabulary sizes differ (embedding rows); npmerge needs models with the same tokenizer"
-                  if vocab else "the models do not share an architecture"))
+        _refuse_shapes(inputs, problems)
+    _check_vocab(inputs)
     jobs = []
     mixed = set()
     for name, ref_t in ref.tensors.items():
@@ -222,6 +228,10 @@ def _jobs(recipe: Recipe, method, model_params: list[dict], base: Checkpoint | N
         jobs.append(TensorJob(name, info.shape, info.numel, out_dtype, False, b, m, 3 if selects else 1))
     if mixed:
         notes.append(f"{len(mixed)} tensor(s) have different dtypes across models; all are decoded to float32")
+    for i, p in enumerate(model_params):
+        if p["weight"] < 0:
+            notes.append(f"model {i + 1} has a negative weight ({p['weight']}): its "
+                         + ("task vector is subtracted" if method.uses_base else "weights are subtracted"))
     fp8_scales = [n for n in ref.tensors if n.endswith(("_scale", "_scale_inv"))]
     if fp8_scales and any(ref.tensors[n].info.dtype.name.startswith("F8") for n in ref.tensors):
         raise IncompatibleModels(f"'{ref.label}' is an FP8-quantised checkpoint (e.g. '{fp8_scales[0]}')",
@@ -229,8 +239,46 @@ def _jobs(recipe: Recipe, method, model_params: list[dict], base: Checkpoint | N
     return jobs, notes
 
 
+def _label(role: str, ckpt: Checkpoint) -> str:
+    return f"{role} '{ckpt.label}'"
+
+
+def _vocab_size(ckpt: Checkpoint):
+    value = (ckpt.config or {}).get("vocab_size")
+    return value if type(value) is int else None
+
+
+def _check_vocab(inputs) -> None:
+    """Same tensor shapes but different config.json vocab sizes still means different tokenizers."""
+    sized = [(role, c, _vocab_size(c)) for role, c in inputs if _vocab_size(c) is not None]
+    for role, ckpt, size in sized[1:]:
+        if size != sized[0][2]:
+            raise IncompatibleModels(f"vocabulary sizes differ in config.json: {_label(*sized[0][:2])} has "
+                                     f"{sized[0][2]} tokens, {_label(role, ckpt)} has {size}", hint=_VOCAB_HINT)
+
+
+_VOCAB_HINT = ("npmerge merges models that share a tokenizer; merging vocabularies (mergekit's tokenizer_source) "
+               "is not supported yet")
+
+
+def _refuse_shapes(inputs, problems) -> None:
+    name, shapes = problems[0]
+    roles = dict(inputs)
+    (role_a, shape_a), *rest = shapes.items()
+    role_b, shape_b = next((r, s) for r, s in rest if s != shape_a)
+    who_a, who_b = _label(role_a, roles[role_a]), _label(role_b, roles[role_b])
+    more = [f"  {n}: " + ", ".join(f"{r} {list(s)}" for r, s in shp.items()) for n, shp in problems[1:5]]
+    detail = (f" (and {len(problems) - 1} more tensor(s))" if len(problems) > 1 else "") + "".join("\n" + m for m in more)
+    if ("embed" in name or "lm_head" in name or "wte" in name) and shape_a and shape_b and shape_a[1:] == shape_b[1:]:
+        raise IncompatibleModels(f"shape mismatch for '{name}': the vocabulary sizes differ, {who_a} has "
+                                 f"{shape_a[0]} tokens, {who_b} has {shape_b[0]}{detail}", hint=_VOCAB_HINT)
+    raise IncompatibleModels(f"shape mismatch for '{name}': {who_a} {list(shape_a)} vs {who_b} {list(shape_b)}{detail}",
+                             hint="the models do not share an architecture; merge only fine-tunes of the same base")
+
+
 def _check_names(ref: Checkpoint, inputs) -> None:
     ref_names = set(ref.tensors)
+    ref_role = inputs[0][0]
     for role, ckpt in inputs:
         missing = [n for n in ref.tensors if n not in ckpt.tensors]
         extra = [n for n in ckpt.tensors if n not in ref_names]
@@ -240,8 +288,17 @@ def _check_names(ref: Checkpoint, inputs) -> None:
                 parts.append(f"missing {len(missing)} tensor(s): " + ", ".join(missing[:5]))
             if extra:
                 parts.append(f"has {len(extra)} extra tensor(s): " + ", ".join(extra[:5]))
-            raise IncompatibleModels(f"{role} '{ckpt.label}' does not match '{ref.label}': " + "; ".join(parts),
-                                     hint="all models must have the same tensors (same architecture)")
+            hint = "all models must have the same tensors (same architecture)"
+            untied = next((c for c, names in ((ckpt, missing), (ref, extra))
+                           if any(n.startswith("lm_head") for n in names)), None)
+            if untied is not None:
+                holder = ref if untied is ckpt else ckpt
+                why = " (tie_word_embeddings: it reuses the input embeddings)" if (
+                    (untied.config or {}).get("tie_word_embeddings")) else ""
+                hint = (f"'{untied.label}' has no lm_head{why} while '{holder.label}' stores its own; "
+                        "untie it first (save lm_head.weight as a copy of the embeddings) to merge them")
+            raise IncompatibleModels(f"{_label(role, ckpt)} does not match {_label(ref_role, ref)}: "
+                                     + "; ".join(parts), hint=hint)
 
 
 def _check_equal_data(name: str, inputs) -> None:

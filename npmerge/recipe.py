@@ -7,6 +7,7 @@ features npmerge does not implement yet are errors, never silently ignored.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,8 @@ class Recipe:
                               hint="give base_model in the recipe (or BASE first on the command line)")
         if not self.models:
             raise RecipeError("no models to merge")
-        method.resolve(self.params, [m.params for m in self.models])  # validates early
+        global_params, model_params = method.resolve(self.params, [m.params for m in self.models])  # validates early
+        _check_weights(method, global_params, model_params)
 
     def resolved(self):
         """(Method, global params, per-model params) with defaults filled in."""
@@ -173,3 +175,16 @@ def _no_gradients(params: dict, where: str) -> None:
         if isinstance(value, (list, dict)):
             raise RecipeError(f"{where}.{key}: per-layer lists and tensor filters are not supported yet",
                               hint="give a single number")
+
+
+def _check_weights(method, global_params: dict, model_params: list[dict]) -> None:
+    """Normalizing divides by a sum of weights: refuse recipes where that sum is always zero."""
+    if not global_params.get("normalize"):
+        return
+    weights = [p["weight"] for p in model_params]
+    if not any(weights):
+        raise RecipeError("every model weight is 0, so normalizing would divide by zero",
+                          hint="give at least one model a non-zero weight")
+    if method.zero_denominator_eps and abs(math.fsum(weights)) < method.zero_denominator_eps:
+        raise RecipeError(f"the model weights sum to 0 ({', '.join(map(str, weights))}), so normalizing "
+                          "would divide by zero", hint="change the weights, or turn normalizing off (--no-normalize)")

@@ -7,11 +7,9 @@ the same inputs and recipe.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-from pathlib import Path
 
 from . import __version__
 
@@ -30,14 +28,6 @@ def totals(stats: dict[str, dict], n_models: int) -> dict:
         })
     conflict = sum(s["sign_conflict"] * s["numel"] for s in stats.values()) / numel
     return {"sign_conflict": conflict, "models": models}
-
-
-def sha256_file(path: Path, piece: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(piece):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_report(plan, stats: dict[str, dict], files: dict[str, dict]) -> dict:

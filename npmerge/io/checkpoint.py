@@ -27,6 +27,21 @@ _CONVERT_HINT = (
 )
 
 
+class _Duplicate(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """json object hook: a key given twice (json keeps the last silently) is an error."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        raise _Duplicate(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
 @dataclass(frozen=True)
 class TensorRef:
     """Where one tensor of a checkpoint lives."""
@@ -69,6 +84,9 @@ class Checkpoint:
                 self.tensors[name] = TensorRef(self.files[str(self.path)], info)
         else:
             raise InvalidCheckpoint(f"model path '{self.path}' is not a file or directory")
+        if "" in self.tensors:  # the format allows it; no loader or writer can use it
+            raise InvalidCheckpoint(f"invalid tensor name '' (empty) in {self.tensors[''].file.path}",
+                                    hint="re-export the model: every tensor needs a name")
         self._sort_tensors()
 
     @staticmethod
@@ -84,13 +102,14 @@ class Checkpoint:
     def _open_dir(self) -> None:
         root = self.path
         index, single = root / INDEX_NAME, root / SINGLE_NAME
-        if index.exists() and single.exists():
+        has_index, has_single = os.path.lexists(index), os.path.lexists(single)  # broken links: say why below
+        if has_index and has_single:
             raise InvalidCheckpoint(
                 f"ambiguous weights in '{root}': both {SINGLE_NAME} and {INDEX_NAME} exist",
                 hint="remove the stale one (transformers would silently load model.safetensors)")
-        if index.exists():
+        if has_index:
             self._open_index(index)
-        elif single.exists():
+        elif has_single:
             self._add_file(single)
             for name, info in self.files[str(single)].header.tensors.items():
                 self.tensors[name] = TensorRef(self.files[str(single)], info)
@@ -108,17 +127,24 @@ class Checkpoint:
         if config.is_file():
             try:
                 self.config = json.loads(config.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as exc:
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
                 raise InvalidCheckpoint(f"invalid config.json in '{root}': {exc}") from None
+            except OSError as exc:
+                raise InvalidCheckpoint(f"cannot read config.json in '{root}': {exc.strerror}") from None
             if not isinstance(self.config, dict):
                 raise InvalidCheckpoint(f"invalid config.json in '{root}': not a JSON object")
 
     def _open_index(self, index: Path) -> None:
         where = f"index '{index}'"
         try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
+            data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+        except _Duplicate as exc:
+            raise InvalidCheckpoint(f"{where} lists '{exc.key}' twice",
+                                    hint="the index is corrupt; fetch the model again") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidCheckpoint(f"{where} is not valid JSON: {exc}") from None
+        except OSError as exc:
+            raise InvalidCheckpoint(f"cannot read {where}: {exc.strerror}") from None
         if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
             raise InvalidCheckpoint(f"{where} has no 'weight_map' object")
         if "metadata" in data and not isinstance(data["metadata"], dict):

@@ -4,44 +4,43 @@ Everything about the output is planned before the first byte is written, so ever
 header goes first and data can arrive chunk by chunk, in any order. Data is written
 with `os.pwrite` from caller buffers, never through a writable memmap: on a full disk
 a memmap store is a SIGBUS with no cleanup, a pwrite is an ENOSPC we can report.
-The model is built in a staging sibling `.<out>.npmerge-partial/` and renamed into
-place in one step, so a half-written model never looks complete (FORMAT-AND-SAFETY §4).
+The model is built in a staging sibling `.<out>.npmerge-partial/` (io/staging.py) and
+renamed into place in one step, so a half-written model never looks complete
+(FORMAT-AND-SAFETY §4). Each shard is final (fsynced, renamed, sha256 recorded in the
+staging manifest) as soon as it is done: an interrupted run keeps those for `--resume`.
+
+`NPMERGE_TEST_SLOW=<seconds>` (tests only) sleeps before every data write.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
+import hashlib
 import json
 import os
 import shutil
-import socket
 import threading
+import time
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..constants import DEFAULT_SHARD_BYTES, MAX_HEADER_BYTES, OUTPUT_METADATA, WRITE_PIECE_BYTES
 from ..dtypes import DTYPES
 from ..errors import InvalidCheckpoint, OutputError, RecipeError
+from . import staging as st
+from .staging import SPACE_MARGIN, Staging, writing
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-LOCK_NAME = "npmerge.lock"
-README_NAME = "README.txt"
-SPACE_MARGIN = 64 << 20  # free space demanded beyond the planned bytes (companions, slack)
 _MAX_SHARDS = 99_999  # the 5-digit shard name pattern
-_CREATE = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
-_README_TEXT = """\
-This directory is an INCOMPLETE output of npmerge, still being written or left
-behind by an interrupted run. It is not a usable model. If no npmerge process is
-running (see npmerge.lock), it can be deleted.
-"""
+# Test hook: seconds to sleep before each data write, so tests can interrupt a real merge mid-way.
+_SLOW_ENV = "NPMERGE_TEST_SLOW"
 
 
 @dataclass(frozen=True)
@@ -164,33 +163,7 @@ def plan_shards(tensors: Sequence[OutputTensor], shard_bytes: int = DEFAULT_SHAR
     return ShardLayout(shards, sum(t.nbytes for t in tensors), tuple(tensors))
 
 
-# ---------------------------------------------------------------- writing helpers
-
-
-def _fmt(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} bytes"
-
-
-def _output_error(exc: OSError, path) -> OutputError:
-    """The user-facing error for an OSError while writing (§4.3.7)."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return OutputError(f"disk full writing {path}", hint="free some space or choose another output location")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OutputError(f"output location not writable: {path} ({exc.strerror})",
-                           hint="choose a directory you can write to with -o")
-    return OutputError(f"cannot write {path}: {exc.strerror or exc}")
-
-
-@contextlib.contextmanager
-def _writing(path):
-    """Map any OSError in the block to an OutputError naming `path`."""
-    try:
-        yield
-    except OSError as e:
-        raise _output_error(e, path) from e
+# ---------------------------------------------------------------- the writer
 
 
 def _as_bytes(data) -> memoryview:
@@ -205,120 +178,71 @@ def _as_bytes(data) -> memoryview:
     return mv if (mv.format, mv.ndim) == ("B", 1) else mv.cast("B")
 
 
-def _pwrite_all(fd: int, buf: memoryview, pos: int, path) -> None:
-    """pwrite in bounded pieces, looping on short writes."""
-    done = 0
-    while done < len(buf):
-        with _writing(path):
-            k = os.pwrite(fd, buf[done : done + WRITE_PIECE_BYTES], pos + done)
-        if k <= 0:
-            raise OutputError(f"cannot write {path}: the system accepted no bytes")
-        done += k
+def layout_digest(layout: ShardLayout) -> str:
+    """sha256 over every shard's name, header bytes and size: same digest, same output layout."""
+    h = hashlib.sha256()
+    for s in layout.shards:
+        h.update(s.filename.encode() + b"\0" + s.header + s.size.to_bytes(8, "little"))
+    return h.hexdigest()
 
 
-def _fsync_dir(path) -> None:
-    """Make creates and renames in `path` durable (POSIX needs the directory synced)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some filesystems refuse fsync on directories
-        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _ident(path) -> tuple[int, int] | None:
-    """(st_dev, st_ino): an identity that sees through symlinks and bind mounts."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _chain(path: str) -> set:
-    """Identities of `path` and each of its existing ancestors."""
-    return {_ident(q) for q in (Path(path), *Path(path).parents)} - {None}
-
-
-def _inside(child: str, parent: str) -> bool:
-    return child == parent or child.startswith(parent.rstrip("/") + "/")
-
-
-def _read_lock(path: Path) -> dict | None:
-    """The lock's {"pid", "host", ...}; a bare pid is accepted too, as humans write locks."""
-    try:
-        text = path.read_text(errors="replace").strip()
-        info = json.loads(text) if text.startswith("{") else {"pid": int(text.split()[0])}
-    except (OSError, ValueError, IndexError):
-        return None
-    return info if isinstance(info, dict) and type(info.get("pid")) is int else None
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except (OSError, OverflowError):
-        return False
-    return True
-
-
-def _resolve_out(out_dir) -> Path:
-    """Absolute OUT with its parent's symlinks resolved; the last component is kept as given."""
-    p = os.path.join(os.getcwd(), os.fspath(out_dir)).rstrip("/") or "/"
-    head, name = os.path.split(p)
-    if name in (".", ".."):
-        head, name = os.path.split(os.path.realpath(p))
-    return Path(os.path.realpath(head)) / name
-
-
-# ---------------------------------------------------------------- the writer
+def _resumable(exc) -> bool:
+    """Failures after which finished shards are worth keeping: interruptions and output errors
+    (a full disk). Bad input, changed input or a bug would only fail again."""
+    return isinstance(exc, (KeyboardInterrupt, SystemExit, OutputError))
 
 
 class OutputWriter:
     """Streams a model directory into a staging sibling and renames it into place only when complete.
 
     Use: `with OutputWriter(out, layout, inputs=...) as w: w.open(); w.write(...); ...;
-    w.commit()`. Leaving the block without `commit()` (by an exception or not) removes
-    the staging directory. `finish_shards()` may be called before `commit()` to make the
+    w.commit()`. Leaving the block without `commit()` removes the staging directory,
+    except after an interruption or output error with shards already finished: those
+    stay in staging (`kept` says so) for a later writer with `resume=True`, which
+    verifies them against the manifest and `fingerprint` (plan.json) and skips them.
+    `fingerprint["inputs"]` (staging.file_fingerprint entries) are re-checked just
+    before the commit. `finish_shards()` may be called before `commit()` to make the
     shard files final in `staging_dir` (e.g. to hash them for a report).
     """
 
-    private_files = frozenset({LOCK_NAME, README_NAME})  # in staging, never part of the output
+    private_files = st.PRIVATE  # in staging, never part of the output
 
     def __init__(self, out_dir, layout: ShardLayout, *, inputs: Sequence = (), force: bool = False,
-                 check_space: bool = True):
-        self.out_dir = _resolve_out(out_dir)
-        self.layout, self.force, self.check_space = layout, force, check_space
+                 check_space: bool = True, resume: bool = False, fingerprint: dict | None = None):
+        self.out_dir = st.resolve_out(out_dir)
+        self.layout, self.force, self.check_space, self.resume = layout, force, check_space, resume
         self.inputs = [os.fspath(p) for p in inputs]
-        parent, name = self.out_dir.parent, self.out_dir.name
-        self._staging = parent / f".{name}.npmerge-partial"
-        self._old = parent / f".{name}.npmerge-old"
+        self.fingerprint = {**(fingerprint or {}), "layout_sha256": layout_digest(layout)}
+        self._stage = Staging(self.out_dir)
+        self._old = self.out_dir.parent / f".{self.out_dir.name}.npmerge-old"
         self._sizes = {n: None for s in layout.shards for n in s.tensors}  # None: unknown (hand-built layout)
         self._sizes.update((t.name, t.nbytes) for t in layout.tensors)
         self._written = dict.fromkeys(self._sizes, 0)
         self._count_lock = threading.Lock()  # write() may be called from several threads
         self._fds: dict[int, int] = {}
         self._extra: set[str] = set()
+        self._done: dict[int, dict] = {}  # shard index -> manifest record (finished here or resumed)
+        self._resumed: set[int] = set()
         self._state = "new"  # new -> open -> committed | aborted
         self._shards_done = False
-        self._created = False  # the staging dir is ours to remove
+        self._slow = float(os.environ.get(_SLOW_ENV) or 0)
+        self.kept: str | None = None  # set by an abort that kept finished shards for --resume
 
     @property
     def staging_dir(self) -> Path:
-        return self._staging
+        return self._stage.path
+
+    @property
+    def shard_files(self) -> dict[str, dict]:
+        """{filename: {"size", "sha256"}} of the finished shards, hashed once when each was finished."""
+        return {r["file"]: {"size": r["size"], "sha256": r["sha256"]} for _, r in sorted(self._done.items())}
 
     def __enter__(self) -> OutputWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if self._state != "committed":
-            self.abort()
+            self.abort(exc)
         return False
 
     # -- preflight
@@ -330,7 +254,7 @@ class OutputWriter:
         if not parent.is_dir():
             raise RecipeError(f"the output's parent directory does not exist: {parent}",
                               hint="create it first, or choose another -o")
-        self._check_inputs()
+        st.check_apart(out, self.inputs)
         if out.is_symlink():
             raise RecipeError(f"the output path {out} is a symlink", hint="give the real directory path with -o")
         if out.exists():
@@ -343,48 +267,23 @@ class OutputWriter:
             if self.force and os.path.lexists(self._old):
                 raise OutputError(f"{self._old} is left over from an interrupted --force run",
                                   hint="check it holds nothing you need, then delete it")
-        if os.path.lexists(self._staging):
-            self._refuse_staging()
-        if self.check_space:
-            need = sum(s.size for s in self.layout.shards) + SPACE_MARGIN
-            free = shutil.disk_usage(parent).free
-            if free < need:
-                raise OutputError(f"not enough disk space for {out}: needs {_fmt(need)} ({need} bytes), "
-                                  f"{_fmt(free)} ({free} bytes) free",
-                                  hint="free some space, choose another -o, or skip the check (--skip-space-check)")
+        if self._stage.exists() and not self.resume:
+            self._stage.refuse()
 
-    def _check_inputs(self) -> None:
-        """OUT must not be, sit inside, or contain an input: by realpath and by (dev, ino)."""
-        out = str(self.out_dir)
-        out_id, out_ids = _ident(out), _chain(out)
-        hint = "choose an output path outside every input model"
-        for inp in self.inputs:
-            real = os.path.realpath(inp)
-            inp_id = _ident(real)
-            if out == real or (inp_id is not None and inp_id == out_id):
-                raise RecipeError(f"the output directory {out} is the input {inp}", hint=hint)
-            if _inside(out, real) or (inp_id is not None and inp_id in out_ids):
-                raise RecipeError(f"the output directory {out} is inside the input {inp}", hint=hint)
-            if _inside(real, out) or (out_id is not None and out_id in _chain(real)):
-                raise RecipeError(f"the output directory {out} contains the input {inp}", hint=hint)
-
-    def _refuse_staging(self) -> None:
-        lock = _read_lock(self._staging / LOCK_NAME)
-        if lock is not None:
-            host, pid = lock.get("host"), lock["pid"]
-            if host not in (None, socket.gethostname()):
-                raise OutputError(f"output {self.out_dir} is locked by pid {pid} on host {host}",
-                                  hint=f"if that run is gone, delete {self._staging}")
-            if _pid_alive(pid):
-                raise OutputError(f"output {self.out_dir} is locked by pid {pid}",
-                                  hint="another npmerge run is writing it; wait for it or stop it")
-        raise OutputError(f"{self._staging} exists: it is the incomplete output of an interrupted npmerge run",
-                          hint=f"it holds nothing usable; delete it (rm -r '{self._staging}') and run again")
+    def _check_space(self, todo: list[int]) -> None:
+        if not self.check_space:
+            return
+        need = sum(self.layout.shards[i].size for i in todo) + SPACE_MARGIN
+        free = shutil.disk_usage(self.out_dir.parent).free
+        if free < need:
+            raise OutputError(f"not enough disk space for {self.out_dir}: needs {st.fmt_bytes(need)} ({need} bytes), "
+                              f"{st.fmt_bytes(free)} ({free} bytes) free",
+                              hint="free some space or choose another output location with -o")
 
     # -- open
 
     def open(self) -> OutputWriter:
-        """Preflight, create staging with a lock, create every shard and write its header."""
+        """Preflight; create (or, resuming, take over) staging; create each unfinished shard with its header."""
         if self._state == "open":
             return self
         if self._state != "new":
@@ -392,25 +291,27 @@ class OutputWriter:
         self._state = "open"
         try:
             self._preflight()
-            try:
-                os.mkdir(self._staging)
-            except FileExistsError:  # another run got there first
-                self._refuse_staging()
-            except OSError as e:
-                raise _output_error(e, self._staging) from e
-            self._created = True
-            started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            lock = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
-            self._create(self._staging / LOCK_NAME, [(json.dumps(lock) + "\n").encode()])
-            self._create(self._staging / README_NAME, [_README_TEXT.encode()])
-            for i, shard in enumerate(self.layout.shards):
-                path = self._staging / (shard.filename + ".tmp")
-                with _writing(path):
-                    self._fds[i] = fd = os.open(path, _CREATE, 0o644)
+            todo = list(range(len(self.layout.shards)))
+            if self.resume and self._stage.exists():
+                self._done = self._stage.take_over(self.fingerprint, [(s.filename, s.size) for s in self.layout.shards])
+                self._resumed = set(self._done)
+                for i in self._resumed:
+                    for name in self.layout.shards[i].tensors:
+                        self._written[name] = self._sizes[name] or 0
+                todo = [i for i in todo if i not in self._done]
+                self._check_space(todo)
+            else:
+                self._check_space(todo)
+                self._stage.create(self.fingerprint)
+            for i in todo:
+                shard = self.layout.shards[i]
+                path = self.staging_dir / (shard.filename + ".tmp")
+                with writing(path):
+                    self._fds[i] = fd = os.open(path, st.CREATE, 0o644)
                 self._reserve(fd, shard.size, path)
-                _pwrite_all(fd, memoryview(shard.header), 0, path)
-        except BaseException:
-            self.abort()
+                st.pwrite_all(fd, memoryview(shard.header), 0, path)
+        except BaseException as e:
+            self.abort(e)
             raise
         return self
 
@@ -422,20 +323,7 @@ class OutputWriter:
                 os.posix_fallocate(fd, 0, size)
         except OSError as e:  # unsupported here: skip; the pwrites still report ENOSPC
             if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
-                raise _output_error(e, path) from e
-
-    def _create(self, path: Path, chunks: Iterable[bytes]) -> None:
-        """Write a whole small file with O_EXCL and fsync it."""
-        with _writing(path):
-            fd = os.open(path, _CREATE, 0o644)
-            try:
-                pos = 0
-                for chunk in chunks:
-                    _pwrite_all(fd, memoryview(chunk).cast("B"), pos, path)
-                    pos += len(chunk)
-                os.fsync(fd)
-            finally:
-                os.close(fd)  # errors checked: NFS reports ENOSPC late, at close
+                raise st.output_error(e, path) from e
 
     # -- data and companions
 
@@ -444,39 +332,42 @@ class OutputWriter:
         if self._state != "open" or self._shards_done:
             raise RuntimeError(f"OutputWriter.write() on a writer that is {self._state}"
                                + (" (after finish_shards)" if self._shards_done else ""))
+        if self._slow:
+            time.sleep(self._slow)
         index, offset = self.layout.location(name)
+        if index in self._done:
+            raise RuntimeError(f"OutputWriter.write() to tensor {name!r} of shard {index}, which is finished")
         buf, size = _as_bytes(data), self._sizes[name]
         if byte_offset < 0 or (size is not None and byte_offset + len(buf) > size):
             raise ValueError(f"{len(buf)} bytes at {byte_offset} fall outside tensor {name!r} ({size} bytes)")
-        _pwrite_all(self._fds[index], buf, offset + byte_offset, self._staging / self.layout.shards[index].filename)
+        st.pwrite_all(self._fds[index], buf, offset + byte_offset,
+                      self.staging_dir / (self.layout.shards[index].filename + ".tmp"), need=self._left)
         with self._count_lock:
             self._written[name] += len(buf)
+
+    def _left(self) -> int:
+        """Tensor bytes still to write (for a disk-full message)."""
+        return sum((self._sizes[n] or 0) - self._written[n] for i, s in enumerate(self.layout.shards)
+                   if i not in self._done for n in s.tensors)
 
     def _companion_path(self, relname: str) -> Path:
         parts = Path(relname).parts
         if not relname or os.path.isabs(relname) or "\\" in relname or any(p in (".", "..") for p in parts):
             raise ValueError(f"companion file name {relname!r} must be a plain relative path")
-        reserved = {s.filename for s in self.layout.shards} | {INDEX_NAME, LOCK_NAME, README_NAME}
+        reserved = {s.filename for s in self.layout.shards} | {INDEX_NAME} | st.PRIVATE
         if relname in reserved or relname.endswith(".tmp") or relname in self._extra:
             raise ValueError(f"companion file name {relname!r} is reserved or already written")
         if self._state != "open":
             raise RuntimeError(f"OutputWriter: adding {relname} to a writer that is {self._state}")
         self._extra.add(relname)
-        path = self._staging / relname
-        with _writing(path):
+        path = self.staging_dir / relname
+        with writing(path):
             path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def _place(self, path: Path, chunks: Iterable[bytes]) -> None:
-        """tmp + fsync + rename, inside staging."""
-        tmp = path.with_name(path.name + ".tmp")
-        self._create(tmp, chunks)
-        with _writing(path):
-            os.rename(tmp, path)
-
     def add_bytes(self, relname: str, data: bytes) -> None:
         """A companion file (config, card, report) written into staging."""
-        self._place(self._companion_path(relname), [bytes(data)])
+        st.place_file(self._companion_path(relname), [bytes(data)])
 
     def copy_file(self, relname: str, src_path) -> None:
         """A byte-for-byte copy of `src_path` into staging as `relname`."""
@@ -490,26 +381,40 @@ class OutputWriter:
             except OSError as e:
                 raise InvalidCheckpoint(f"cannot read {src_path}: {e.strerror or e}") from e
 
-        self._place(path, pieces())
+        st.place_file(path, pieces())
 
-    # -- commit / abort
+    # -- shards
 
-    def commit(self) -> Path:
-        """Finish every shard, then make the output appear in one rename; return its path."""
-        if self._state != "open":
-            raise RuntimeError(f"OutputWriter.commit() on a writer that is {self._state}")
-        try:
-            self.finish_shards()
-            with _writing(self._staging):
-                os.unlink(self._staging / README_NAME)
-                os.unlink(self._staging / LOCK_NAME)
-                _fsync_dir(self._staging)
-            self._swap_in()
-        except BaseException:
-            self.abort()
-            raise
-        self._state = "committed"
-        return self.out_dir
+    def resumed_stats(self, i: int) -> dict | None:
+        """Statistics of shard i if an interrupted run finished it (verified on open); None: compute it."""
+        return self._done[i]["stats"] if i in self._resumed else None
+
+    def finish_shard(self, i: int, stats: dict | None = None) -> None:
+        """Make shard i final in staging (every tensor complete, fsync, size check, rename), then
+        record its size, sha256 and `stats` (JSON-serialisable) in the manifest."""
+        if i in self._done or i not in self._fds:
+            return
+        shard = self.layout.shards[i]
+        for name in shard.tensors:
+            size = self._sizes[name]
+            if size is not None and self._written[name] != size:
+                raise RuntimeError(f"tensor {name!r} incomplete: {self._written[name]} of {size} bytes written")
+        tmp, final = self.staging_dir / (shard.filename + ".tmp"), self.staging_dir / shard.filename
+        with writing(tmp):
+            fd = self._fds.pop(i)
+            try:
+                os.fsync(fd)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if size != shard.size:
+                raise OutputError(f"{tmp} is {size} bytes, {shard.size} planned")
+            os.rename(tmp, final)
+            st.fsync_dir(self.staging_dir)
+            digest = st.sha256_file(final)
+        record = {"shard": i, "file": shard.filename, "size": shard.size, "sha256": digest, "stats": stats or {}}
+        self._stage.record(record)
+        self._done[i] = record
 
     def finish_shards(self) -> None:
         """Check every tensor was written in full, make each shard final in staging, write the index."""
@@ -524,36 +429,30 @@ class OutputWriter:
             self.finish_shard(i)
         index = self.layout.index_json()
         if index is not None:
-            self._place(self._staging / INDEX_NAME, [index])
+            st.place_file(self.staging_dir / INDEX_NAME, [index])
         self._shards_done = True
 
-    def resumed_stats(self, i: int) -> dict | None:
-        """Statistics of shard i if an interrupted run completed it (resume); None: compute it."""
-        return None
+    # -- commit / abort
 
-    def finish_shard(self, i: int, stats: dict | None = None) -> None:
-        """Make shard i final in staging: every tensor complete, fsync, size check, rename.
-
-        `stats` (the engine's per-tensor statistics of this shard) is what a resumed run
-        gets back from `resumed_stats`."""
-        if i not in self._fds:
-            return
-        shard = self.layout.shards[i]
-        for name in shard.tensors:
-            size = self._sizes[name]
-            if size is not None and self._written[name] != size:
-                raise RuntimeError(f"tensor {name!r} incomplete: {self._written[name]} of {size} bytes written")
-        tmp = self._staging / (shard.filename + ".tmp")
-        with _writing(tmp):
-            fd = self._fds.pop(i)
-            try:
-                os.fsync(fd)
-                size = os.fstat(fd).st_size
-            finally:
-                os.close(fd)
-            if size != shard.size:
-                raise OutputError(f"{tmp} is {size} bytes, {shard.size} planned")
-            os.rename(tmp, self._staging / shard.filename)
+    def commit(self) -> Path:
+        """Finish every shard, check the inputs did not change, then make the output appear in one rename."""
+        if self._state != "open":
+            raise RuntimeError(f"OutputWriter.commit() on a writer that is {self._state}")
+        try:
+            self.finish_shards()
+            changes = st.input_changes(self.fingerprint.get("inputs", []))
+            if changes:
+                raise InvalidCheckpoint(f"input changed during the merge: {changes[0]}"
+                                        + "".join(f"\n  {c}" for c in changes[1:]),
+                                        hint="nothing was written; inputs must not be modified while npmerge "
+                                             "runs: run again once they are stable")
+            self._stage.finalize()
+            self._swap_in()
+        except BaseException as e:
+            self.abort(e)
+            raise
+        self._state = "committed"
+        return self.out_dir
 
     def _swap_in(self) -> None:
         """The commit point. With force, an existing OUT is set aside first and removed after."""
@@ -564,7 +463,7 @@ class OutputWriter:
                 os.rename(out, self._old)
                 aside = True
             try:
-                os.rename(self._staging, out)
+                os.rename(self.staging_dir, out)
             except OSError:
                 if aside:
                     os.rename(self._old, out)
@@ -573,10 +472,10 @@ class OutputWriter:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
                 raise OutputError(f"{out} appeared while the merge was running; nothing was replaced",
                                   hint="choose another -o, or --force to replace it") from e
-            raise _output_error(e, out) from e
-        self._created = False  # staging is now OUT: abort must never touch it
-        with _writing(parent):
-            _fsync_dir(parent)
+            raise st.output_error(e, out) from e
+        self._stage.owned = False  # staging is now OUT: abort must never touch it
+        with writing(parent):
+            st.fsync_dir(parent)
         if aside:
             try:
                 shutil.rmtree(self._old) if self._old.is_dir() and not self._old.is_symlink() else self._old.unlink()
@@ -584,14 +483,19 @@ class OutputWriter:
                 warnings.warn(f"the new output is in place but the old one could not be removed: {self._old} "
                               f"({e.strerror or e})", stacklevel=3)
 
-    def abort(self) -> None:
-        """Close every file and remove the staging directory (ours); touch nothing else."""
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Close every file; remove the staging directory (ours), or after an interruption or
+        output error keep its finished shards for --resume. Touch nothing else."""
         for fd in self._fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds.clear()
-        if self._created:
-            shutil.rmtree(self._staging, ignore_errors=True)
-            self._created = False
+        if self._stage.owned:
+            if self._done and _resumable(exc) and self._stage.park({r["file"] for r in self._done.values()}):
+                self.kept = (f"{len(self._done)} of {len(self.layout.shards)} shard(s) are finished and kept in "
+                             f"{self.staging_dir}: run the same command with --resume to continue, "
+                             "or delete that directory")
+            else:
+                self._stage.discard()
         if self._state != "committed":
             self._state = "aborted"
