@@ -103,6 +103,8 @@ class Engine:
         for i, m in enumerate(stats["models"]):
             m["l2"] = math.sqrt(math.fsum(partials[i].tolist()))  # exact sum of a fixed block grid
         stats["numel"] = n
+        if nonfinite.any():  # only with --allow-nonfinite (else refused above): the report notes it
+            stats["nonfinite"] = [int(x) for x in nonfinite]  # [base, model 1, ...]
         self.stats[job.name] = stats
 
     def _first_pass_checks(self, rows, base, sumsq, nonfinite) -> None:

@@ -199,6 +199,7 @@ def _jobs(recipe: Recipe, method, model_params: list[dict], base: Checkpoint | N
     if problems:
         _refuse_shapes(inputs, problems)
     _check_vocab(inputs)
+    _refuse_fp8_scaled(inputs)
     jobs = []
     mixed = set()
     for name, ref_t in ref.tensors.items():
@@ -214,8 +215,8 @@ def _jobs(recipe: Recipe, method, model_params: list[dict], base: Checkpoint | N
         if len(kinds) > 1 or unsupported:
             raise IncompatibleModels(
                 f"tensor '{name}' cannot be merged: dtypes " + ", ".join(f"{r} {d}" for r, d in dtypes.items()),
-                hint="npmerge merges BF16, F16, F32, F64 and FP8 (E4M3, E5M2) float tensors"
-                     if unsupported else "a float tensor in one model is an integer tensor in another")
+                hint="a float tensor in one model is an integer tensor in another" if len(kinds) > 1
+                     else "npmerge merges BF16, F16, F32, F64 and FP8 (E4M3, E5M2) float tensors")
         if len(set(dtypes.values())) > 1:
             mixed.add(name)
         out_dtype = recipe.out_dtype or info.dtype.name
@@ -226,21 +227,38 @@ def _jobs(recipe: Recipe, method, model_params: list[dict], base: Checkpoint | N
         m = tuple(c.tensors[name] for c in models)
         selects = method.trims and any(0 < keep_count(p["density"], info.numel) < info.numel for p in model_params)
         jobs.append(TensorJob(name, info.shape, info.numel, out_dtype, False, b, m, 3 if selects else 1))
+    copied = [j.name for j in jobs if j.copy]
+    if copied:
+        notes.append(f"{len(copied)} integer/bool tensor(s) copied from {_label(inputs[0][0], ref)}, not merged: "
+                     + ", ".join(copied[:5]) + (", ..." if len(copied) > 5 else ""))
     if mixed:
         notes.append(f"{len(mixed)} tensor(s) have different dtypes across models; all are decoded to float32")
     for i, p in enumerate(model_params):
         if p["weight"] < 0:
             notes.append(f"model {i + 1} has a negative weight ({p['weight']}): its "
                          + ("task vector is subtracted" if method.uses_base else "weights are subtracted"))
-    fp8_scales = [n for n in ref.tensors if n.endswith(("_scale", "_scale_inv"))]
-    if fp8_scales and any(ref.tensors[n].info.dtype.name.startswith("F8") for n in ref.tensors):
-        raise IncompatibleModels(f"'{ref.label}' is an FP8-quantised checkpoint (e.g. '{fp8_scales[0]}')",
-                                 hint="dequantise it first: averaging raw FP8 values without their scales is wrong")
     return jobs, notes
+
+
+def _refuse_fp8_scaled(inputs) -> None:
+    """FP8 weights with *_scale / *_scale_inv companions: their raw values are not the weights."""
+    for role, ckpt in inputs:
+        scales = [n for n in ckpt.tensors if n.endswith(("_scale", "_scale_inv"))]
+        if scales and any(r.info.dtype.name.startswith("F8") for r in ckpt.tensors.values()):
+            raise IncompatibleModels(f"{_label(role, ckpt)} is an FP8-quantised checkpoint (e.g. '{scales[0]}')",
+                                     hint="dequantise it first: averaging raw FP8 values without their scales is wrong")
 
 
 def _label(role: str, ckpt: Checkpoint) -> str:
     return f"{role} '{ckpt.label}'"
+
+
+def _architecture(ckpt: Checkpoint):
+    """config.json's architecture (e.g. LlamaForCausalLM) or model_type; None when not given."""
+    config = ckpt.config or {}
+    archs = config.get("architectures")
+    value = archs[0] if isinstance(archs, list) and archs else config.get("model_type")
+    return value if isinstance(value, str) else None
 
 
 def _vocab_size(ckpt: Checkpoint):
@@ -289,9 +307,14 @@ def _check_names(ref: Checkpoint, inputs) -> None:
             if extra:
                 parts.append(f"has {len(extra)} extra tensor(s): " + ", ".join(extra[:5]))
             hint = "all models must have the same tensors (same architecture)"
+            archs = [_architecture(c) for c in (ref, ckpt)]
+            other_arch = None not in archs and archs[0] != archs[1]
+            if other_arch:
+                parts.insert(0, f"different architectures ({archs[0]} vs {archs[1]})")
+                hint = "merge only models of one architecture (fine-tunes of the same base model)"
             untied = next((c for c, names in ((ckpt, missing), (ref, extra))
                            if any(n.startswith("lm_head") for n in names)), None)
-            if untied is not None:
+            if untied is not None and not other_arch:
                 holder = ref if untied is ckpt else ckpt
                 why = " (tie_word_embeddings: it reuses the input embeddings)" if (
                     (untied.config or {}).get("tie_word_embeddings")) else ""

@@ -52,13 +52,15 @@ class Recipe:
                               hint="give base_model in the recipe (or BASE first on the command line)")
         if not self.models:
             raise RecipeError("no models to merge")
-        global_params, model_params = method.resolve(self.params, [m.params for m in self.models])  # validates early
+        global_params, model_params = method.resolve(self.params, [m.params for m in self.models],
+                                                      [m.path for m in self.models])  # validates early
         _check_weights(method, global_params, model_params)
 
     def resolved(self):
         """(Method, global params, per-model params) with defaults filled in."""
         method = registry.get(self.method)
-        global_params, model_params = method.resolve(self.params, [m.params for m in self.models])
+        global_params, model_params = method.resolve(self.params, [m.params for m in self.models],
+                                                      [m.path for m in self.models])
         return method, global_params, model_params
 
     # -- CLI ---------------------------------------------------------------------
@@ -123,7 +125,8 @@ class Recipe:
                 raise RecipeError(f"{source}: models[{i}] must be a mapping with a 'model' key")
             extra = set(entry) - MODEL_KEYS
             if extra:
-                raise RecipeError(f"{source}: unknown key(s) {', '.join(sorted(extra))} in models[{i}]")
+                raise RecipeError(f"{source}: unknown key(s) {', '.join(sorted(extra))} in models[{i}]",
+                                  hint="a model entry holds 'model' and 'parameters' (weight, density, ...)")
             params = entry.get("parameters") or {}
             if not isinstance(params, dict):
                 raise RecipeError(f"{source}: models[{i}].parameters must be a mapping")

@@ -88,15 +88,21 @@ def plan(plan, out) -> None:
 
 @contextlib.contextmanager
 def progress(plan, disable: bool):
+    # Only on a terminal: in a log or pipe a bar is noise, and `Error:` must stay the first line.
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=stderr(), disable=disable, transient=False)
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=stderr(),
+                   disable=disable or not stderr().is_terminal, transient=False)
     with bar:
         task = bar.add_task(plan.method.name, total=plan.total_work)
 
         def advance(nbytes: int, name: str) -> None:
             bar.update(task, advance=nbytes)
 
-        yield advance
+        try:
+            yield advance
+        except BaseException:
+            bar.live.transient = True  # failed or interrupted: the bar goes, `Error:` is the first line
+            raise
 
 
 def summary(plan, report: dict, out, elapsed: float) -> None:

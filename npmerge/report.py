@@ -40,13 +40,25 @@ def build_report(plan, stats: dict[str, dict], files: dict[str, dict]) -> dict:
                    for e, p in zip(plan.recipe.models, plan.model_params)],
         "parameters": plan.global_params,
         "out_dtype": plan.recipe.out_dtype,
-        "notes": plan.notes,
+        "notes": plan.notes + _nonfinite_notes(stats),
         "tensors_merged": sum(1 for j in plan.jobs if not j.copy),
         "tensors_copied": sum(1 for j in plan.jobs if j.copy),
         "totals": totals(stats, len(plan.models)),
         "tensors": {name: {k: v for k, v in s.items()} for name, s in stats.items()},
         "files": files,
     }
+
+
+def _nonfinite_notes(stats: dict[str, dict]) -> list[str]:
+    """Where NaN/Inf inputs were merged anyway (--allow-nonfinite)."""
+    notes = []
+    for name, s in stats.items():
+        counts = s.get("nonfinite") or []
+        where = [f"base {c}" if i == 0 else f"model {i} {c}" for i, c in enumerate(counts) if c]
+        if where:
+            notes.append(f"tensor '{name}' has NaN/Inf input values ({', '.join(where)}); "
+                         "merged anyway (--allow-nonfinite)")
+    return notes
 
 
 def report_json(report: dict) -> bytes:

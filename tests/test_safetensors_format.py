@@ -7,6 +7,7 @@ accepts must parse and give the same bytes.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
@@ -586,11 +587,19 @@ def test_directory_and_device_and_missing(tmp_path):
         assert info.value.kind == "OSError" and info.value.exit_code == 3
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores file modes")
-def test_permission_denied_says_so(tmp_path):
+def test_permission_denied_says_so(tmp_path, monkeypatch):
     path = tmp_path / "secret.safetensors"
     path.write_bytes(mk(b"{}"))
     path.chmod(0)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # root ignores file modes: EACCES comes from open(2)
+        real_open = os.open
+
+        def deny(p, flags, *args, **kwargs):
+            if os.fspath(p) == str(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(p))
+            return real_open(p, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", deny)
     try:
         with pytest.raises(InvalidCheckpoint, match="Permission denied"):
             read_header(path)

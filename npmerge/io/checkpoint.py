@@ -8,6 +8,7 @@ fails in seconds with the file named, never mid-merge.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -21,6 +22,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 OTHER_FORMATS = (".gguf", ".ggml", ".h5", ".msgpack", ".onnx")
+_INDEX_HINT = "the index is corrupt; fetch the model again"
 _CONVERT_HINT = (
     "npmerge reads safetensors only and never unpickles; convert the model first, e.g. "
     "load it with transformers and save_pretrained(..., safe_serialization=True)"
@@ -83,7 +85,10 @@ class Checkpoint:
             for name, info in self.files[str(self.path)].header.tensors.items():
                 self.tensors[name] = TensorRef(self.files[str(self.path)], info)
         else:
-            raise InvalidCheckpoint(f"model path '{self.path}' is not a file or directory")
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
+                    or stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            raise InvalidCheckpoint(f"model path '{self.path}' is {kind}, not a model directory or .safetensors file",
+                                    hint="point npmerge at a Hugging Face model directory or a .safetensors file")
         if "" in self.tensors:  # the format allows it; no loader or writer can use it
             raise InvalidCheckpoint(f"invalid tensor name '' (empty) in {self.tensors[''].file.path}",
                                     hint="re-export the model: every tensor needs a name")
@@ -139,20 +144,19 @@ class Checkpoint:
         try:
             data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
         except _Duplicate as exc:
-            raise InvalidCheckpoint(f"{where} lists '{exc.key}' twice",
-                                    hint="the index is corrupt; fetch the model again") from None
+            raise InvalidCheckpoint(f"{where} lists '{exc.key}' twice", hint=_INDEX_HINT) from None
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise InvalidCheckpoint(f"{where} is not valid JSON: {exc}") from None
+            raise InvalidCheckpoint(f"{where} is not valid JSON: {exc}", hint=_INDEX_HINT) from None
         except OSError as exc:
             raise InvalidCheckpoint(f"cannot read {where}: {exc.strerror}") from None
         if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
-            raise InvalidCheckpoint(f"{where} has no 'weight_map' object")
+            raise InvalidCheckpoint(f"{where} has no 'weight_map' object", hint=_INDEX_HINT)
         if "metadata" in data and not isinstance(data["metadata"], dict):
-            raise InvalidCheckpoint(f"{where}: 'metadata' must be an object")
+            raise InvalidCheckpoint(f"{where}: 'metadata' must be an object", hint=_INDEX_HINT)
         weight_map = data["weight_map"]
         for name, shard in weight_map.items():
             if not isinstance(shard, str):
-                raise InvalidCheckpoint(f"{where}: shard of tensor '{name}' is not a file name")
+                raise InvalidCheckpoint(f"{where}: shard of tensor '{name}' is not a file name", hint=_INDEX_HINT)
             self._check_shard_name(index, shard)
         for shard in dict.fromkeys(weight_map.values()):
             self._add_file(self.path / shard, must_stay_in=self.path)
@@ -170,7 +174,8 @@ class Checkpoint:
                     raise InvalidCheckpoint(f"tensor '{name}' of shard '{Path(file.path).name}' is missing from {where}",
                                             hint="the index and shards disagree; fetch the model again")
                 if self.path / owner != Path(file.path):
-                    raise InvalidCheckpoint(f"tensor '{name}' is in both '{Path(file.path).name}' and '{owner}'")
+                    raise InvalidCheckpoint(f"tensor '{name}' is in both '{Path(file.path).name}' and '{owner}' "
+                                            f"of {where}", hint="the index and shards disagree; fetch the model again")
 
     @staticmethod
     def _check_shard_name(index: Path, shard: str) -> None:
@@ -183,6 +188,15 @@ class Checkpoint:
     def _add_file(self, path: Path, must_stay_in: Path | None = None) -> None:
         if str(path) in self.files:
             return
+        if os.path.islink(path) and not os.path.exists(path):
+            try:
+                os.stat(path)
+                reason = "cannot be resolved"
+            except OSError as exc:
+                reason = ("is a symlink loop" if exc.errno == errno.ELOOP
+                          else f"is a broken symlink (to '{os.readlink(path)}')")
+            raise InvalidCheckpoint(f"weights file '{path}' {reason}",
+                                    hint="the model directory is incomplete; fetch the model again")
         if must_stay_in is not None:
             try:
                 st = os.lstat(path)
@@ -193,7 +207,9 @@ class Checkpoint:
             inside = Path(os.path.realpath(must_stay_in))
             in_hf_cache = "blobs" in real.parts  # HF hub cache: snapshots/<rev>/x -> ../../blobs/<sha>
             if stat.S_ISLNK(st.st_mode) and not (real.is_relative_to(inside) or in_hf_cache):
-                raise InvalidCheckpoint(f"shard path '{path}' resolves outside the model directory ({real})")
+                raise InvalidCheckpoint(f"shard path '{path}' resolves outside the model directory ({real})",
+                                        hint="copy the shard into the model directory (only symlinks into a "
+                                             "Hugging Face cache's blobs/ may point elsewhere)")
         self.files[str(path)] = SafetensorsFile(path)
 
     def _sort_tensors(self) -> None:

@@ -14,12 +14,13 @@ from typing import Any, Callable
 from ..errors import RecipeError
 
 
+# A check gets the parameter's display name, e.g. "'density' of model 2 'ft-b'", and the value.
 def _finite(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RecipeError(f"parameter '{name}' must be a number, got {value!r}")
+        raise RecipeError(f"{name} must be a number, got {value!r}")
     value = float(value)
     if not math.isfinite(value):
-        raise RecipeError(f"parameter '{name}' must be finite, got {value}")
+        raise RecipeError(f"{name} must be finite, got {value}")
     return value
 
 
@@ -44,14 +45,14 @@ def positive(name: str, value: Any) -> float:
 
 def boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise RecipeError(f"parameter '{name}' must be true or false, got {value!r}")
+        raise RecipeError(f"{name} must be true or false, got {value!r}")
     return value
 
 
 def choice(*options: str) -> Callable[[str, Any], str]:
     def check(name: str, value: Any) -> str:
         if value not in options:
-            raise RecipeError(f"parameter '{name}' must be one of {', '.join(options)}, got {value!r}")
+            raise RecipeError(f"{name} must be one of {', '.join(options)}, got {value!r}")
         return value
     return check
 
@@ -83,19 +84,23 @@ class Method:
     def cli_name(self) -> str:
         return self.name.replace("_", "-")
 
-    def resolve(self, global_params: dict, model_params: list[dict]) -> tuple[dict, list[dict]]:
-        """Validate and fill defaults; unknown parameter names are errors."""
-        return (_fill(self.global_params, global_params, f"{self.name} parameters"),
-                [_fill(self.model_params, p, f"parameters of model {i + 1}") for i, p in enumerate(model_params)])
+    def resolve(self, global_params: dict, model_params: list[dict],
+                labels: list[str] | None = None) -> tuple[dict, list[dict]]:
+        """Validate and fill defaults; unknown parameter names are errors. `labels` (model
+        paths) make messages name the model, e.g. "'density' of model 2 'ft-b' must be ..."."""
+        models = [f"model {i + 1}" + (f" '{labels[i]}'" if labels else "") for i in range(len(model_params))]
+        return (_fill(self.global_params, global_params, f"{self.name} parameters", ""),
+                [_fill(self.model_params, p, f"parameters of {m}", f" of {m}") for p, m in zip(model_params, models)])
 
 
-def _fill(schema: tuple[Param, ...], given: dict, where: str) -> dict:
+def _fill(schema: tuple[Param, ...], given: dict, where: str, of: str) -> dict:
     known = {p.name: p for p in schema}
     unknown = sorted(set(given) - set(known))
     if unknown:
         raise RecipeError(f"unknown parameter(s) {', '.join(unknown)} in {where}",
                           hint=f"known: {', '.join(known) or 'none'}")
-    return {p.name: p.check(p.name, given[p.name]) if p.name in given else p.default for p in schema}
+    return {p.name: p.check(f"'{p.name}'{of}" if of else f"parameter '{p.name}'", given[p.name])
+            if p.name in given else p.default for p in schema}
 
 
 METHODS: dict[str, Method] = {}
