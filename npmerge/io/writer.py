@@ -251,9 +251,11 @@ class OutputWriter:
         out, parent = self.out_dir, self.out_dir.parent
         if out.name in ("", ".", ".."):
             raise RecipeError(f"invalid output directory {out}")
-        if not parent.is_dir():
+        if not parent.exists():
             raise RecipeError(f"the output's parent directory does not exist: {parent}",
                               hint="create it first, or choose another -o")
+        if not parent.is_dir():
+            raise RecipeError(f"the output's parent {parent} is not a directory", hint="choose another -o")
         st.check_apart(out, self.inputs)
         if out.is_symlink():
             raise RecipeError(f"the output path {out} is a symlink", hint="give the real directory path with -o")
@@ -300,9 +302,9 @@ class OutputWriter:
                         self._written[name] = self._sizes[name] or 0
                 todo = [i for i in todo if i not in self._done]
                 self._check_space(todo)
-            else:
-                self._check_space(todo)
+            else:  # staging first: an unwritable location is reported as such, not as "0 bytes free"
                 self._stage.create(self.fingerprint)
+                self._check_space(todo)
             for i in todo:
                 shard = self.layout.shards[i]
                 path = self.staging_dir / (shard.filename + ".tmp")
@@ -413,8 +415,10 @@ class OutputWriter:
             st.fsync_dir(self.staging_dir)
             digest = st.sha256_file(final)
         record = {"shard": i, "file": shard.filename, "size": shard.size, "sha256": digest, "stats": stats or {}}
-        self._stage.record(record)
+        # Known as done before its manifest line exists: an interruption landing right after the
+        # line is written must still keep the shard (a kept shard without a line is just redone).
         self._done[i] = record
+        self._stage.record(record)
 
     def finish_shards(self) -> None:
         """Check every tensor was written in full, make each shard final in staging, write the index."""
