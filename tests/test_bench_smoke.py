@@ -1,0 +1,51 @@
+"""Smoke test of scripts/bench.py: it runs end to end on the tiny set and reports sane figures.
+
+No timing assertions: only that every figure the benchmark is about exists and is positive.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_tiny_ties(tmp_path):
+    out = tmp_path / "out" / "b.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--params", "tiny", "--repeat", "1",
+           "--methods", "ties", "--cache", str(tmp_path / "cache"), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    r = json.loads(out.read_text())
+
+    assert r["machine"]["nproc"] >= 1 and r["machine"]["mem_total"] > 0
+    d = r["dataset"]
+    assert d["input_bytes"] > 0 and d["output_bytes"] > 0
+    assert 4e6 < d["parameters_per_model"] < 6e6
+    # the set was generated with a completion marker, in the cache dir (not the repo)
+    assert (tmp_path / "cache" / "tiny-3ft" / ".npmerge-bench-complete.json").is_file()
+    assert not (tmp_path / "cache" / "runs").exists()  # merge outputs are removed
+
+    fl = r["floor"]
+    assert fl["read"]["bytes"] == d["input_bytes"]
+    assert fl["write"]["bytes"] == d["output_bytes"]
+    for key in ("read", "write", "memory"):
+        assert fl[key]["seconds"] > 0 and fl[key]["gbps"] > 0
+    assert fl["io_floor_seconds"] > 0
+
+    for key in ("python", "help", "jit_cold", "jit_warm"):
+        assert r["startup"][key]["wall"] > 0
+
+    assert [m["method"] for m in r["merges"]] == ["ties"]
+    ties = r["merges"][0]
+    assert len(ties["runs"]) == 1
+    assert ties["runs"][0]["output_bytes"] >= d["output_bytes"]
+    for key in ("wall", "cpu", "max_rss", "peak_anon"):
+        assert ties["median"][key] > 0, key
+    for key in ("wall_over_io_floor", "input_gbps", "cpu_over_wall", "peak_anon_over_budget", "passes"):
+        assert ties["ratios"][key] > 0, key
+    assert ties["plan"]["memory_budget"] > 0
+    assert "Floors" in proc.stdout and "Merges" in proc.stdout
