@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..constants import DEFAULT_SHARD_BYTES, MAX_HEADER_BYTES, OUTPUT_METADATA, WRITE_PIECE_BYTES
+from ..constants import DEFAULT_SHARD_BYTES, MAX_HEADER_BYTES, OUTPUT_METADATA, WRITE_PIECE_BYTES, WRITEBACK_BYTES
 from ..dtypes import DTYPES
 from ..errors import InvalidCheckpoint, OutputError, RecipeError
 from . import staging as st
@@ -192,6 +192,35 @@ def _resumable(exc) -> bool:
     return isinstance(exc, (KeyboardInterrupt, SystemExit, OutputError))
 
 
+class _Stream:
+    """What the writer tracks while a shard's bytes arrive: a running sha256 of the prefix
+    written in order (so a finished shard is never read back to be hashed) and early
+    writeback (so the disk works while we compute and the final fsync is short)."""
+
+    def __init__(self, header: bytes):
+        self.hash = hashlib.sha256(header)
+        self.hashed = len(header)  # bytes [0, hashed) are in the hash; -1: out of order, re-read
+        self.kicked = self.dropped = 0  # writeback started below `kicked`; pages dropped below `dropped`
+
+    def wrote(self, fd: int, pos: int, buf: memoryview) -> None:
+        if pos == self.hashed:
+            self.hash.update(buf)
+            self.hashed += len(buf)
+        elif self.hashed >= 0 and pos < self.hashed:  # overwrote hashed bytes (never done by the engine)
+            self.hashed = -1
+        end = pos + len(buf)
+        if end - self.kicked >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+            # Linux: DONTNEED starts writeback of dirty pages (without waiting) and drops clean
+            # ones, i.e. the previous window, written back by now: the output does not pile up
+            # as dirty page cache, to be written only by the final fsync.
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, self.dropped, end - self.dropped, os.POSIX_FADV_DONTNEED)
+            self.dropped, self.kicked = self.kicked, end
+
+    def digest(self, size: int, path) -> str:
+        return self.hash.hexdigest() if self.hashed == size else st.sha256_file(path)
+
+
 class OutputWriter:
     """Streams a model directory into a staging sibling and renames it into place only when complete.
 
@@ -220,6 +249,7 @@ class OutputWriter:
         self._written = dict.fromkeys(self._sizes, 0)
         self._count_lock = threading.Lock()  # write() may be called from several threads
         self._fds: dict[int, int] = {}
+        self._streams: dict[int, _Stream] = {}
         self._extra: set[str] = set()
         self._done: dict[int, dict] = {}  # shard index -> manifest record (finished here or resumed)
         self._resumed: set[int] = set()
@@ -234,7 +264,7 @@ class OutputWriter:
 
     @property
     def shard_files(self) -> dict[str, dict]:
-        """{filename: {"size", "sha256"}} of the finished shards, hashed once when each was finished."""
+        """{filename: {"size", "sha256"}} of the finished shards, hashed as their bytes were written."""
         return {r["file"]: {"size": r["size"], "sha256": r["sha256"]} for _, r in sorted(self._done.items())}
 
     def __enter__(self) -> OutputWriter:
@@ -312,6 +342,7 @@ class OutputWriter:
                     self._fds[i] = fd = os.open(path, st.CREATE, 0o644)
                 self._reserve(fd, shard.size, path)
                 st.pwrite_all(fd, memoryview(shard.header), 0, path)
+                self._streams[i] = _Stream(shard.header)
         except BaseException as e:
             self.abort(e)
             raise
@@ -342,8 +373,10 @@ class OutputWriter:
         buf, size = _as_bytes(data), self._sizes[name]
         if byte_offset < 0 or (size is not None and byte_offset + len(buf) > size):
             raise ValueError(f"{len(buf)} bytes at {byte_offset} fall outside tensor {name!r} ({size} bytes)")
-        st.pwrite_all(self._fds[index], buf, offset + byte_offset,
+        fd = self._fds[index]
+        st.pwrite_all(fd, buf, offset + byte_offset,
                       self.staging_dir / (self.layout.shards[index].filename + ".tmp"), need=self._left)
+        self._streams[index].wrote(fd, offset + byte_offset, buf)
         with self._count_lock:
             self._written[name] += len(buf)
 
@@ -413,7 +446,7 @@ class OutputWriter:
                 raise OutputError(f"{tmp} is {size} bytes, {shard.size} planned")
             os.rename(tmp, final)
             st.fsync_dir(self.staging_dir)
-            digest = st.sha256_file(final)
+            digest = self._streams.pop(i).digest(shard.size, final)
         record = {"shard": i, "file": shard.filename, "size": shard.size, "sha256": digest, "stats": stats or {}}
         # Known as done before its manifest line exists: an interruption landing right after the
         # line is written must still keep the shard (a kept shard without a line is just redone).
@@ -494,6 +527,7 @@ class OutputWriter:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds.clear()
+        self._streams.clear()
         if self._stage.owned:
             if self._done and _resumable(exc) and self._stage.park({r["file"] for r in self._done.values()}):
                 self.kept = (f"{len(self._done)} of {len(self.layout.shards)} shard(s) are finished and kept in "
