@@ -77,7 +77,9 @@ class Engine:
         out_dt = DTYPES[job.out_dtype]
         sumsq: list[np.ndarray] = []
         nonfinite = np.zeros(nm + 1, np.int64)
-        for pass_no, pass_name in enumerate(tm.passes):
+        pass_no = 0
+        while pass_no < len(tm.passes):  # end_pass may drop a pass that turned out unneeded
+            pass_name = tm.passes[pass_no]
             for start in range(0, n, plan.chunk):
                 c = min(plan.chunk, n - start)
                 rows = self._rows[:nm * c].reshape(nm, c)
@@ -98,6 +100,8 @@ class Engine:
             tm.end_pass(pass_name)
             if pass_no == 0:
                 self._refuse_nonfinite(job, nonfinite)
+            pass_no += 1
+        self.progress(job.read_bytes * max(job.passes - pass_no, 0), job.name)  # skipped passes
         stats = tm.stats()
         partials = np.concatenate(sumsq, axis=1) if sumsq else np.zeros((nm, 0))
         for i, m in enumerate(stats["models"]):

@@ -136,3 +136,34 @@ def test_ties_property(n, nm, distinct, seed, chunk, block, consensus, normalize
     got, _ = run_family("ties", base, models, w, d, chunk=chunk, block=block, consensus=consensus, normalize=normalize)
     want = ref.ties(base, models, w, d, consensus=consensus, normalize=normalize)
     assert np.array_equal(bits(got), bits(want))
+
+
+def _threshold(delta: np.ndarray, k: int) -> tuple[int, int, int]:
+    """(bits of the k-th largest |delta|, how many equal it, how many of those are kept), by sorting."""
+    mags = np.sort(bits(np.abs(delta)).ravel())[::-1]
+    t = int(mags[k - 1])
+    return t, int(np.count_nonzero(mags == t)), k - int(np.count_nonzero(mags > t))
+
+
+def test_low_bits_pass_runs_only_when_needed():
+    """The high-bits pass also counts each bucket's elements with non-zero low bits; when the
+    k-th largest is the bucket's floor value the low-bits pass is skipped. Thresholds must
+    be the exact ones either way: per model, in one tensor mixing both cases."""
+    rng = np.random.default_rng(7)
+    n = 20_000
+    base = np.zeros(n, np.float32)
+    # model 1: BF16-like deltas (low 16 bits zero) -> floor of its bucket, no low-bits pass
+    d1 = ref.to_f32_bf16(ref.from_f32_bf16(rng.normal(0, 1e-3, n).astype(np.float32)))
+    # model 2: 100 elements just above 1.0 (same bucket, non-zero low bits) over 1.0s, k = 50:
+    # the k-th largest is one of them, so this model needs the low-bits pass
+    d2 = np.where(rng.random(n) < 0.5, 1.0, -1.0).astype(np.float32)
+    d2[rng.choice(n, 100, replace=False)] = 1.0 + np.arange(1, 101, dtype=np.float32) * 2 ** -23
+    density2 = 50 / n
+    models = [base + d1, base + d2]
+    for densities, needs_lo in (([0.2, 0.2], False), ([0.2, density2], True)):
+        out, tm = run_family("ties", base, models, [1.0, 1.0], densities, chunk=4096, block=1024)
+        assert ("hist_lo" in tm.passes) == needs_lo
+        for i, d in enumerate((d1, d2)):
+            k = family.keep_count(densities[i], n)
+            assert (int(tm.tbits[i]), int(tm.tm[i]), int(tm.tq[i])) == _threshold(d, k)
+        assert np.array_equal(bits(out), bits(ref.ties(base, models, [1.0, 1.0], densities)))

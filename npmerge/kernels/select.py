@@ -23,7 +23,14 @@ MAG_MASK = 0x7FFFFFFF
 
 @njit(parallel=True, cache=True, nogil=True)
 def hist_hi(rows, active, hist):
-    """hist[p, i, mag >> 16] += 1 for every element of row i (active rows only)."""
+    """hist[p, i, 2 * (mag >> 16) + (mag & 0xFFFF != 0)] += 1 for every element of row i
+    (active rows only): the high-bits histogram, each bucket split by whether the low
+    16 bits are zero.
+
+    The split lets the caller skip the low-bits pass when the k-th largest is one of the
+    bucket's low-zero elements, which all equal the bucket's floor (usual for BF16
+    models: their deltas rarely have more than 8 significant bits). One increment per
+    element, like the plain histogram: a second, conditional one cost twice as much."""
     parts = hist.shape[0]
     nm, c = rows.shape
     for p in prange(parts):
@@ -33,7 +40,8 @@ def hist_hi(rows, active, hist):
             if active[i]:
                 h = hist[p, i]
                 for e in range(lo, hi):
-                    h[(rows[i, e] & MAG_MASK) >> HI_SHIFT] += 1
+                    m = rows[i, e] & MAG_MASK
+                    h[((m >> HI_SHIFT) << 1) | np.uint32((m & 0xFFFF) != 0)] += 1
 
 
 @njit(parallel=True, cache=True, nogil=True)

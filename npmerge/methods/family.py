@@ -45,7 +45,8 @@ class TensorMerge:
         self.lam = np.float32(method.fixed.get("lambda", global_params.get("lambda", 1.0)))
         self.has_base = has_base
         self.counts = np.zeros(1 + 2 * nm, np.int64)
-        self.passes = (("hist_hi", "hist_lo") if self.selecting.any() else ()) + ("merge",)
+        # The passes still to run; end_pass("hist_hi") drops "hist_lo" when it is not needed.
+        self.passes = (["hist_hi", "hist_lo"] if self.selecting.any() else []) + ["merge"]
         self._threads = max(1, threads)
         self._hist = None
         self._above = np.zeros(nm, np.int64)
@@ -57,7 +58,7 @@ class TensorMerge:
         if pass_name == "hist_hi":
             sel = kernels.load("select")
             if self._hist is None:
-                self._hist = np.zeros((self._threads, self.nm, sel.HI_BUCKETS), np.int64)
+                self._hist = np.zeros((self._threads, self.nm, 2 * sel.HI_BUCKETS), np.int64)
             sel.hist_hi(rows.view(np.uint32), self.selecting, self._hist)
         elif pass_name == "hist_lo":
             sel = kernels.load("select")
@@ -75,16 +76,37 @@ class TensorMerge:
             return
         hist = self._hist.sum(axis=0)
         self._hist = None
-        for i in np.flatnonzero(self.selecting):
-            k = self.k[i]
-            if pass_name == "hist_hi":
-                self._bucket[i], self._above[i] = _locate(hist[i], k)
-            else:
-                lo, above_in_bucket = _locate(hist[i], k - self._above[i])
-                greater = int(self._above[i] + above_in_bucket)
-                self.tbits[i] = (int(self._bucket[i]) << 16) | int(lo)
-                self.tm[i] = hist[i, lo]
-                self.tq[i] = k - greater
+        if pass_name == "hist_hi":
+            split = hist.reshape(self.nm, -1, 2)  # [..., 0]: low bits zero, [..., 1]: not
+            for i in np.flatnonzero(self.selecting):
+                self._locate_bucket(i, split[i].sum(axis=1), split[i, :, 1])
+            if (self._bucket < 0).all():
+                self.passes.remove("hist_lo")
+            return
+        for i in np.flatnonzero(self._bucket >= 0):
+            lo, above_in_bucket = _locate(hist[i], self.k[i] - self._above[i])
+            greater = int(self._above[i] + above_in_bucket)
+            self.tbits[i] = (int(self._bucket[i]) << 16) | int(lo)
+            self.tm[i] = hist[i, lo]
+            self.tq[i] = self.k[i] - greater
+
+    def _locate_bucket(self, i: int, hist: np.ndarray, nonzero_lo: np.ndarray) -> None:
+        """After the high-bits pass: the bucket holding model i's k-th largest magnitude.
+
+        Within that bucket the elements with non-zero low bits are all larger than the
+        bucket's floor value (bucket << 16), which the others equal. If the k-th largest
+        lies beyond the former, it is the floor: threshold and tie counts are known now
+        and model i needs no low-bits pass (bucket -1)."""
+        bucket, above = _locate(hist, self.k[i])
+        need = self.k[i] - above  # elements to take from the bucket, 1..hist[bucket]
+        larger = int(nonzero_lo[bucket])
+        if need > larger:
+            self.tbits[i] = bucket << 16
+            self.tm[i] = int(hist[bucket]) - larger
+            self.tq[i] = need - larger
+            self._bucket[i] = -1
+        else:
+            self._bucket[i], self._above[i] = bucket, above
 
     # -- results -----------------------------------------------------------------
     def stats(self) -> dict:
