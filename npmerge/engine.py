@@ -107,6 +107,7 @@ class Engine:
         for i, m in enumerate(stats["models"]):
             m["l2"] = math.sqrt(math.fsum(partials[i].tolist()))  # exact sum of a fixed block grid
         stats["numel"] = n
+        stats["passes"] = pass_no  # over the inputs: TIES skips its low-bits pass when it can
         if nonfinite.any():  # only with --allow-nonfinite (else refused above): the report notes it
             stats["nonfinite"] = [int(x) for x in nonfinite]  # [base, model 1, ...]
         self.stats[job.name] = stats

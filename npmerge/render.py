@@ -77,7 +77,7 @@ def plan(plan, out) -> None:
     t.add_row("parameters", ", ".join(f"{k}={v}" for k, v in d["parameters"].items()) or "-")
     t.add_row("tensors", f"{d['tensors_merged']} merged, {d['tensors_copied']} copied")
     t.add_row("output", f"{len(d['shards'])} shard(s), {human(d['write_bytes'])}")
-    t.add_row("reads", f"{human(d['read_bytes'])} of input, {human(d['streamed_bytes'])} streamed over all passes")
+    t.add_row("reads", f"{human(d['read_bytes'])} of input, at most {human(d['streamed_bytes'])} streamed over all passes")
     t.add_row("memory", f"{human(d['working_memory'])} working buffers (budget {human(d['memory_budget'])}), "
                         f"chunks of {d['chunk_elements']:,} elements")
     t.add_row("threads", str(d["threads"]))

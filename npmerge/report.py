@@ -30,6 +30,12 @@ def totals(stats: dict[str, dict], n_models: int) -> dict:
     return {"sign_conflict": conflict, "models": models}
 
 
+def input_passes(plan, stats: dict[str, dict]) -> float:
+    """How many times the merge read its input, on average over bytes (copied tensors: once)."""
+    read = sum(j.read_bytes for j in plan.jobs) or 1
+    return sum(j.read_bytes * stats.get(j.name, {}).get("passes", 1) for j in plan.jobs) / read
+
+
 def build_report(plan, stats: dict[str, dict], files: dict[str, dict]) -> dict:
     method = plan.method
     return {
@@ -43,7 +49,7 @@ def build_report(plan, stats: dict[str, dict], files: dict[str, dict]) -> dict:
         "notes": plan.notes + _nonfinite_notes(stats),
         "tensors_merged": sum(1 for j in plan.jobs if not j.copy),
         "tensors_copied": sum(1 for j in plan.jobs if j.copy),
-        "totals": totals(stats, len(plan.models)),
+        "totals": {**totals(stats, len(plan.models)), "input_passes": input_passes(plan, stats)},
         "tensors": {name: {k: v for k, v in s.items()} for name, s in stats.items()},
         "files": files,
     }

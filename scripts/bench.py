@@ -842,6 +842,7 @@ def main(argv=None) -> int:
                     run.pop("stdout")
                     run["page_cache_resident"] = resident["value"]
                     run["output_bytes"] = dir_bytes(out)
+                    run["input_passes"] = json.loads((out / "merge_report.json").read_text())["totals"]["input_passes"]
                     runs.append(run)
                     if args.reference and method == "ties" and keep_for_reference is None:
                         keep_for_reference = out
@@ -862,8 +863,8 @@ def main(argv=None) -> int:
                         "wall_over_io_floor": med["wall"] / io_floor,
                         "wall_over_read_floor": med["wall"] / read_s,
                         "input_gbps": input_bytes / med["wall"] / GB,
-                        "streamed_gbps": plan["streamed_bytes"] / med["wall"] / GB,
-                        "passes": plan["streamed_bytes"] / max(plan["read_bytes"], 1),
+                        "streamed_gbps": plan["read_bytes"] * runs[0]["input_passes"] / med["wall"] / GB,
+                        "passes": runs[0]["input_passes"],  # as run (the plan counts the most a method may need)
                         "cpu_over_wall": med["cpu"] / med["wall"],
                         "peak_anon_over_budget": med["peak_anon"] / budget,
                         "min_page_cache_resident": min((r["page_cache_resident"] for r in runs
@@ -957,7 +958,7 @@ def render(r: dict) -> None:
         ra = x["ratios"]
         res = ra["min_page_cache_resident"]
         t.add_row(*config(x), f"{ra['wall_over_io_floor']:.2f}x", f"{ra['wall_over_read_floor']:.1f}x",
-                  f"{ra['input_gbps']:.3f}", f"{ra['passes']:.0f}", f"{ra['streamed_gbps']:.3f}",
+                  f"{ra['input_gbps']:.3f}", f"{ra['passes']:.2f}", f"{ra['streamed_gbps']:.3f}",
                   f"{ra['cpu_over_wall']:.2f}", f"{ra['peak_anon_over_budget']:.3f}",
                   f"{res:.1%}" if res is not None else "?")
     con.print(t)

@@ -73,6 +73,11 @@ def test_stats_match_reference(ties_out):
         assert g["kept"] == w["kept"]
         assert g["excluded"] == pytest.approx(w["excluded"], abs=0)
         assert g["l2"] == pytest.approx(w["l2"], rel=1e-12)
+    # TIES reads each merged tensor 2 or 3 times (the low-bits pass only when the threshold needs
+    # it); BF16 deltas nearly always spare it. Copied and unselected tensors are read once.
+    passes = [s["passes"] for s in report["tensors"].values() if s["numel"] > 64]
+    assert set(passes) <= {2, 3} and passes.count(2) > passes.count(3)
+    assert 1 < report["totals"]["input_passes"] < 3
 
 
 def test_recipe_rerun_is_byte_identical(ties_out, tmp_path):
@@ -123,6 +128,7 @@ def test_task_arithmetic_and_linear_match_reference(tmp_path, method):
             assert np.array_equal(got[name].view(np.uint16), ref.from_f32_bf16(want)), name
     if method != "linear":
         assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((out / "merge_report.json").read_text())["totals"]["input_passes"] == 1.0
 
 
 def test_integer_tensors_are_copied(tmp_path):
