@@ -23,6 +23,7 @@ from .plan import Plan, TensorJob
 
 Progress = Callable[[int, str], None]  # (bytes advanced, tensor name)
 _EMPTY = np.empty(0, np.float32)
+_NO_SUMS = np.empty((1, 0), np.float64)  # block_stats: skip the sums of squares
 
 
 class Engine:
@@ -119,7 +120,7 @@ class Engine:
         select.block_stats(rows, BLOCK, part, nonfinite[1:])
         sumsq.append(part)
         if base.size:
-            select.block_stats(base.reshape(1, -1), BLOCK, np.empty((1, part.shape[1])), nonfinite[:1])
+            select.block_stats(base.reshape(1, -1), BLOCK, _NO_SUMS, nonfinite[:1])  # NaN/Inf count only
 
     def _refuse_nonfinite(self, job: TensorJob, nonfinite: np.ndarray) -> None:
         if not nonfinite.any() or self.plan.recipe.allow_nonfinite:

@@ -19,6 +19,7 @@ HI_SHIFT = 16
 HI_BUCKETS = 1 << 15  # magnitude bits 30..16
 LO_BUCKETS = 1 << 16  # magnitude bits 15..0
 MAG_MASK = 0x7FFFFFFF
+EXP_MASK = 0x7F800000
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -63,14 +64,13 @@ def hist_lo(rows, bucket, hist):
 
 
 @njit(cache=True, nogil=True)
-def _sumsq_nonfinite(x):
-    """(float64 sum of x**2, count of NaN/Inf) over a short 1-D slice.
+def _sumsq(x):
+    """float64 sum of x**2 over a short 1-D slice.
 
     Eight interleaved accumulators (element e goes to e % 8, combined in a fixed
     order) break the add-latency chain; the order is a function of the block
     alone, so the result is as deterministic as a plain left-to-right sum."""
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-    bad = 0
     n = x.shape[0]
     main = n - n % 8
     for e in range(0, main, 8):
@@ -81,25 +81,38 @@ def _sumsq_nonfinite(x):
     for e in range(main, n):
         v = np.float64(x[e])
         a0 += v * v
-    for e in range(n):
-        bad += not np.isfinite(x[e])
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)), bad
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+@njit(cache=True, nogil=True)
+def _nonfinite(x):
+    """Count of NaN/Inf in a short 1-D slice (exponent bits all ones; an integer loop that vectorises)."""
+    bits = x.view(np.uint32)
+    bad = 0
+    for e in range(x.shape[0]):
+        bad += (bits[e] & EXP_MASK) == EXP_MASK
+    return bad
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def block_stats(rows, block, sumsq, nonfinite):
-    """sumsq[i, b] = float64 sum of rows[i]**2 over block b; nonfinite[i] += NaN/Inf count of row i.
+    """sumsq[i, b] = float64 sum of rows[i]**2 over block b (skipped when sumsq has no
+    columns, e.g. for the base); nonfinite[i] += NaN/Inf count of row i.
 
     The block grid is global (chunks are whole multiples of `block`), so the
     partial sums do not depend on chunking or threads."""
     nm, c = rows.shape
     nblocks = (c + block - 1) // block
+    want_sumsq = sumsq.shape[1] != 0
     bad = np.zeros((nblocks, nm), np.int64)
     for b in prange(nblocks):
         lo = b * block
         hi = min(lo + block, c)
         for i in range(nm):
-            sumsq[i, b], bad[b, i] = _sumsq_nonfinite(rows[i, lo:hi])
+            x = rows[i, lo:hi]
+            if want_sumsq:
+                sumsq[i, b] = _sumsq(x)
+            bad[b, i] = _nonfinite(x)
     for b in range(nblocks):
         for i in range(nm):
             nonfinite[i] += bad[b, i]
