@@ -135,6 +135,24 @@ def test_lock_refuses_second_run_then_sigterm_leaves_nothing(tmp_path, reference
     assert snapshot(*inputs_of()) == before
 
 
+def test_sighup_leaves_nothing(tmp_path):
+    """A closed terminal (SIGHUP) ends the merge like SIGTERM: exit 129, cleanup run."""
+    out = tmp_path / "out"
+    staging = staging_of(out)
+    proc = start(*merge_args(out), slow=60)  # the first data write sleeps: no shard can finish
+    try:
+        wait_for(lambda: (staging / "npmerge.lock").is_file(), proc, PROC_TIMEOUT)
+        proc.send_signal(signal.SIGHUP)
+        _, err = proc.communicate(timeout=PROC_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 129, err
+    assert_error_line(err, "hung up; no output was written")
+    assert os.listdir(tmp_path) == []
+
+
 def test_sigint_keeps_finished_shards_and_resume_is_byte_identical(tmp_path, reference):
     before = snapshot(*inputs_of())
     out = tmp_path / "out"
