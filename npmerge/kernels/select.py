@@ -4,7 +4,8 @@ Non-negative float32 values order like their uint32 bit patterns, so the k-th
 largest |x| is found without sorting: a histogram of the high 15 bits of the
 31-bit magnitude finds the bucket holding it, a histogram of the low 16 bits of
 the elements inside that bucket finds the exact value and how many elements equal
-it. Counts are integers, so per-thread histograms summed in any order give the
+it. The first histogram also tells, per bucket, how many elements have non-zero
+low bits, which often settles the value without the second pass. Counts are integers, so per-thread histograms summed in any order give the
 same answer whatever the chunking or thread count.
 
 Inputs are float32 work rows viewed as uint32 (zero copy); `hist` has one slice

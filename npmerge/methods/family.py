@@ -71,7 +71,8 @@ class TensorMerge:
                 self.consensus, self.normalize, self.eps, self.lam, BLOCK, out, self.counts)
 
     def end_pass(self, pass_name: str) -> None:
-        """Turn a finished histogram into the bucket (hi) or exact threshold (lo)."""
+        """Turn a finished histogram into each model's bucket or exact threshold (hi), or
+        the exact thresholds the high bits could not settle (lo)."""
         if pass_name not in ("hist_hi", "hist_lo"):
             return
         hist = self._hist.sum(axis=0)
