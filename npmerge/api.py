@@ -12,10 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from .engine import Engine, Progress
-from .errors import IncompatibleModels
 from .io.companions import write_companions
 from .io.staging import sha256_file
 from .io.writer import OutputWriter
@@ -44,8 +41,7 @@ def execute(plan: Plan, out, *, force: bool = False, resume: bool = False,
     try:
         with writer:
             writer.open()
-            sink = writer if plan.recipe.allow_nonfinite else FiniteOutput(writer, plan)
-            stats = Engine(plan, sink, progress).run()
+            stats = Engine(plan, writer, progress).run()
             write_companions(writer, plan.reference.root, _config_dtype(plan))
             recipe_yaml = plan.recipe.to_yaml()
             writer.add_bytes(RECIPE_NAME, recipe_yaml.encode())
@@ -63,48 +59,6 @@ def execute(plan: Plan, out, *, force: bool = False, resume: bool = False,
             exc.resume_hint = writer.kept
         raise
     return report
-
-
-class FiniteOutput:
-    """The writer, refusing merged values the output dtype cannot hold.
-
-    With finite inputs (the engine refuses others unless --allow-nonfinite, which turns
-    this check off) an Inf/NaN in the encoded output is an overflow, e.g. F32 values
-    above 65504 written as F16. Counted per tensor as chunks pass, raised when the
-    shard is finished: by then the engine has reported any non-finite input itself.
-    """
-
-    _EXPONENT = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80),
-                 "F32": (np.uint32, 0x7F800000), "F64": (np.uint64, 0x7FF0000000000000)}
-    _PIECE = 1 << 16  # elements per check: bounds the temporaries
-
-    def __init__(self, writer: OutputWriter, plan: Plan):
-        self._writer = writer
-        self._dtypes = {j.name: j.out_dtype for j in plan.jobs if not j.copy and j.out_dtype in self._EXPONENT}
-        self._overflow: dict[str, int] = {}
-
-    def __getattr__(self, name):
-        return getattr(self._writer, name)
-
-    def write(self, name: str, byte_offset: int, data) -> None:
-        code = self._dtypes.get(name)
-        if code is not None:
-            uint, mask = self._EXPONENT[code]
-            bits = np.ascontiguousarray(data).reshape(-1).view(np.uint8).view(uint)
-            bad = sum(int(np.count_nonzero((bits[i:i + self._PIECE] & mask) == mask))
-                      for i in range(0, bits.size, self._PIECE))
-            if bad:
-                self._overflow[name] = self._overflow.get(name, 0) + bad
-        self._writer.write(name, byte_offset, data)
-
-    def finish_shard(self, i: int, stats: dict | None = None) -> None:
-        for name in self._writer.layout.shards[i].tensors:
-            if self._overflow.get(name):
-                raise IncompatibleModels(
-                    f"merged tensor '{name}' has {self._overflow[name]} value(s) beyond the range of "
-                    f"{self._dtypes[name]}: they would be written as Inf/NaN",
-                    hint="choose a wider --out-dtype (e.g. float32), or lower --lambda or the weights")
-        self._writer.finish_shard(i, stats)
 
 
 def _config_dtype(plan: Plan) -> str:

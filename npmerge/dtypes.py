@@ -319,3 +319,13 @@ def _encode(k, s: np.ndarray, code: str, dst: np.ndarray) -> None:
     else:  # F64
         k.encode_f64(s, dst)
 
+
+
+_EXPONENT = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80),
+             "F32": (np.uint32, 0x7F800000), "F64": (np.uint64, 0x7FF0000000000000)}
+
+
+def count_nonfinite(raw: np.ndarray, code: str) -> int:
+    """Inf/NaN values in an encoded 1-D chunk of an ENCODABLE dtype (exponent bits all ones)."""
+    uint, mask = _EXPONENT[code]
+    return int(_kernels().count_all_ones(_readonly(raw.view(uint)), uint(mask)))

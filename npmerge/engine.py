@@ -16,7 +16,7 @@ import numpy as np
 
 from . import kernels
 from .constants import BLOCK
-from .dtypes import DTYPES, decode, encode
+from .dtypes import DTYPES, count_nonfinite, decode, encode
 from .errors import IncompatibleModels
 from .methods.family import TensorMerge
 from .plan import Plan, TensorJob
@@ -78,6 +78,7 @@ class Engine:
         out_dt = DTYPES[job.out_dtype]
         sumsq: list[np.ndarray] = []
         nonfinite = np.zeros(nm + 1, np.int64)
+        overflow = 0  # merged values the output dtype turned into Inf/NaN
         pass_no = 0
         while pass_no < len(tm.passes):  # end_pass may drop a pass that turned out unneeded
             pass_name = tm.passes[pass_no]
@@ -96,12 +97,19 @@ class Engine:
                 if pass_name == "merge":
                     raw = self._raw[:c * out_dt.itemsize].view(out_dt.storage)
                     encode(out, job.out_dtype, raw)
+                    if not plan.recipe.allow_nonfinite:
+                        overflow += count_nonfinite(raw, job.out_dtype)
                     self.writer.write(job.name, start * out_dt.itemsize, raw)
                 self.progress(job.read_bytes * c // max(n, 1), job.name)
             tm.end_pass(pass_name)
             if pass_no == 0:
                 self._refuse_nonfinite(job, nonfinite)
             pass_no += 1
+        if overflow:  # inputs are finite here (checked after the first pass): the merge overflowed
+            raise IncompatibleModels(
+                f"merged tensor '{job.name}' has {overflow} value(s) beyond the range of {job.out_dtype}: "
+                "they would be written as Inf/NaN",
+                hint="choose a wider --out-dtype (e.g. float32), or lower --lambda or the weights")
         self.progress(job.read_bytes * max(job.passes - pass_no, 0), job.name)  # skipped passes
         stats = tm.stats()
         partials = np.concatenate(sumsq, axis=1) if sumsq else np.zeros((nm, 0))

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import kernels
 from .constants import BLOCK
-from .dtypes import DECODABLE, DTYPES, ENCODABLE, decode, encode
+from .dtypes import DECODABLE, DTYPES, ENCODABLE, count_nonfinite, decode, encode
 
 
 def compile_all() -> float:
@@ -22,7 +22,9 @@ def compile_all() -> float:
         decode(raw, code, np.empty(n, np.float32))
         decode(raw, code, np.empty(n, np.float32), base)
     for code in ENCODABLE:
-        encode(base, code, np.empty(n, DTYPES[code].storage))
+        raw = np.empty(n, DTYPES[code].storage)
+        encode(base, code, raw)
+        count_nonfinite(raw, code)
     from .methods import registry
     from .methods.family import TensorMerge
 

@@ -151,3 +151,16 @@ def encode_f64(src, dst):
     n = dst.shape[0]
     for i in prange(n):
         dst[i] = np.float64(src[i])
+
+
+# --------------------------------------------------------------------- checks
+
+
+@njit(**_JIT)
+def count_all_ones(bits, mask):
+    """How many of `bits` have every bit of `mask` set: with an exponent mask, the
+    encoded values that are Inf or NaN (e.g. a finite float32 that overflowed F16)."""
+    total = 0
+    for i in prange(bits.shape[0]):
+        total += (bits[i] & mask) == mask
+    return total
