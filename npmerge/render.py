@@ -11,6 +11,8 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
                            TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
 
+from .units import human_bytes
+
 _console: Console | None = None
 
 
@@ -21,21 +23,13 @@ def stderr() -> Console:
     return _console
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def info(data: dict, tensors: bool) -> None:
     c = stderr()
     table = Table(title=str(data["path"]), show_header=False)
     table.add_row("architecture", str(data.get("architecture") or "-"))
     table.add_row("tensors", f"{data['tensors']:,}")
     table.add_row("parameters", f"{data['parameters']:,}")
-    table.add_row("size", human(data["bytes"]))
+    table.add_row("size", human_bytes(data["bytes"]))
     table.add_row("dtypes", ", ".join(f"{k} ({v:,} params)" for k, v in data["dtypes"].items()))
     table.add_row("files", "\n".join(data["shards"]))
     c.print(table)
@@ -76,9 +70,9 @@ def plan(plan, out) -> None:
         t.add_row(f"model {i + 1}", f"{m['path']}  " + ", ".join(f"{k}={v}" for k, v in m["parameters"].items()))
     t.add_row("parameters", ", ".join(f"{k}={v}" for k, v in d["parameters"].items()) or "-")
     t.add_row("tensors", f"{d['tensors_merged']} merged, {d['tensors_copied']} copied")
-    t.add_row("output", f"{len(d['shards'])} shard(s), {human(d['write_bytes'])}")
-    t.add_row("reads", f"{human(d['read_bytes'])} of input, at most {human(d['streamed_bytes'])} streamed over all passes")
-    t.add_row("memory", f"{human(d['working_memory'])} working buffers (budget {human(d['memory_budget'])}), "
+    t.add_row("output", f"{len(d['shards'])} shard(s), {human_bytes(d['write_bytes'])}")
+    t.add_row("reads", f"{human_bytes(d['read_bytes'])} of input, at most {human_bytes(d['streamed_bytes'])} streamed over all passes")
+    t.add_row("memory", f"{human_bytes(d['working_memory'])} working buffers (budget {human_bytes(d['memory_budget'])}), "
                         f"chunks of {d['chunk_elements']:,} elements")
     t.add_row("threads", str(d["threads"]))
     for note in d["notes"]:
@@ -117,7 +111,7 @@ def summary(plan, report: dict, out, elapsed: float) -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     c.print(f"sign conflicts: {tot['sign_conflict']:.1%} of weights; "
             f"{report['tensors_merged']} tensors merged, {report['tensors_copied']} copied; "
-            f"{human(size)} written in {elapsed:.1f} s ({human(plan.read_bytes / max(elapsed, 1e-9))}/s of input); "
-            f"peak RSS {human(rss)}")
+            f"{human_bytes(size)} written in {elapsed:.1f} s ({human_bytes(plan.read_bytes / max(elapsed, 1e-9))}/s of input); "
+            f"peak RSS {human_bytes(rss)}")
     for note in report["notes"]:
         c.print(f"note: {note}")

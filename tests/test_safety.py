@@ -23,6 +23,7 @@ import pytest
 from helpers import LLAMA, tree_bytes
 from npmerge.io import staging as stg
 from npmerge.io.writer import OutputWriter
+from npmerge.units import human_bytes
 from safety_helpers import litter, manifest_lines, run, snapshot, start, wait_for
 
 MODELS = ("base", "ft-a", "ft-b")
@@ -400,7 +401,7 @@ def test_free_space_preflight_refuses_with_figures(tmp_path, monkeypatch, refere
     res = merge(out)
     need = sum(len(reference[s]) for s in SHARDS) + stg.SPACE_MARGIN
     assert res.code == 5, res.err
-    assert_error_line(res.err, f"not enough disk space for {out}: needs {stg.fmt_bytes(need)} ({need} bytes), "
+    assert_error_line(res.err, f"not enough disk space for {out}: needs {human_bytes(need)} ({need} bytes), "
                                "123.46 kB (123456 bytes) free")
     assert "Hint: free some space" in res.err
     assert tmp_path in asked

@@ -30,6 +30,7 @@ from typing import Callable, Iterable
 
 from ..constants import MAX_HEADER_BYTES, WRITE_PIECE_BYTES
 from ..errors import OutputError, RecipeError
+from ..units import human_bytes
 
 LOCK_NAME = "npmerge.lock"
 README_NAME = "README.txt"
@@ -55,13 +56,6 @@ _FINGERPRINT_PARTS = {
 # ---------------------------------------------------------------- write helpers
 
 
-def fmt_bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} bytes"
-
-
 def _free(path) -> int | None:
     try:
         return shutil.disk_usage(os.path.dirname(os.fspath(path)) or ".").free
@@ -73,8 +67,8 @@ def output_error(exc: OSError, path, need: Callable[[], int] | None = None) -> O
     """The user-facing error for an OSError while writing (§4.3.7), with figures for a full disk."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         free = _free(path)
-        figures = [f"{fmt_bytes(need())} still to write"] if need else []
-        figures += [f"{fmt_bytes(free)} free"] if free is not None else []
+        figures = [f"{human_bytes(need())} still to write"] if need else []
+        figures += [f"{human_bytes(free)} free"] if free is not None else []
         what = "disk full (quota exceeded)" if exc.errno == errno.EDQUOT else "disk full"
         return OutputError(f"{what} writing {path}" + (f" ({', '.join(figures)})" if figures else ""),
                            hint="free some space or choose another output location with -o")

@@ -33,6 +33,7 @@ import numpy as np
 from ..constants import DEFAULT_SHARD_BYTES, MAX_HEADER_BYTES, OUTPUT_METADATA, WRITE_PIECE_BYTES, WRITEBACK_BYTES
 from ..dtypes import DTYPES
 from ..errors import InvalidCheckpoint, OutputError, RecipeError
+from ..units import human_bytes
 from . import staging as st
 from .staging import SPACE_MARGIN, Staging, writing
 
@@ -308,8 +309,8 @@ class OutputWriter:
         need = sum(self.layout.shards[i].size for i in todo) + SPACE_MARGIN
         free = shutil.disk_usage(self.out_dir.parent).free
         if free < need:
-            raise OutputError(f"not enough disk space for {self.out_dir}: needs {st.fmt_bytes(need)} ({need} bytes), "
-                              f"{st.fmt_bytes(free)} ({free} bytes) free",
+            raise OutputError(f"not enough disk space for {self.out_dir}: needs {human_bytes(need)} ({need} bytes), "
+                              f"{human_bytes(free)} ({free} bytes) free",
                               hint="free some space or choose another output location with -o")
 
     # -- open
