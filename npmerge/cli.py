@@ -9,6 +9,7 @@ staging for --resume). NPMERGE_DEBUG=1 shows tracebacks.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -25,18 +26,13 @@ from .errors import NpmergeError
 
 app = typer.Typer(
     name="npmerge",
-    help="Merge fine-tuned safetensors checkpoints (TIES, task arithmetic, linear) exactly, "
+    help="Merge fine-tuned safetensors checkpoints (TIES and its family) exactly, "
          "in bounded memory, on CPU. No PyTorch.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-class Consensus(str, Enum):
-    sum = "sum"
-    count = "count"
 
 
 def _version(value: bool):
@@ -52,72 +48,101 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 # -- shared options -------------------------------------------------------------------
-OUT = typer.Option(..., "-o", "--out", help="Output model directory (created atomically).")
-OUT_DTYPE = typer.Option(None, "--out-dtype", help="Output dtype: bfloat16, float16, float32 (default: the base's).")
-SHARD = typer.Option(None, "--shard-size", help="Max tensor bytes per output shard, e.g. 5GB (default 5GB).")
-MEM = typer.Option(None, "--max-memory", help="Working-memory budget, e.g. 512MiB, 4GiB (default: 1/4 of free RAM, max 4GiB).")
-THREADS = typer.Option(None, "--threads", help="Compute threads (default: all cores).")
-DRY = typer.Option(False, "--dry-run", help="Check inputs and print the plan; write nothing.")
-JSON = typer.Option(False, "--json", help="Print the merge report (or error) as JSON on stdout.")
-FORCE = typer.Option(False, "--force", help="Replace an existing output directory.")
-NONFINITE = typer.Option(False, "--allow-nonfinite", help="Merge even if a weight is NaN or Inf.")
-QUIET = typer.Option(False, "-q", "--quiet", help="No progress bar or summary.")
+_OUTPUT, _RESOURCES, _SAFETY = "Output", "Resources", "Safety"
+OUT = typer.Option(..., "-o", "--out", help="Output model directory (created atomically).", rich_help_panel=_OUTPUT)
+OUT_DTYPE = typer.Option(None, "--out-dtype", help="Output dtype: bfloat16, float16, float32 (default: the base's).",
+                         rich_help_panel=_OUTPUT)
+SHARD = typer.Option(None, "--shard-size", help="Max tensor bytes per output shard, e.g. 5GB (default 5GB).",
+                     rich_help_panel=_OUTPUT)
+MEM = typer.Option(None, "--max-memory", help="Working-memory budget, e.g. 512MiB, 4GiB (default: 1/4 of free RAM, "
+                   "max 4GiB).", rich_help_panel=_RESOURCES)
+THREADS = typer.Option(None, "--threads", help="Compute threads (default: all cores).", rich_help_panel=_RESOURCES)
+DRY = typer.Option(False, "--dry-run", help="Check inputs and print the plan; write nothing.", rich_help_panel=_OUTPUT)
+JSON = typer.Option(False, "--json", help="Print the merge report (or error) as JSON on stdout.",
+                    rich_help_panel=_OUTPUT)
+FORCE = typer.Option(False, "--force", help="Replace an existing output directory.", rich_help_panel=_SAFETY)
+NONFINITE = typer.Option(False, "--allow-nonfinite", help="Merge even if a weight is NaN or Inf.",
+                         rich_help_panel=_SAFETY)
+QUIET = typer.Option(False, "-q", "--quiet", help="No progress bar or summary.", rich_help_panel=_OUTPUT)
 RESUME = typer.Option(False, "--resume", help="Continue an interrupted merge into the same -o: its finished shards "
-                                              "are verified (sha256) and kept. Refused if the recipe or inputs changed.")
-WEIGHT = typer.Option(None, "--weight", "-w", help="Model weight; repeat once per model, or give once for all.")
-NORMALIZE = typer.Option(None, "--normalize/--no-normalize", help="Divide by the sum of (agreeing) weights.")
-LAMBDA = typer.Option(None, "--lambda", help="Scale of the merged task vector (default 1).")
+                      "are verified (sha256) and kept. Refused if the recipe or inputs changed.", rich_help_panel=_SAFETY)
+_SHARED = dict(out_dtype=(Optional[str], OUT_DTYPE), shard_size=(Optional[str], SHARD), max_memory=(Optional[str], MEM),
+               threads=(Optional[int], THREADS), dry_run=(bool, DRY), json_out=(bool, JSON), force=(bool, FORCE),
+               allow_nonfinite=(bool, NONFINITE), quiet=(bool, QUIET), resume=(bool, RESUME))
+_SHORT = {"weight": "-w", "density": "-d"}
 
 
-@app.command()
-def ties(
-    base: str = typer.Argument(..., help="Base model (directory or .safetensors file)."),
-    models: List[str] = typer.Argument(..., help="Fine-tuned models to merge."),
-    out: Path = OUT,
-    density: Optional[List[float]] = typer.Option(None, "--density", "-d", help="Fraction of each task vector kept, in (0, 1]; repeat per model or once for all (default 1)."),
-    weight: Optional[List[float]] = WEIGHT,
-    lam: Optional[float] = LAMBDA,
-    normalize: Optional[bool] = NORMALIZE,
-    consensus: Consensus = typer.Option(Consensus.sum, "--consensus", help="Sign election: weighted sum or count."),
-    out_dtype: Optional[str] = OUT_DTYPE, shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM,
-    threads: Optional[int] = THREADS, dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE,
-    allow_nonfinite: bool = NONFINITE, quiet: bool = QUIET, resume: bool = RESUME,
-):
-    """TIES-merging: trim small deltas, elect a sign per weight, average the agreeing deltas."""
-    _merge_command("ties", base, models, out, dict(weights=weight, densities=density, out_dtype=out_dtype,
-                   allow_nonfinite=allow_nonfinite, normalize=normalize, consensus=consensus.value,
-                   **{"lambda": lam}), shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume)
+# -- one subcommand per registered method ----------------------------------------------
+def _option(param, per_model: bool):
+    """The typer annotation and Option of one method parameter."""
+    default = "required" if param.default is None else f"default {param.default}"
+    flags = [param.cli_flag] + ([_SHORT[param.name]] if param.name in _SHORT else [])
+    panel = "Method"
+    if per_model:
+        return (Optional[List[float]], typer.Option(
+            None, *flags, help=f"{param.help[0].upper()}{param.help[1:]}; repeat once per model, in order, or give "
+                               f"once for all ({default}).", rich_help_panel=panel))
+    if param.kind == "bool":
+        name = param.cli_flag[2:]
+        return Optional[bool], typer.Option(None, f"--{name}/--no-{name}", help=f"{param.help[0].upper()}"
+                                            f"{param.help[1:]} ({default}).", rich_help_panel=panel)
+    if param.kind == "choice":
+        choices = Enum(param.name.title(), {str(o): str(o) for o in param.check.options}, type=str)
+        return Optional[choices], typer.Option(None, *flags, help=f"{param.help[0].upper()}{param.help[1:]} "
+                                               f"({default}).", rich_help_panel=panel)
+    typ = Optional[int] if param.kind == "int" else Optional[float]
+    return typ, typer.Option(None, *flags, help=f"{param.help[0].upper()}{param.help[1:]} ({default}).",
+                             rich_help_panel=panel)
 
 
-@app.command("task-arithmetic")
-def task_arithmetic(
-    base: str = typer.Argument(..., help="Base model (directory or .safetensors file)."),
-    models: List[str] = typer.Argument(..., help="Fine-tuned models whose task vectors are added."),
-    out: Path = OUT,
-    weight: Optional[List[float]] = WEIGHT, lam: Optional[float] = LAMBDA, normalize: Optional[bool] = NORMALIZE,
-    out_dtype: Optional[str] = OUT_DTYPE, shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM,
-    threads: Optional[int] = THREADS, dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE,
-    allow_nonfinite: bool = NONFINITE, quiet: bool = QUIET, resume: bool = RESUME,
-):
-    """Task arithmetic: base + lambda * sum of weighted task vectors."""
-    _merge_command("task_arithmetic", base, models, out, dict(weights=weight, out_dtype=out_dtype,
-                   allow_nonfinite=allow_nonfinite, normalize=normalize, **{"lambda": lam}),
-                   shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume)
+def _add_method_command(method) -> None:
+    """`npmerge <method> [BASE] MODELS... -o OUT [options]`, generated from the registry entry."""
+    P = inspect.Parameter
+    sig: list = []
+    if method.base == "required":
+        sig.append(P("base", P.POSITIONAL_OR_KEYWORD, annotation=str,
+                     default=typer.Argument(..., help="Base model (directory or .safetensors file).")))
+    sig.append(P("models", P.POSITIONAL_OR_KEYWORD, annotation=List[str],
+                 default=typer.Argument(..., help="Models to merge." if method.base == "none"
+                                        else "Fine-tuned models to merge.")))
+    if method.base == "optional":
+        sig.append(P("base", P.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
+            None, "--base", help="Base model: merge task vectors against it (optional).", rich_help_panel="Inputs")))
+    sig.append(P("out", P.KEYWORD_ONLY, annotation=Path, default=OUT))
+    per_model = {f"m_{p.name}": p for p in method.model_params}
+    global_ = {f"g_{p.name}": p for p in method.global_params}
+    for key, param in [*per_model.items(), *global_.items()]:
+        annotation, option = _option(param, key in per_model)
+        sig.append(P(key, P.KEYWORD_ONLY, annotation=annotation, default=option))
+    for key, (annotation, option) in _SHARED.items():
+        sig.append(P(key, P.KEYWORD_ONLY, annotation=annotation, default=option))
+
+    def command(**kw):
+        recipe_args = dict(
+            per_model={p.name: kw[k] for k, p in per_model.items()},
+            params={p.name: (kw[k].value if isinstance(kw[k], Enum) else kw[k]) for k, p in global_.items()},
+            out_dtype=kw["out_dtype"], allow_nonfinite=kw["allow_nonfinite"])
+        _merge_command(method.name, kw.get("base"), kw["models"], kw["out"], recipe_args, kw["shard_size"],
+                       kw["max_memory"], kw["threads"], kw["dry_run"], kw["json_out"], kw["force"], kw["quiet"],
+                       kw["resume"])
+
+    command.__signature__ = inspect.Signature(sig)
+    command.__name__ = method.name
+    doc = f"{method.title}: {method.summary}."
+    if method.paper:
+        doc += f" Paper: {method.paper}"
+    app.command(method.cli_name, help=doc, epilog=f"Example: {method.example}" if method.example else None,
+                rich_help_panel="Merge methods")(command)
 
 
-@app.command()
-def linear(
-    models: List[str] = typer.Argument(..., help="Models to average (the first one's config and tokenizer are kept)."),
-    out: Path = OUT,
-    weight: Optional[List[float]] = WEIGHT, normalize: Optional[bool] = NORMALIZE,
-    out_dtype: Optional[str] = OUT_DTYPE, shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM,
-    threads: Optional[int] = THREADS, dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE,
-    allow_nonfinite: bool = NONFINITE, quiet: bool = QUIET, resume: bool = RESUME,
-):
-    """Linear merge (model soup): weighted average of the models."""
-    _merge_command("linear", None, models, out, dict(weights=weight, out_dtype=out_dtype,
-                   allow_nonfinite=allow_nonfinite, normalize=normalize),
-                   shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume)
+def _add_method_commands() -> None:
+    from .methods import registry
+
+    for method in registry.all_methods().values():
+        _add_method_command(method)
+
+
+_add_method_commands()
 
 
 @app.command()

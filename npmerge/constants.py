@@ -1,13 +1,12 @@
 """Every tuning constant of npmerge, in one place.
 
-BLOCK is part of the output contract: float reductions (norms, dot products) are
-accumulated per BLOCK elements and combined in index order, and chunks are always
-whole multiples of BLOCK, so results never depend on chunk size or thread count.
-Changing it may change the last bits of reported statistics (never of merged
-weights, which are element-wise).
+BLOCK is part of the output contract (SEMANTICS-2 A): float reductions (norms, dot
+products) are accumulated per BLOCK elements and combined exactly, and spans are always
+whole multiples of BLOCK, so results never depend on span size or thread count.
 """
 
-# Elements per reduction block; chunks are multiples of it.
+# Elements per reduction block; spans are multiples of it. Also the unit of work a
+# thread takes inside a span kernel: its decoded float32 rows stay in the L1/L2 cache.
 BLOCK = 1 << 14
 
 # The official library's header cap (decimal 100 MB, `N == MAX_HEADER_BYTES` allowed).
@@ -19,14 +18,11 @@ MAX_JSON_DEPTH = 128
 # Default output shard limit in bytes of tensor data (decimal units, as transformers).
 DEFAULT_SHARD_BYTES = 5_000_000_000
 
-# Smallest chunk the planner will use, in elements (one reduction block).
-MIN_CHUNK_ELEMENTS = BLOCK
-
-# Largest chunk, in elements. A chunk's float32 rows (models + base + output) should
-# stay in the L2/L3 caches between the decode, statistics, merge and encode kernels:
-# measured on a 2-core Xeon (TA, 3 fine-tunes), 4 Mi elements cost 1.7-1.9x the time
-# of 256 Ki (memory-bound passes), while 64 Ki starts to pay kernel dispatch overhead.
-MAX_CHUNK_ELEMENTS = 1 << 18
+# Largest span, in elements: the range of a tensor one parallel kernel call covers.
+# Large, so a merge has few barriers (on a busy machine each may wait for a thread that
+# lost its time slice), but its raw input should still fit the last-level cache, where
+# a second kernel over the same span (e.g. TIES tie counting, then merging) finds it.
+MAX_SPAN_ELEMENTS = 1 << 21
 
 # Default --max-memory: this fraction of available RAM, capped.
 DEFAULT_MEMORY_FRACTION = 0.25

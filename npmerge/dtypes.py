@@ -75,6 +75,12 @@ ALIASES = {
     "float64": "F64", "fp64": "F64", "f64": "F64",
 }
 
+# How the span kernels (kernels/span.py) read each storage dtype and write each output dtype.
+SPAN_KIND = {"BF16": 0, "F16": 1, "F32": 2, "F64": 3, "F8_E4M3": 4, "F8_E5M2": 5}
+SPAN_DELTA = 8  # mode flag: the source delivers task-vector values
+SPAN_ROUND = {None: 0, "F32": 0, "BF16": 1, "F16": 2}  # a recipe's `dtype:` input rounding
+ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
+
 # config.json's torch_dtype / dtype spelling of each output dtype.
 TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
@@ -132,7 +138,7 @@ def _kernels():
     return _convert
 
 
-def _unaligned_ok() -> bool:
+def unaligned_ok() -> bool:
     global _UNALIGNED_OK
     if _UNALIGNED_OK is None:
         import platform
@@ -146,6 +152,18 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     v = a.view(np.ndarray)
     v.flags.writeable = False
     return v
+
+
+def span_luts() -> np.ndarray:
+    """The span kernels' decode tables in one read-only float32 array: F16 (65,536
+    entries), then F8_E4M3 and F8_E5M2 (256 each)."""
+    global _SPAN_LUTS
+    if _SPAN_LUTS is None:
+        _SPAN_LUTS = _readonly(np.concatenate([_lut("F16"), _lut("F8_E4M3"), _lut("F8_E5M2")]))
+    return _SPAN_LUTS
+
+
+_SPAN_LUTS: np.ndarray | None = None
 
 
 def _no_base() -> np.ndarray:
@@ -256,11 +274,11 @@ def decode(raw: np.ndarray, code: str, out: np.ndarray, base: np.ndarray | None 
         _check_overlap(out, base, "base")
     if n == 0:
         return
-    if not raw.flags.aligned and not _unaligned_ok():
+    if not raw.flags.aligned and not unaligned_ok():
         raw = raw.copy()
     k = _kernels()
-    b = _no_base() if base is None else _readonly(base if base.flags.aligned or _unaligned_ok() else base.copy())
-    if not out.flags.aligned and not _unaligned_ok():
+    b = _no_base() if base is None else _readonly(base if base.flags.aligned or unaligned_ok() else base.copy())
+    if not out.flags.aligned and not unaligned_ok():
         tmp = np.empty(n, dtype=np.float32)
         _decode(k, _readonly(raw), code, b, tmp)
         out[...] = tmp
@@ -300,8 +318,8 @@ def encode(src: np.ndarray, code: str, out: np.ndarray) -> None:
     if n == 0:
         return
     k = _kernels()
-    s = _readonly(src if src.flags.aligned or _unaligned_ok() else src.copy())
-    if not out.flags.aligned and not _unaligned_ok():
+    s = _readonly(src if src.flags.aligned or unaligned_ok() else src.copy())
+    if not out.flags.aligned and not unaligned_ok():
         tmp = np.empty(n, dtype=out.dtype)
         _encode(k, s, code, tmp)
         out[...] = tmp

@@ -1,10 +1,11 @@
-"""Runs a Plan: for each tensor, each pass of its method, each chunk.
+"""Runs a Plan: for each tensor, each pass of its method's driver, each span.
 
-The engine owns the working buffers (allocated once, sized by the plan from
---max-memory), decodes input chunks straight from the memory-mapped files into
-float32 rows, hands them to the method, encodes merged chunks and passes them to
-the writer. It knows no method's math and never imports rich: progress goes
-through a callback.
+The engine owns the buffers (sized by the plan from --max-memory), turns tensor
+sources into span kernel inputs (addresses of mapped raw storage, or float32 buffers
+that computed sources fill), runs the first-pass checks every merged tensor gets
+(task-vector norms, NaN/Inf counts), hands each span to the driver and the encoded
+output to the writer. It knows no method's math and never imports rich: progress
+goes through a callback.
 """
 
 from __future__ import annotations
@@ -16,34 +17,77 @@ import numpy as np
 
 from . import kernels
 from .constants import BLOCK
-from .dtypes import DTYPES, count_nonfinite, decode, encode
+from .dtypes import ITEMSIZE, SPAN_DELTA, SPAN_KIND, SPAN_ROUND, span_luts, unaligned_ok
 from .errors import IncompatibleModels
-from .methods.family import TensorMerge
-from .plan import Plan, TensorJob
+from .io.sources import TensorSource
+from .methods.protocol import Span, TensorContext
 
 Progress = Callable[[int, str], None]  # (bytes advanced, tensor name)
-_EMPTY = np.empty(0, np.float32)
-_NO_SUMS = np.empty((1, 0), np.float64)  # block_stats: skip the sums of squares
+_NO_SUMS = np.empty((0, 0), np.float64)
+
+
+class SpanInputs:
+    """A merged tensor's sources as span kernel inputs: slot 0 the base (if any), then
+    the models. Raw storage is decoded in place; other sources fill a float32 buffer per
+    span, addressed so that element indices stay absolute."""
+
+    def __init__(self, base: TensorSource | None, models: tuple[TensorSource, ...], span: int, rnd: str | None,
+                 block: int = BLOCK):
+        self.block = block
+        self.sources = [base] + list(models)
+        self.has_base = base is not None
+        n = len(self.sources)
+        self.addrs = np.zeros(n, np.int64)
+        self.modes = np.zeros(n, np.int64)
+        self.luts = span_luts()
+        self.rnd = SPAN_ROUND[rnd]
+        self._keep: list[np.ndarray] = []  # raw views and buffers, alive while the kernels run
+        self._computed: list[tuple[int, TensorSource, np.ndarray]] = []
+        for slot, src in enumerate(self.sources):
+            if src is None:
+                continue
+            raw = src.raw()
+            aligned = raw is not None and (raw.ctypes.data % max(raw.itemsize, 1) == 0 or unaligned_ok())
+            if raw is not None and raw.size and aligned and src.dtype in SPAN_KIND:
+                self.addrs[slot] = raw.ctypes.data
+                self.modes[slot] = SPAN_KIND[src.dtype]
+                self._keep.append(raw)
+            else:
+                buf = np.empty(max(span, 1), np.float32)
+                self._computed.append((slot, src, buf))
+                self._keep.append(buf)
+                self.modes[slot] = SPAN_KIND["F32"]
+            if src.is_delta:
+                self.modes[slot] |= SPAN_DELTA
+
+    @staticmethod
+    def buffer_bytes(base: TensorSource | None, models, span: int) -> int:
+        """Float32 span buffers for the sources that are not decoded in place."""
+        return 4 * span * sum(1 for s in [base, *models] if s is not None and s.raw() is None)
+
+    def span(self, lo: int, hi: int) -> Span:
+        for slot, src, buf in self._computed:
+            src.read(lo, hi - lo, buf)
+            self.addrs[slot] = buf.ctypes.data - 4 * lo
+        return Span(lo, hi, self.block, self.addrs, self.modes, self.luts, self.rnd, self.has_base)
 
 
 class Engine:
-    def __init__(self, plan: Plan, writer, progress: Progress | None = None):
-        self.plan = plan
+    def __init__(self, plan, writer, progress: Progress | None = None):
+        self.jobs = plan.jobs
+        self.layout = plan.layout
+        self.allow_nonfinite = plan.allow_nonfinite
         self.writer = writer
         self.progress = progress or (lambda advance, name: None)
         self.threads = kernels.set_threads(plan.threads)
-        nm, chunk = len(plan.models), plan.chunk
-        self._rows = np.empty(nm * chunk, np.float32)
-        self._base = np.empty(chunk, np.float32)
-        self._out = np.empty(chunk, np.float32)
-        self._raw = np.empty(chunk * 8, np.uint8)
+        self._out = np.empty(max(plan.span, 1) * 8, np.uint8)
         self.stats: dict[str, dict] = {}
 
     def run(self) -> dict[str, dict]:
         """Shard by shard, in each shard's data order: output is written sequentially and
         each shard is final (fsynced) as soon as its last tensor is done."""
-        jobs = {job.name: job for job in self.plan.jobs}
-        for i, shard in enumerate(self.plan.layout.shards):
+        jobs = {job.name: job for job in self.jobs}
+        for i, shard in enumerate(self.layout.shards):
             resumed = self.writer.resumed_stats(i)
             if resumed is not None:  # completed by an interrupted run, verified by the writer
                 self.stats.update(resumed)
@@ -54,98 +98,124 @@ class Engine:
                 if job.copy:
                     self._copy(job)
                 else:
-                    self._merge(job)
-                self._release(job)
+                    self.stats[name] = self.merge(job)
+                for src in job.sources:
+                    src.release()  # resident memory must not grow with the model
             self.writer.finish_shard(i, {n: self.stats[n] for n in shard.tensors if n in self.stats})
         return self.stats
 
-    # -- one tensor ----------------------------------------------------------------
-    def _copy(self, job: TensorJob) -> None:
-        src = job.base.file.flat(job.name).view(np.uint8)
-        piece = self.plan.chunk * 4
+    def _copy(self, job) -> None:
+        src = job.models[0].raw().view(np.uint8)
+        piece = self._out.size
         for start in range(0, src.size, piece):
             self.writer.write(job.name, start, src[start:start + piece])
         self.progress(job.read_bytes, job.name)
 
-    def _merge(self, job: TensorJob) -> None:
-        plan, nm, n = self.plan, len(job.models), job.numel
-        has_base = plan.method.uses_base
-        tm = TensorMerge(plan.method, plan.global_params, plan.model_params, n, has_base, self.threads)
-        base_src = job.base.file.flat(job.name) if has_base else None
-        model_src = [r.file.flat(job.name) for r in job.models]
-        base_code = job.base.info.dtype.name if has_base else None
-        codes = [r.info.dtype.name for r in job.models]
-        out_dt = DTYPES[job.out_dtype]
-        sumsq: list[np.ndarray] = []
+    # -- one merged tensor ---------------------------------------------------------
+    def merge(self, job) -> dict:
+        """Run the job's driver over every span of every pass; return the tensor's statistics."""
+        return self.run_driver(job)[1]
+
+    def run_driver(self, job, block: int = BLOCK):
+        """merge(), returning the finished driver too (tests look at its thresholds).
+        `block`: the reduction grid and kernel block size (BLOCK; tests use small ones)."""
+        n, nm = job.numel, len(job.models)
+        ctx = TensorContext(job.name, job.shape, n, job.params, job.model_params, job.base is not None,
+                            self.threads, job.stream_index)
+        driver = job.method.driver(ctx)
+        inputs = SpanInputs(job.base, job.models, job.span, job.input_round, block)
+        check = kernels.load("span").check
+        sums = np.zeros((nm, -(-n // block)), np.float64)
         nonfinite = np.zeros(nm + 1, np.int64)
-        overflow = 0  # merged values the output dtype turned into Inf/NaN
-        pass_no = 0
-        while pass_no < len(tm.passes):  # end_pass may drop a pass that turned out unneeded
-            pass_name = tm.passes[pass_no]
-            for start in range(0, n, plan.chunk):
-                c = min(plan.chunk, n - start)
-                rows = self._rows[:nm * c].reshape(nm, c)
-                base = self._base[:c] if has_base else _EMPTY
-                if has_base:
-                    decode(base_src[start:start + c], base_code, base)
-                for i in range(nm):
-                    decode(model_src[i][start:start + c], codes[i], rows[i], base if has_base else None)
-                if pass_no == 0:
-                    self._first_pass_checks(rows, base, sumsq, nonfinite)
-                out = self._out[:c]
-                tm.feed(pass_name, rows, base, out)
-                if pass_name == "merge":
-                    raw = self._raw[:c * out_dt.itemsize].view(out_dt.storage)
-                    encode(out, job.out_dtype, raw)
-                    if not plan.recipe.allow_nonfinite:
-                        overflow += count_nonfinite(raw, job.out_dtype)
-                    self.writer.write(job.name, start * out_dt.itemsize, raw)
-                self.progress(job.read_bytes * c // max(n, 1), job.name)
-            tm.end_pass(pass_name)
-            if pass_no == 0:
+        out_mode, itemsize = SPAN_KIND[job.out_dtype], ITEMSIZE[job.out_dtype]
+        overflow = 0
+        done = 0
+        while done < len(driver.passes):  # end_pass may drop a pass that turned out unneeded
+            pass_name = driver.passes[done]
+            writes = driver.writes(pass_name)
+            for lo in range(0, n, job.span):
+                hi = min(n, lo + job.span)
+                span = inputs.span(lo, hi)
+                if done == 0:
+                    check(*span.inputs, job.base is not None, lo, hi, block, sums, nonfinite)
+                if writes:
+                    span.out_addr, span.out_mode = self._out.ctypes.data, out_mode
+                overflow += driver.feed(pass_name, span)
+                if writes:
+                    self.writer.write(job.name, lo * itemsize, self._out[:(hi - lo) * itemsize])
+                self.progress(job.read_bytes * (hi - lo) // max(n, 1), job.name)
+            driver.end_pass(pass_name)
+            if done == 0:
                 self._refuse_nonfinite(job, nonfinite)
-            pass_no += 1
-        if overflow:  # inputs are finite here (checked after the first pass): the merge overflowed
+            done += 1
+        if overflow and not self.allow_nonfinite:  # inputs are finite here: the merge overflowed
             raise IncompatibleModels(
                 f"merged tensor '{job.name}' has {overflow} value(s) beyond the range of {job.out_dtype}: "
                 "they would be written as Inf/NaN",
                 hint="choose a wider --out-dtype (e.g. float32), or lower --lambda or the weights")
-        self.progress(job.read_bytes * max(job.passes - pass_no, 0), job.name)  # skipped passes
-        stats = tm.stats()
-        partials = np.concatenate(sumsq, axis=1) if sumsq else np.zeros((nm, 0))
+        self.progress(job.read_bytes * max(job.passes - done, 0), job.name)  # passes the driver skipped
+        stats = driver.stats()
         for i, m in enumerate(stats["models"]):
-            m["l2"] = math.sqrt(math.fsum(partials[i].tolist()))  # exact sum of a fixed block grid
+            m["l2"] = math.sqrt(math.fsum(sums[i].tolist()))  # exact sum of a fixed block grid
         stats["numel"] = n
-        stats["passes"] = pass_no  # over the inputs: TIES skips its low-bits pass when it can
+        stats["passes"] = done
         if nonfinite.any():  # only with --allow-nonfinite (else refused above): the report notes it
             stats["nonfinite"] = [int(x) for x in nonfinite]  # [base, model 1, ...]
-        self.stats[job.name] = stats
+        return driver, stats
 
-    def _first_pass_checks(self, rows, base, sumsq, nonfinite) -> None:
-        """Delta norms (on the fixed block grid) and NaN/Inf counts, once per tensor."""
-        select = kernels.load("select")
-        part = np.empty((rows.shape[0], -(-rows.shape[1] // BLOCK)), np.float64)
-        select.block_stats(rows, BLOCK, part, nonfinite[1:])
-        sumsq.append(part)
-        if base.size:
-            select.block_stats(base.reshape(1, -1), BLOCK, _NO_SUMS, nonfinite[:1])  # NaN/Inf count only
-
-    def _refuse_nonfinite(self, job: TensorJob, nonfinite: np.ndarray) -> None:
-        if not nonfinite.any() or self.plan.recipe.allow_nonfinite:
+    def _refuse_nonfinite(self, job, nonfinite: np.ndarray) -> None:
+        if not nonfinite.any() or self.allow_nonfinite:
             return
-        plan = self.plan
         if nonfinite[0]:
-            who, count = f"base '{plan.base.label}'", nonfinite[0]
+            who, count = f"base '{job.base.label}'", nonfinite[0]
         else:
             i = int(np.flatnonzero(nonfinite[1:])[0])
-            who, count = f"model {i + 1} '{plan.models[i].label}'", nonfinite[1 + i]
+            who, count = f"model {i + 1} '{job.models[i].label}'", nonfinite[1 + i]
         raise IncompatibleModels(
             f"{who} tensor '{job.name}' has {count} NaN/Inf value(s)"
-            + ("" if nonfinite[0] else " (in the weights or their difference from the base)"),
+            + ("" if nonfinite[0] or job.base is None else " (in the weights or their difference from the base)"),
             hint="a broken fine-tune poisons the merge; pass --allow-nonfinite to merge anyway")
 
-    def _release(self, job: TensorJob) -> None:
-        """Drop the finished tensor's input pages so resident memory does not grow with the model."""
-        refs = ([job.base] if job.base else []) + list(job.models)
-        for ref in refs:
-            ref.file.advise(job.name, "dontneed")
+
+class _Collect:
+    """A writer stand-in that keeps one tensor's output bytes in memory."""
+
+    def __init__(self, nbytes: int):
+        self.data = np.zeros(nbytes, np.uint8)
+
+    def write(self, name: str, offset: int, data) -> None:
+        chunk = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8)
+        self.data[offset:offset + chunk.size] = chunk
+
+
+def run_arrays(method: str, base, models, params: dict, model_params: list[dict], *, dtype: str = "F32",
+               out_dtype: str = "F32", shape=None, name: str = "tensor", span: int | None = None,
+               threads: int | None = None, allow_nonfinite: bool = False, input_round: str | None = None,
+               block: int = BLOCK, driver: bool = False):
+    """Merge one in-memory tensor exactly as a real merge does (tests, warmup): inputs are
+    raw storage arrays of `dtype` (float32 for F32, uint16 bit patterns for BF16/F16, ...);
+    returns the output's raw storage array (shaped) and the tensor's statistics (and the
+    finished driver if `driver`). `span` must be a multiple of `block`."""
+    from types import SimpleNamespace
+
+    from .dtypes import DTYPES
+    from .io.sources import ArraySource
+    from .methods import registry
+    from .plan import TensorJob
+
+    m = registry.get(method)
+    shape = tuple(shape) if shape is not None else tuple(np.shape(models[0]))
+    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    g, mp = m.resolve(dict(params), [dict(p) for p in model_params], cross_check=False)
+    b = ArraySource(base, dtype, shape, "base", name) if base is not None else None
+    srcs = tuple(ArraySource(x, dtype, shape, f"model {i + 1}", name) for i, x in enumerate(models))
+    span = span or max(block, -(-numel // block) * block)
+    if span % block:
+        raise ValueError(f"span {span} is not a multiple of block {block}")
+    job = TensorJob(name, shape, numel, out_dtype, False, m, b, srcs, g, tuple(mp), 1, span,
+                    input_round=input_round, stream_index=tuple(range(len(srcs))))
+    writer = _Collect(numel * ITEMSIZE[out_dtype])
+    plan = SimpleNamespace(jobs=[job], layout=None, allow_nonfinite=allow_nonfinite, threads=threads, span=span)
+    drv, stats = Engine(plan, writer).run_driver(job, block)
+    out = writer.data.view(DTYPES[out_dtype].storage).reshape(shape)
+    return (out, stats, drv) if driver else (out, stats)

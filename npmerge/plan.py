@@ -2,16 +2,17 @@
 
 Everything that can fail on bad input fails here: unreadable or corrupt files,
 models that do not fit together, dtypes npmerge cannot merge, a memory budget too
-small for one chunk. The plan fixes every tensor's inputs, parameters, output
-dtype and shard position, and the chunk size that keeps working memory within
+small for one span. The plan fixes every tensor's inputs, parameters, output
+dtype and shard position, and the span size that keeps working memory within
 --max-memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -19,40 +20,56 @@ from . import __version__, constants
 from .dtypes import DECODABLE, DTYPES, ENCODABLE
 from .errors import BudgetError, IncompatibleModels, RecipeError
 from .io.checkpoint import Checkpoint, TensorRef
-from .methods.family import keep_count
+from .io.sources import MappedSource, TensorSource
 from .io.staging import file_fingerprint
 from .io.writer import OutputTensor, ShardLayout, plan_shards
+from .methods.protocol import TensorContext
+from .methods.registry import Method
 from .recipe import Recipe
+from .units import human_bytes
 
 
 @dataclass(frozen=True)
 class TensorJob:
+    """One output tensor: its sources, its method and parameters, its output dtype.
+
+    A copy job writes models[0]'s bytes unchanged (integer/bool tensors)."""
+
     name: str
     shape: tuple[int, ...]
     numel: int
     out_dtype: str
-    copy: bool  # integer/bool tensor: copied from the reference model, never merged
-    base: TensorRef | None
-    models: tuple[TensorRef, ...]
-    passes: int  # passes over the inputs (progress accounting)
+    copy: bool
+    method: Method
+    base: TensorSource | None
+    models: tuple[TensorSource, ...]
+    params: dict  # global parameters for this tensor
+    model_params: tuple[dict, ...]  # per model
+    passes: int  # most passes over the inputs the driver may take (progress accounting)
+    span: int  # elements per span, a multiple of BLOCK
+    input_round: str | None = None  # a recipe's `dtype:` (inputs rounded to it first)
+    stream_index: tuple[int, ...] = ()  # per model: its random stream (SEMANTICS-2 A)
+
+    @property
+    def sources(self) -> tuple[TensorSource, ...]:
+        return ((self.base,) if self.base else ()) + self.models
 
     @property
     def read_bytes(self) -> int:
-        refs = ([self.base] if self.base else []) + ([] if self.copy else list(self.models))
-        return sum(r.info.nbytes for r in refs)
+        return sum(s.nbytes for s in self.sources)
 
 
 @dataclass
 class Plan:
     recipe: Recipe
-    method: object
+    method: Method
     global_params: dict
     model_params: list[dict]
     base: Checkpoint | None
     models: list[Checkpoint]
     jobs: list[TensorJob]
     layout: ShardLayout
-    chunk: int  # elements per chunk, a multiple of BLOCK
+    span: int  # elements per span (the largest), a multiple of BLOCK
     budget: int  # bytes of working memory allowed
     work_bytes: int  # bytes of working memory the engine will allocate
     threads: int
@@ -62,6 +79,10 @@ class Plan:
     def reference(self) -> Checkpoint:
         """The model whose layout, dtypes and companion files the output follows."""
         return self.base or self.models[0]
+
+    @property
+    def allow_nonfinite(self) -> bool:
+        return self.recipe.allow_nonfinite
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -123,24 +144,45 @@ def default_budget() -> int:
     return int(min(constants.DEFAULT_MEMORY_CAP, max(256 << 20, avail * constants.DEFAULT_MEMORY_FRACTION)))
 
 
-def hist_bytes(n_models: int, threads: int) -> int:
-    """Per-thread radix histograms of the exact selection (the larger, low-bits one)."""
-    return threads * n_models * (1 << 16) * 8
+def kernel_bytes(n_models: int, threads: int) -> int:
+    """Thread-local block buffers of the span kernels (rows, base, intermediates)."""
+    return threads * (2 * n_models + 6) * constants.BLOCK * 4
 
 
-def chunk_for_budget(budget: int, n_models: int, threads: int, largest: int) -> tuple[int, int]:
-    """Largest chunk (a multiple of BLOCK) whose buffers fit the budget; and the bytes allocated."""
-    per_element = 4 * (n_models + 2) + 8  # task-vector rows, base, merged f32, encoded output
-    fixed = hist_bytes(n_models, threads)
+def job_bytes(job: TensorJob, span: int, threads: int) -> int:
+    """Working memory of one merged tensor at this span size, beyond the shared output buffer."""
+    from .engine import SpanInputs
+
+    driver = job.method.driver(_context(job, threads))
+    checks = len(job.models) * -(-job.numel // constants.BLOCK) * 8
+    return (SpanInputs.buffer_bytes(job.base, job.models, span) + driver.work_bytes(span)
+            + kernel_bytes(len(job.models), threads) + checks)
+
+
+def choose_span(jobs: list[TensorJob], budget: int, threads: int) -> tuple[int, int]:
+    """The largest span (a multiple of BLOCK, at most MAX_SPAN_ELEMENTS) with which every
+    merged tensor fits the budget; and the bytes allocated at the worst tensor."""
+    merged = [j for j in jobs if not j.copy]
     block = constants.BLOCK
-    chunk = (budget - fixed) // per_element // block * block
-    want = -(-max(largest, 1) // block) * block
-    chunk = min(chunk, constants.MAX_CHUNK_ELEMENTS, want)
-    if chunk < constants.MIN_CHUNK_ELEMENTS:
-        need = fixed + per_element * constants.MIN_CHUNK_ELEMENTS
-        raise BudgetError(f"--max-memory {budget} bytes is too small to merge {n_models} model(s)",
-                          hint=f"allow at least {need / 2**20:.0f} MiB")
-    return chunk, fixed + per_element * chunk
+    largest = max((j.numel for j in merged), default=1)
+    span = min(constants.MAX_SPAN_ELEMENTS, -(-max(largest, 1) // block) * block)
+    while True:
+        need = max((8 * span + job_bytes(j, min(span, -(-j.numel // block) * block), threads) for j in merged),
+                   default=8 * span)
+        if need <= budget or span <= block:
+            break
+        span = max(block, (span // 2) // block * block)
+    if need > budget:
+        worst = max(merged, key=lambda j: job_bytes(j, block, threads))
+        raise BudgetError(f"--max-memory {human_bytes(budget, binary=True)} is too small to merge tensor '{worst.name}' "
+                          f"of {len(worst.models)} model(s)",
+                          hint=f"allow at least {math.ceil(need / 2**20)} MiB")
+    return span, need
+
+
+def _context(job: TensorJob, threads: int) -> TensorContext:
+    return TensorContext(job.name, job.shape, job.numel, job.params, job.model_params, job.base is not None,
+                         threads, job.stream_index)
 
 
 def build_plan(recipe: Recipe, *, max_memory=None, threads: int | None = None,
@@ -163,15 +205,16 @@ def build_plan(recipe: Recipe, *, max_memory=None, threads: int | None = None,
             models.append(Checkpoint(entry.path))
             opened.append(models[-1])
         _check_distinct(base, models)
-        jobs, notes = _jobs(recipe, method, model_params, base, models)
+        jobs, notes = _jobs(recipe, method, global_params, model_params, base, models, threads)
         layout = plan_shards([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], shard_bytes)
-        largest = max((j.numel for j in jobs if not j.copy), default=1)
-        chunk, work = chunk_for_budget(budget, len(models), threads, largest)
+        span, work = choose_span(jobs, budget, threads)
+        jobs = [replace(j, span=min(span, -(-j.numel // constants.BLOCK) * constants.BLOCK) or constants.BLOCK)
+                for j in jobs]
     except BaseException:
         for c in opened:
             c.close()
         raise
-    return Plan(recipe, method, global_params, model_params, base, models, jobs, layout, chunk, budget,
+    return Plan(recipe, method, global_params, model_params, base, models, jobs, layout, span, budget,
                 work, threads, list(recipe.notes) + notes)
 
 
@@ -186,7 +229,8 @@ def _check_distinct(base: Checkpoint | None, models: list[Checkpoint]) -> None:
             seen[ident] = (role, ckpt)
 
 
-def _jobs(recipe: Recipe, method, model_params: list[dict], base: Checkpoint | None, models: list[Checkpoint]):
+def _jobs(recipe: Recipe, method: Method, global_params: dict, model_params: list[dict], base: Checkpoint | None,
+          models: list[Checkpoint], threads: int):
     ref = base or models[0]
     inputs = ([("base", base)] if base else []) + [(f"model {i + 1}", m) for i, m in enumerate(models)]
     notes: list[str] = []
@@ -208,8 +252,8 @@ def _jobs(recipe: Recipe, method, model_params: list[dict], base: Checkpoint | N
         kinds = {DTYPES[d].is_float for d in dtypes.values()}
         if kinds == {False}:
             _check_equal_data(name, inputs)
-            jobs.append(TensorJob(name, info.shape, info.numel, info.dtype.name, True,
-                                  ref_t, (), 1))
+            jobs.append(TensorJob(name, info.shape, info.numel, info.dtype.name, True, method, None,
+                                  (MappedSource(ref_t, ref.label),), {}, (), 1, constants.BLOCK))
             continue
         unsupported = {d for d in dtypes.values() if d not in DECODABLE}
         if len(kinds) > 1 or unsupported:
@@ -223,10 +267,12 @@ def _jobs(recipe: Recipe, method, model_params: list[dict], base: Checkpoint | N
         if out_dtype not in ENCODABLE:
             raise RecipeError(f"tensor '{name}' is stored as {out_dtype}, which npmerge cannot write",
                               hint="choose an output dtype with --out-dtype (bfloat16, float16, float32)")
-        b = base.tensors[name] if base else None
-        m = tuple(c.tensors[name] for c in models)
-        selects = method.trims and any(0 < keep_count(p["density"], info.numel) < info.numel for p in model_params)
-        jobs.append(TensorJob(name, info.shape, info.numel, out_dtype, False, b, m, 3 if selects else 1))
+        b = MappedSource(base.tensors[name], base.label) if base else None
+        m = tuple(MappedSource(c.tensors[name], c.label) for c in models)
+        job = TensorJob(name, info.shape, info.numel, out_dtype, False, method, b, m, dict(global_params),
+                        tuple(model_params), 1, constants.BLOCK, stream_index=tuple(range(len(models))))
+        passes = len(method.driver(_context(job, threads)).passes)
+        jobs.append(replace(job, passes=passes))
     copied = [j.name for j in jobs if j.copy]
     if copied:
         notes.append(f"{len(copied)} integer/bool tensor(s) copied from {_label(inputs[0][0], ref)}, not merged: "
@@ -234,9 +280,9 @@ def _jobs(recipe: Recipe, method, model_params: list[dict], base: Checkpoint | N
     if mixed:
         notes.append(f"{len(mixed)} tensor(s) have different dtypes across models; all are decoded to float32")
     for i, p in enumerate(model_params):
-        if p["weight"] < 0:
+        if p.get("weight", 0) < 0:
             notes.append(f"model {i + 1} has a negative weight ({p['weight']}): its "
-                         + ("task vector is subtracted" if method.uses_base else "weights are subtracted"))
+                         + ("task vector is subtracted" if base else "weights are subtracted"))
     return jobs, notes
 
 

@@ -7,7 +7,6 @@ features npmerge does not implement yet are errors, never silently ignored.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,14 +46,18 @@ class Recipe:
     def __post_init__(self):
         method = registry.get(self.method)
         object.__setattr__(self, "method", method.name)
-        if method.uses_base and not self.base:
+        if method.base == "required" and not self.base:
             raise RecipeError(f"{method.name} needs a base model",
                               hint="give base_model in the recipe (or BASE first on the command line)")
-        if not self.models:
-            raise RecipeError("no models to merge")
-        global_params, model_params = method.resolve(self.params, [m.params for m in self.models],
-                                                      [m.path for m in self.models])  # validates early
-        _check_weights(method, global_params, model_params)
+        if method.base == "none" and self.base:
+            raise RecipeError(f"{method.name} has no base model, but one is given ('{self.base}')",
+                              hint="list it among the models (with a weight) or remove base_model")
+        if len(self.models) < method.min_models:
+            raise RecipeError(f"{method.name} needs at least {method.min_models} model(s), got {len(self.models)}"
+                              if self.models else "no models to merge")
+        if method.max_models is not None and len(self.models) > method.max_models:
+            raise RecipeError(f"{method.name} merges at most {method.max_models} model(s), got {len(self.models)}")
+        method.resolve(self.params, [m.params for m in self.models], [m.path for m in self.models])  # validates early
 
     def resolved(self):
         """(Method, global params, per-model params) with defaults filled in."""
@@ -65,21 +68,22 @@ class Recipe:
 
     # -- CLI ---------------------------------------------------------------------
     @classmethod
-    def from_cli(cls, method: str, base: str | None, models: list[str], *, weights: list[float] | None = None,
-                 densities: list[float] | None = None, out_dtype: str | None = None,
-                 allow_nonfinite: bool = False, **global_params: Any) -> "Recipe":
-        """Repeated per-model flags give one value per model in order; one value applies to all."""
-        per_model = [dict() for _ in models]
-        for key, values in (("weight", weights), ("density", densities)):
+    def from_cli(cls, method: str, base: str | None, models: list[str], *, per_model: dict[str, list] | None = None,
+                 params: dict | None = None, out_dtype: str | None = None,
+                 allow_nonfinite: bool = False) -> "Recipe":
+        """`per_model`: a repeated option's values, one per model in order or one for all."""
+        entries = [dict() for _ in models]
+        for key, values in (per_model or {}).items():
             if not values:
                 continue
+            flag = "--" + key.replace("_", "-")
             if len(values) not in (1, len(models)):
-                raise RecipeError(f"got {len(values)} --{key} values for {len(models)} models",
-                                  hint=f"give one --{key} for all models or one per model, in model order")
-            for i, entry in enumerate(per_model):
+                raise RecipeError(f"got {len(values)} {flag} values for {len(models)} models",
+                                  hint=f"give one {flag} for all models or one per model, in model order")
+            for i, entry in enumerate(entries):
                 entry[key] = values[0] if len(values) == 1 else values[i]
-        return cls(method=method, base=base, models=tuple(ModelEntry(m, p) for m, p in zip(models, per_model)),
-                   params={k: v for k, v in global_params.items() if v is not None},
+        return cls(method=method, base=base, models=tuple(ModelEntry(m, p) for m, p in zip(models, entries)),
+                   params={k: v for k, v in (params or {}).items() if v is not None},
                    out_dtype=parse_user_dtype(out_dtype) if out_dtype else None,
                    allow_nonfinite=allow_nonfinite)
 
@@ -178,16 +182,3 @@ def _no_gradients(params: dict, where: str) -> None:
         if isinstance(value, (list, dict)):
             raise RecipeError(f"{where}.{key}: per-layer lists and tensor filters are not supported yet",
                               hint="give a single number")
-
-
-def _check_weights(method, global_params: dict, model_params: list[dict]) -> None:
-    """Normalizing divides by a sum of weights: refuse recipes where that sum is always zero."""
-    if not global_params.get("normalize"):
-        return
-    weights = [p["weight"] for p in model_params]
-    if not any(weights):
-        raise RecipeError("every model weight is 0, so normalizing would divide by zero",
-                          hint="give at least one model a non-zero weight")
-    if method.zero_denominator_eps and abs(math.fsum(weights)) < method.zero_denominator_eps:
-        raise RecipeError(f"the model weights sum to 0 ({', '.join(map(str, weights))}), so normalizing "
-                          "would divide by zero", hint="change the weights, or turn normalizing off (--no-normalize)")

@@ -55,7 +55,7 @@ def plan_dict(plan, out) -> dict:
         "write_bytes": sum(s.size for s in plan.layout.shards),
         "memory_budget": plan.budget,
         "working_memory": plan.work_bytes,
-        "chunk_elements": plan.chunk,
+        "span_elements": plan.span,
         "threads": plan.threads,
         "notes": plan.notes,
     }
@@ -72,8 +72,9 @@ def plan(plan, out) -> None:
     t.add_row("tensors", f"{d['tensors_merged']} merged, {d['tensors_copied']} copied")
     t.add_row("output", f"{len(d['shards'])} shard(s), {human_bytes(d['write_bytes'])}")
     t.add_row("reads", f"{human_bytes(d['read_bytes'])} of input, at most {human_bytes(d['streamed_bytes'])} streamed over all passes")
-    t.add_row("memory", f"{human_bytes(d['working_memory'])} working buffers (budget {human_bytes(d['memory_budget'])}), "
-                        f"chunks of {d['chunk_elements']:,} elements")
+    t.add_row("memory", f"{human_bytes(d['working_memory'], True)} working buffers (budget "
+                        f"{human_bytes(d['memory_budget'], True)}), "
+                        f"spans of up to {d['span_elements']:,} elements")
     t.add_row("threads", str(d["threads"]))
     for note in d["notes"]:
         t.add_row("note", note)
@@ -99,19 +100,31 @@ def progress(plan, disable: bool):
             raise
 
 
+def _fmt(spec, value: float) -> str:
+    if spec.fmt == "percent":
+        return f"{value:.1%}"
+    if spec.fmt == "degrees":
+        return f"{value:.2f}°"
+    return f"{value:.4g}"
+
+
 def summary(plan, report: dict, out, elapsed: float) -> None:
+    """The method's own per-model statistics (as its registry entry declares), the
+    norms, and one line of totals."""
     c = stderr()
     tot = report["totals"]
-    t = Table("model", "kept", "excluded by vote", "‖Δ‖₂" if plan.method.uses_base else "‖W‖₂",
-              title=f"{plan.method.title} -> {out}")
+    method = plan.method
+    per_model = [s for s in method.stats if s.per_model]
+    t = Table("model", *(s.label for s in per_model), method.l2_label, title=f"{method.title} -> {out}")
     for e, m in zip(plan.recipe.models, tot["models"]):
-        t.add_row(Path(e.path).name or e.path, f"{m['kept']:.1%}", f"{m['excluded']:.1%}", f"{m['l2']:.4g}")
+        t.add_row(Path(e.path).name or e.path, *(_fmt(s, m[s.key]) for s in per_model), f"{m['l2']:.4g}")
     c.print(t)
     size = sum(f["size"] for f in report["files"].values())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    c.print(f"sign conflicts: {tot['sign_conflict']:.1%} of weights; "
-            f"{report['tensors_merged']} tensors merged, {report['tensors_copied']} copied; "
-            f"{human_bytes(size)} written in {elapsed:.1f} s ({human_bytes(plan.read_bytes / max(elapsed, 1e-9))}/s of input); "
-            f"peak RSS {human_bytes(rss)}")
+    facts = [f"{s.label}: {_fmt(s, tot[s.key])}" for s in method.stats if not s.per_model]
+    facts += [f"{report['tensors_merged']} tensors merged, {report['tensors_copied']} copied",
+              f"{human_bytes(size)} written in {elapsed:.1f} s ({human_bytes(plan.read_bytes / max(elapsed, 1e-9))}/s "
+              f"of input)", f"peak RSS {human_bytes(rss, True)}"]
+    c.print("; ".join(facts))
     for note in report["notes"]:
         c.print(f"note: {note}")

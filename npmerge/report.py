@@ -14,20 +14,29 @@ import os
 from . import __version__
 
 
-def totals(stats: dict[str, dict], n_models: int) -> dict:
-    """Model-level figures: element-weighted over tensors."""
-    numel = sum(s["numel"] for s in stats.values()) or 1
+def totals(method, stats: dict[str, dict], n_models: int) -> dict:
+    """Model-level figures over all tensors, as each of the method's statistics declares
+    (element-weighted mean, or a ratio of summed counts); and the task-vector norms."""
+    tensors = list(stats.values())
+    numel = sum(s["numel"] for s in tensors) or 1
+
+    def total(spec, entries: list[dict]) -> float:
+        have = [(e, s["numel"]) for e, s in entries if spec.key in e]
+        if spec.total == "ratio":
+            den = sum(e[spec.den] for e, _ in have)
+            return sum(e[spec.num] for e, _ in have) / den if den else 0.0
+        return sum(e[spec.key] * n for e, n in have) / (sum(n for _, n in have) or 1)
+
     models = []
     for i in range(n_models):
-        kept_nz = sum(s["models"][i]["kept_nonzero"] for s in stats.values())
-        excluded = sum(s["models"][i]["excluded_count"] for s in stats.values())
-        models.append({
-            "kept": sum(s["models"][i]["kept"] * s["numel"] for s in stats.values()) / numel,
-            "excluded": excluded / kept_nz if kept_nz else 0.0,
-            "l2": math.sqrt(math.fsum(s["models"][i]["l2"] ** 2 for s in stats.values())),
-        })
-    conflict = sum(s["sign_conflict"] * s["numel"] for s in stats.values()) / numel
-    return {"sign_conflict": conflict, "models": models}
+        entries = [(s["models"][i], s) for s in tensors]
+        m = {spec.key: total(spec, entries) for spec in method.stats if spec.per_model}
+        m["l2"] = math.sqrt(math.fsum(e["l2"] ** 2 for e, _ in entries))
+        models.append(m)
+    out = {spec.key: total(spec, [(s, s) for s in tensors]) for spec in method.stats if not spec.per_model}
+    out["models"] = models
+    out["numel"] = numel
+    return out
 
 
 def input_passes(plan, stats: dict[str, dict]) -> float:
@@ -49,7 +58,7 @@ def build_report(plan, stats: dict[str, dict], files: dict[str, dict]) -> dict:
         "notes": plan.notes + _nonfinite_notes(stats),
         "tensors_merged": sum(1 for j in plan.jobs if not j.copy),
         "tensors_copied": sum(1 for j in plan.jobs if j.copy),
-        "totals": {**totals(stats, len(plan.models)), "input_passes": input_passes(plan, stats)},
+        "totals": {**totals(method, stats, len(plan.models)), "input_passes": input_passes(plan, stats)},
         "tensors": {name: {k: v for k, v in s.items()} for name, s in stats.items()},
         "files": files,
     }

@@ -7,13 +7,14 @@ import time
 import numpy as np
 
 from . import kernels
-from .constants import BLOCK
 from .dtypes import DECODABLE, DTYPES, ENCODABLE, count_nonfinite, decode, encode
 
 
 def compile_all() -> float:
+    """Run every method on a tiny tensor through the engine's own code path, and the
+    stand-alone conversion kernels: after this, a merge compiles nothing."""
     started = time.perf_counter()
-    kernels.set_threads(None)
+    threads = kernels.set_threads(None)
     n = 8
     base = np.zeros(n, np.float32)
     for code in DECODABLE:
@@ -25,20 +26,15 @@ def compile_all() -> float:
         raw = np.empty(n, DTYPES[code].storage)
         encode(base, code, raw)
         count_nonfinite(raw, code)
+    from .engine import run_arrays
     from .methods import registry
-    from .methods.family import TensorMerge
 
-    rows = np.ones((2, n), np.float32)
+    rng = np.random.default_rng(0)
+    models = [rng.standard_normal(4 * n).astype(np.float32) for _ in range(3)]
     for method in registry.all_methods().values():
-        params = [{"weight": 1.0, "density": 0.5}] * 2
-        tm = TensorMerge(method, {p.name: p.default for p in method.global_params}, params, n,
-                         method.uses_base, kernels.set_threads(None))
-        for p in tm.passes:
-            tm.feed(p, rows, base if method.uses_base else np.empty(0, np.float32), np.empty(n, np.float32))
-            tm.end_pass(p)
-    sel = kernels.load("select")
-    sel.block_stats(rows, BLOCK, np.empty((2, 1), np.float64), np.zeros(2, np.int64))
-    # rows of ones never need the low-bits pass, so compile it explicitly
-    hist = np.zeros((kernels.set_threads(None), 2, sel.LO_BUCKETS), np.int64)
-    sel.hist_lo(rows.view(np.uint32), np.zeros(2, np.int64), hist)
+        params = {p.name: p.default for p in method.global_params if p.default is not None}
+        model_params = [{p.name: (0.5 if p.name == "density" else p.default) for p in method.model_params
+                         if p.default is not None}] * 2
+        run_arrays(method.name, models[0] if method.base != "none" else None, models[1:], params, model_params,
+                   threads=threads)
     return time.perf_counter() - started

@@ -854,7 +854,7 @@ def main(argv=None) -> int:
                 budget = plan["memory_budget"]
                 merges.append({
                     "method": method, "max_memory": mem, "threads": threads, "command": cmd,
-                    "plan": {k: plan[k] for k in ("memory_budget", "working_memory", "chunk_elements", "threads",
+                    "plan": {k: plan[k] for k in ("memory_budget", "working_memory", "span_elements", "threads",
                                                   "read_bytes", "streamed_bytes", "write_bytes")},
                     "runs": runs, "median": med,
                     "discarded_jit_runs": sum(r["discarded_jit_runs"] for r in runs),

@@ -10,36 +10,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reference as ref
+from npmerge.constants import BLOCK
+from npmerge.engine import run_arrays
 from npmerge.methods import family, registry
 
 
 def run_family(method_name, base, models, weights, densities=None, *, chunk=None, block=None, **gparams):
-    """Drive TensorMerge the way the engine does: per pass, per chunk, rows of task vectors."""
+    """Run a method through the engine's span loop on in-memory float32 tensors; spans of
+    about `chunk` elements (rounded to whole blocks) and kernel blocks of `block`."""
     method = registry.get(method_name)
-    model_params = [{"weight": w, "density": d} for w, d in zip(weights, densities or [1.0] * len(weights))]
-    model_params = [{k: v for k, v in p.items() if k in {q.name for q in method.model_params}} for p in model_params]
-    gp, mp = method.resolve(gparams, model_params)
-    n = models[0].size
-    chunk = chunk or n
-    tm = family.TensorMerge(method, gp, mp, n, method.uses_base, threads=2)
-    out = np.empty(n, np.float32)
-    old_block = family.BLOCK
-    family.BLOCK = block or old_block
-    try:
-        for p in tm.passes:
-            for s in range(0, n, chunk):
-                e = min(n, s + chunk)
-                if method.uses_base:
-                    b = np.ascontiguousarray(base.ravel()[s:e])
-                    rows = np.stack([m.ravel()[s:e] - b for m in models]).astype(np.float32)
-                else:
-                    b = np.empty(0, np.float32)
-                    rows = np.stack([m.ravel()[s:e] for m in models]).astype(np.float32)
-                tm.feed(p, np.ascontiguousarray(rows), b, out[s:e])
-            tm.end_pass(p)
-    finally:
-        family.BLOCK = old_block
-    return out.reshape(models[0].shape), tm
+    names = {q.name for q in method.model_params}
+    model_params = [{k: v for k, v in {"weight": w, "density": d}.items() if k in names}
+                    for w, d in zip(weights, densities or [1.0] * len(weights))]
+    block = block or BLOCK
+    span = max(block, (chunk or models[0].size) // block * block)
+    out, _, drv = run_arrays(method_name, base, models, gparams, model_params, span=span, block=block, driver=True)
+    return out, drv
 
 
 def bits(x):

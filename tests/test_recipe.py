@@ -63,7 +63,7 @@ def test_recipe_errors(text, phrase):
 
 
 def test_cli_per_model_values():
-    r = Recipe.from_cli("ties", "b", ["x", "y"], weights=[0.3], densities=[0.1, 0.2])
+    r = Recipe.from_cli("ties", "b", ["x", "y"], per_model={"weight": [0.3], "density": [0.1, 0.2]})
     assert r.resolved()[2] == [{"weight": 0.3, "density": 0.1}, {"weight": 0.3, "density": 0.2}]
     with pytest.raises(RecipeError, match="3 --weight values for 2 models"):
-        Recipe.from_cli("ties", "b", ["x", "y"], weights=[1, 2, 3])
+        Recipe.from_cli("ties", "b", ["x", "y"], per_model={"weight": [1, 2, 3]})

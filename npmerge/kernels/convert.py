@@ -87,26 +87,22 @@ def decode_f64(src, base, dst):
 # --------------------------------------------------------------------- encode
 
 
-@njit(**_JIT)
-def encode_bf16(src, dst):
-    """float32 -> BF16 bit patterns, round-to-nearest-even on the bit pattern.
+@njit(cache=True, nogil=True)
+def bf16_bits(x):
+    """float32 -> BF16 bit pattern (as int64), round-to-nearest-even on the bit pattern.
 
     Overflow rounds to +-Inf, Inf stays Inf, subnormals round like normals (no
     flush). Every NaN becomes sign | 0x7FC0, the quiet NaN ml_dtypes produces.
     """
-    n = dst.shape[0]
-    for i in prange(n):
-        u = np.int64(np.float32(src[i]).view(np.uint32))
-        if (u & 0x7FFFFFFF) > 0x7F800000:
-            h = ((u >> 16) & 0x8000) | 0x7FC0
-        else:
-            h = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        dst[i] = np.uint16(h)
+    u = np.int64(np.float32(x).view(np.uint32))
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return ((u >> 16) & 0x8000) | 0x7FC0
+    return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
 
 
-@njit(**_JIT)
-def encode_f16(src, dst):
-    """float32 -> IEEE binary16 bit patterns, round-to-nearest-even incl. subnormals.
+@njit(cache=True, nogil=True)
+def f16_bits(x):
+    """float32 -> IEEE binary16 bit pattern (as int64), round-to-nearest-even incl. subnormals.
 
     Bit-identical to NumPy's float32 -> float16 cast (checked on all 2**32 inputs):
     |x| >= 65520 -> +-Inf, ties to even at every exponent, |x| <= 2**-25 -> +-0. A NaN
@@ -114,27 +110,42 @@ def encode_f16(src, dst):
     with 0x7C01 when those bits are all zero so that it stays a NaN (NumPy's
     npy_floatbits_to_halfbits; a signalling NaN stays signalling).
 
-    Branch-free so that LLVM vectorises it. Half subnormals (|x| < 2**-14) use one
-    float32 addition: |x| + 0.5 rounds |x| to a multiple of 2**-24 (RNE, exact for
-    the sum's exponent), whose low bits are then the half's bits. The sum is never
-    subnormal, so even a process running with FTZ/DAZ set gets the same result.
+    Branch-free so that LLVM vectorises the loops that call it. Half subnormals
+    (|x| < 2**-14) use one float32 addition: |x| + 0.5 rounds |x| to a multiple of
+    2**-24 (RNE, exact for the sum's exponent), whose low bits are then the half's
+    bits. The sum is never subnormal, so even a process running with FTZ/DAZ set gets
+    the same result.
     """
+    u = np.int64(np.float32(x).view(np.uint32))
+    a = u & 0x7FFFFFFF
+    ax = np.uint32(a).view(np.float32)
+    # |x| < 2**-14: subnormal half or zero
+    sub = np.int64(np.float32(ax + np.float32(0.5)).view(np.uint32)) - 0x3F000000
+    # normal half: rebias the exponent (127 -> 15) and round on the bit pattern;
+    # a carry out of the mantissa bumps the exponent (65520 -> Inf)
+    nrm = (a - 0x37FFF001 + ((a >> 13) & 1)) >> 13
+    payload = (a >> 13) & 0x3FF
+    nan = 0x7C00 | payload | (1 if payload == 0 else 0)
+    h = sub if a < 0x38800000 else nrm
+    h = 0x7C00 if a >= 0x47800000 else h  # |x| >= 2**16 and Inf
+    h = nan if a > 0x7F800000 else h
+    return ((u >> 16) & 0x8000) | h
+
+
+@njit(**_JIT)
+def encode_bf16(src, dst):
+    """float32 -> BF16 bit patterns (bf16_bits)."""
     n = dst.shape[0]
     for i in prange(n):
-        u = np.int64(np.float32(src[i]).view(np.uint32))
-        a = u & 0x7FFFFFFF
-        ax = np.uint32(a).view(np.float32)
-        # |x| < 2**-14: subnormal half or zero
-        sub = np.int64(np.float32(ax + np.float32(0.5)).view(np.uint32)) - 0x3F000000
-        # normal half: rebias the exponent (127 -> 15) and round on the bit pattern;
-        # a carry out of the mantissa bumps the exponent (65520 -> Inf)
-        nrm = (a - 0x37FFF001 + ((a >> 13) & 1)) >> 13
-        payload = (a >> 13) & 0x3FF
-        nan = 0x7C00 | payload | (1 if payload == 0 else 0)
-        h = sub if a < 0x38800000 else nrm
-        h = 0x7C00 if a >= 0x47800000 else h  # |x| >= 2**16 and Inf
-        h = nan if a > 0x7F800000 else h
-        dst[i] = np.uint16(((u >> 16) & 0x8000) | h)
+        dst[i] = np.uint16(bf16_bits(src[i]))
+
+
+@njit(**_JIT)
+def encode_f16(src, dst):
+    """float32 -> binary16 bit patterns (f16_bits)."""
+    n = dst.shape[0]
+    for i in prange(n):
+        dst[i] = np.uint16(f16_bits(src[i]))
 
 
 @njit(**_JIT)

@@ -1,8 +1,10 @@
-"""Per-tensor driver of the TIES family: which passes a tensor needs, the exact
-trim thresholds between passes, and the fused merge kernel call.
+"""Driver of the TIES family (TIES, task arithmetic, linear): which passes a tensor
+needs, the exact trim thresholds between passes, and the fused merge kernel call.
 
-The engine hands over chunks of float32 rows (task vectors, or the models for
-`linear`); this module knows the math's policy, the kernels know the loops.
+The kernels (kernels/family.py) know the loops; this module knows the policy: TIES
+trims each task vector to its k = floor(density * n) largest magnitudes (SEMANTICS.md),
+found exactly by a high-bits histogram pass and, only when that does not settle the
+threshold, a low-bits pass.
 """
 
 from __future__ import annotations
@@ -12,73 +14,84 @@ import math
 import numpy as np
 
 from .. import kernels
-from ..constants import BLOCK
+from ..errors import RecipeError
+from .protocol import Driver, Span, Stat, TensorContext
 
-_CONSENSUS = {"none": 0, "sum": 1, "count": 2}
+_CONSENSUS = {None: 0, "sum": 1, "count": 2}
 KEEP_ALL = -1
 KEEP_NONE = 1 << 31
 
+TIES_STATS = (
+    Stat("kept", "kept"),
+    Stat("excluded", "excluded by vote", total="ratio", num="excluded_count", den="kept_nonzero"),
+    Stat("sign_conflict", "sign conflicts", per_model=False),
+)
+
 
 def keep_count(density: float, n: int) -> int:
-    """k = floor(density * n), the product in float64 (SEMANTICS.md, TIES step 1)."""
+    """k = floor(density * n), the product in float64 (SEMANTICS-2 A "Counts")."""
     return n if density >= 1.0 else min(n, math.floor(float(density) * n))
 
 
-class TensorMerge:
-    """State of one tensor's merge across its passes."""
+class FamilyDriver(Driver):
+    """One tensor of TIES / task arithmetic / linear.
 
-    def __init__(self, method, global_params: dict, model_params: list[dict], numel: int,
-                 has_base: bool, threads: int):
-        self.n = numel
-        nm = len(model_params)
-        self.nm = nm
-        self.weights = np.array([p["weight"] for p in model_params], dtype=np.float32)
-        self.k = [keep_count(p.get("density", 1.0), numel) if method.trims else numel for p in model_params]
-        self.tbits = np.array([KEEP_ALL if k >= numel else KEEP_NONE if k == 0 else 0 for k in self.k], np.int64)
+    `trims`: per-model magnitude trim by `density`; `consensus`: the sign election
+    (None: every model agrees); `eps`: |D| < eps divides by 1 instead (0: only D == 0)."""
+
+    def __init__(self, ctx: TensorContext, *, trims: bool, consensus: str | None, eps: float):
+        super().__init__(ctx, [])
+        nm, n = ctx.n_models, ctx.numel
+        g = ctx.params
+        self.weights = np.array([p["weight"] for p in ctx.model_params], np.float32)
+        self.k = [keep_count(p["density"], n) if trims else n for p in ctx.model_params]
+        self.tbits = np.array([KEEP_ALL if k >= n else KEEP_NONE if k == 0 else 0 for k in self.k], np.int64)
         self.tq = np.zeros(nm, np.int64)
         self.tm = np.zeros(nm, np.int64)
         self.tie_pos = np.zeros(nm, np.int64)
-        self.selecting = np.array([0 < k < numel for k in self.k], np.bool_)
-        self.consensus = _CONSENSUS[method.fixed.get("consensus", global_params.get("consensus", "none"))]
-        self.normalize = bool(global_params.get("normalize", False))
-        self.eps = float(method.zero_denominator_eps)
-        self.lam = np.float32(method.fixed.get("lambda", global_params.get("lambda", 1.0)))
-        self.has_base = has_base
+        self.selecting = np.array([0 < k < n for k in self.k], np.bool_)
+        self.consensus = _CONSENSUS[g.get("consensus", consensus) if consensus else None]
+        self.normalize = bool(g.get("normalize", False))
+        self.eps = float(eps)
+        self.lam = np.float32(g.get("lambda", 1.0))
         self.counts = np.zeros(1 + 2 * nm, np.int64)
-        # The passes still to run; end_pass("hist_hi") drops "hist_lo" when it is not needed.
+        self.trims = trims
+        # end_pass("hist_hi") drops "hist_lo" when the high bits settled every threshold.
         self.passes = (["hist_hi", "hist_lo"] if self.selecting.any() else []) + ["merge"]
-        self._threads = max(1, threads)
         self._hist = None
         self._above = np.zeros(nm, np.int64)
         self._bucket = np.full(nm, -1, np.int64)
 
+    def work_bytes(self, span: int) -> int:
+        """Per-thread radix histograms of the exact selection (the larger, low-bits one)."""
+        return self.ctx.threads * self.ctx.n_models * (1 << 16) * 8 if self.selecting.any() else 0
+
     # -- passes ----------------------------------------------------------------
-    def feed(self, pass_name: str, rows: np.ndarray, base: np.ndarray, out: np.ndarray | None) -> None:
-        """Consume one chunk of rows (float32[nm, c]) for `pass_name`."""
+    def feed(self, pass_name: str, span: Span) -> int:
+        k = kernels.load("family")
+        if pass_name == "merge":
+            return k.merge(*span.inputs, span.lo, span.hi, span.block, self.weights, self.tbits, self.tq, self.tm,
+                           self.tie_pos, self.consensus, self.normalize, self.eps, self.lam, span.out_addr,
+                           span.out_mode, self.counts)
         if pass_name == "hist_hi":
-            sel = kernels.load("select")
             if self._hist is None:
-                self._hist = np.zeros((self._threads, self.nm, 2 * sel.HI_BUCKETS), np.int64)
-            sel.hist_hi(rows.view(np.uint32), self.selecting, self._hist)
-        elif pass_name == "hist_lo":
-            sel = kernels.load("select")
-            if self._hist is None:
-                self._hist = np.zeros((self._threads, self.nm, sel.LO_BUCKETS), np.int64)
-            sel.hist_lo(rows.view(np.uint32), self._bucket, self._hist)
+                self._hist = np.zeros((self.ctx.threads, self.ctx.n_models, 2 * k.HI_BUCKETS), np.int64)
+            k.hist_hi(*span.inputs, span.lo, span.hi, span.block, self.selecting, self._hist)
         else:
-            kernels.load("merge").merge_chunk(
-                rows, base, self.weights, self.tbits, self.tq, self.tm, self.tie_pos,
-                self.consensus, self.normalize, self.eps, self.lam, BLOCK, out, self.counts)
+            if self._hist is None:
+                self._hist = np.zeros((self.ctx.threads, self.ctx.n_models, k.LO_BUCKETS), np.int64)
+            k.hist_lo(*span.inputs, span.lo, span.hi, span.block, self._bucket, self._hist)
+        return 0
 
     def end_pass(self, pass_name: str) -> None:
         """Turn a finished histogram into each model's bucket or exact threshold (hi), or
         the exact thresholds the high bits could not settle (lo)."""
-        if pass_name not in ("hist_hi", "hist_lo"):
+        if pass_name == "merge":
             return
         hist = self._hist.sum(axis=0)
         self._hist = None
         if pass_name == "hist_hi":
-            split = hist.reshape(self.nm, -1, 2)  # [..., 0]: low bits zero, [..., 1]: not
+            split = hist.reshape(self.ctx.n_models, -1, 2)  # [..., 0]: low bits zero, [..., 1]: not
             for i in np.flatnonzero(self.selecting):
                 self._locate_bucket(i, split[i].sum(axis=1), split[i, :, 1])
             if (self._bucket < 0).all():
@@ -111,18 +124,14 @@ class TensorMerge:
 
     # -- results -----------------------------------------------------------------
     def stats(self) -> dict:
-        """Trim and sign-vote statistics of this tensor (SEMANTICS.md)."""
-        n = max(self.n, 1)
-        models = []
-        for i in range(self.nm):
-            kept_nonzero = int(self.counts[1 + 2 * i])
-            excluded = int(self.counts[2 + 2 * i])
-            models.append({
-                "kept": self.k[i] / n,
-                "kept_nonzero": kept_nonzero,
-                "excluded_count": excluded,
-                "excluded": excluded / kept_nonzero if kept_nonzero else 0.0,
-            })
+        """Trim and sign-vote statistics (SEMANTICS.md); only the trimming methods have them."""
+        if not self.trims:
+            return {"models": [{} for _ in range(self.ctx.n_models)]}
+        n = max(self.ctx.numel, 1)
+        models = [{"kept": self.k[i] / n, "kept_nonzero": int(self.counts[1 + 2 * i]),
+                   "excluded_count": int(self.counts[2 + 2 * i])} for i in range(self.ctx.n_models)]
+        for m in models:
+            m["excluded"] = m["excluded_count"] / m["kept_nonzero"] if m["kept_nonzero"] else 0.0
         return {"sign_conflict": int(self.counts[0]) / n, "models": models}
 
 
@@ -132,3 +141,26 @@ def _locate(hist: np.ndarray, k: int) -> tuple[int, int]:
     pos = int(np.searchsorted(from_top, k))  # first bucket (from the top) where the count reaches k
     bucket = len(hist) - 1 - pos
     return bucket, int(from_top[pos] - hist[bucket])
+
+
+def driver(**config):
+    """A Method's driver factory: FamilyDriver with this method's fixed configuration."""
+    def make(ctx: TensorContext) -> FamilyDriver:
+        return FamilyDriver(ctx, **config)
+    return make
+
+
+def check_nonzero_weights(global_params: dict, model_params: list[dict], models: list[str]) -> None:
+    """Normalising divides by a sum of weights: refuse recipes where every weight is 0."""
+    if global_params.get("normalize") and not any(p["weight"] for p in model_params):
+        raise RecipeError("every model weight is 0, so normalizing would divide by zero",
+                          hint="give at least one model a non-zero weight")
+
+
+def check_weight_sum(global_params: dict, model_params: list[dict], models: list[str]) -> None:
+    """... and, where the whole sum is the divisor, where the weights sum to (nearly) zero."""
+    check_nonzero_weights(global_params, model_params, models)
+    weights = [p["weight"] for p in model_params]
+    if global_params.get("normalize") and abs(math.fsum(weights)) < 1e-8:
+        raise RecipeError(f"the model weights sum to 0 ({', '.join(map(str, weights))}), so normalizing "
+                          "would divide by zero", hint="change the weights, or turn normalizing off (--no-normalize)")

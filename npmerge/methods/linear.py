@@ -1,5 +1,6 @@
 """Linear averaging / model soup (Wortsman et al., 2022)."""
 
+from . import family
 from .registry import WEIGHT, Method, Param, boolean, register
 
 METHOD = register(Method(
@@ -7,9 +8,11 @@ METHOD = register(Method(
     title="Linear (model soup)",
     paper="https://arxiv.org/abs/2203.05482",
     summary="weighted average of the listed models' weights",
-    uses_base=False,
+    base="none",
     model_params=(WEIGHT,),
     global_params=(Param("normalize", True, boolean, "divide by the sum of weights"),),
-    zero_denominator_eps=1e-8,
-    fixed={"consensus": "none", "lambda": 1.0},
+    driver=family.driver(trims=False, consensus=None, eps=1e-8),
+    check=family.check_weight_sum,
+    example="npmerge linear M1 M2 M3 -o OUT",
+    l2_label="‖W‖₂",
 ))

@@ -1,17 +1,22 @@
-"""Merge methods as data: name, paper, parameters with defaults and validation,
-and the shape of the math (which family options it uses).
+"""Merge methods as data: name, paper, parameters with defaults and validation, the
+statistics they report, and the per-tensor driver that does the work.
 
-Adding a method of the TIES family is one new module that calls `register`;
-the engine and CLI read everything else from here.
+Adding a method is one new module in this package that calls `register` (and is
+listed in `_MODULES`); the CLI subcommand, its options and help, the recipe keys, the
+report and the summary all come from here.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import RecipeError
+from .protocol import Driver, Stat, TensorContext
+
+_MODULES = ("ties", "task_arithmetic", "linear")
 
 
 # A check gets the parameter's display name, e.g. "'density' of model 2 'ft-b'", and the value.
@@ -26,9 +31,9 @@ def _finite(name: str, value: Any) -> float:
 
 def density(name: str, value: Any) -> float:
     value = _finite(name, value)
-    if not 0.0 < value <= 1.0:
-        raise RecipeError(f"{name} must be in (0, 1], got {value}",
-                          hint="density is the fraction of each task vector kept, e.g. 0.2")
+    if value < 0.0:
+        raise RecipeError(f"{name} must be >= 0, got {value}",
+                          hint="density is the fraction of each task vector kept, e.g. 0.2 (1 keeps all)")
     return value
 
 
@@ -43,54 +48,85 @@ def positive(name: str, value: Any) -> float:
     return value
 
 
-def boolean(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise RecipeError(f"{name} must be true or false, got {value!r}")
+def fraction(name: str, value: Any) -> float:
+    value = _finite(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise RecipeError(f"{name} must be in [0, 1], got {value}")
     return value
+
+
+def boolean(name: str, value: Any) -> bool:
+    if value is True or value is False:
+        return value
+    if type(value) is int and value in (0, 1):  # YAML habits: normalize: 1
+        return bool(value)
+    raise RecipeError(f"{name} must be true or false, got {value!r}")
 
 
 def choice(*options: str) -> Callable[[str, Any], str]:
     def check(name: str, value: Any) -> str:
         if value not in options:
-            raise RecipeError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+            raise RecipeError(f"{name} must be one of {', '.join(map(str, options))}, got {value!r}")
         return value
+    check.options = options
     return check
 
 
 @dataclass(frozen=True)
 class Param:
     name: str
-    default: Any
+    default: Any  # None: required
     check: Callable[[str, Any], Any]
     help: str
+
+    @property
+    def kind(self) -> str:
+        """How the CLI takes it: number, bool, choice or int."""
+        if self.check is boolean:
+            return "bool"
+        if hasattr(self.check, "options"):
+            return "choice"
+        return getattr(self.check, "kind", "number")
+
+    @property
+    def cli_flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
 
 @dataclass(frozen=True)
 class Method:
-    """One merge method of the TIES family (SEMANTICS.md)."""
+    """One merge method (SEMANTICS.md, SEMANTICS-2.md)."""
 
     name: str  # recipe name, e.g. "task_arithmetic"
     title: str
     paper: str | None
     summary: str
-    uses_base: bool  # task vectors against a base (else: models themselves)
+    base: str  # "required", "optional" or "none"
     model_params: tuple[Param, ...]
     global_params: tuple[Param, ...]
-    trims: bool = False  # per-model magnitude trim by `density`
-    zero_denominator_eps: float = 0.0  # |D| < eps (or D == 0) divides by 1 instead
-    fixed: dict = field(default_factory=dict)  # family options not exposed as parameters
+    driver: Callable[[TensorContext], Driver]
+    stats: tuple[Stat, ...] = ()
+    min_models: int = 1
+    max_models: int | None = None
+    example: str = ""  # CLI example for the help text and README
+    check: Callable[[dict, list[dict], list[str]], None] | None = None  # cross-parameter validation
+    l2_label: str = "‖Δ‖₂"  # what the engine's per-model norm measures (task vectors by default)
 
     @property
     def cli_name(self) -> str:
         return self.name.replace("_", "-")
 
-    def resolve(self, global_params: dict, model_params: list[dict],
-                labels: list[str] | None = None) -> tuple[dict, list[dict]]:
+    def resolve(self, global_params: dict, model_params: list[dict], labels: list[str] | None = None,
+                cross_check: bool = True) -> tuple[dict, list[dict]]:
         """Validate and fill defaults; unknown parameter names are errors. `labels` (model
-        paths) make messages name the model, e.g. "'density' of model 2 'ft-b' must be ..."."""
+        names) make messages name the model, e.g. "'density' of model 2 'ft-b' must be ...".
+        `cross_check=False` skips the method's checks across parameters (kernel tests)."""
         models = [f"model {i + 1}" + (f" '{labels[i]}'" if labels else "") for i in range(len(model_params))]
-        return (_fill(self.global_params, global_params, f"{self.name} parameters", ""),
-                [_fill(self.model_params, p, f"parameters of {m}", f" of {m}") for p, m in zip(model_params, models)])
+        g = _fill(self.global_params, global_params, f"{self.name} parameters", "")
+        m = [_fill(self.model_params, p, f"parameters of {who}", f" of {who}") for p, who in zip(model_params, models)]
+        if self.check is not None and cross_check:
+            self.check(g, m, models)
+        return g, m
 
 
 def _fill(schema: tuple[Param, ...], given: dict, where: str, of: str) -> dict:
@@ -99,8 +135,16 @@ def _fill(schema: tuple[Param, ...], given: dict, where: str, of: str) -> dict:
     if unknown:
         raise RecipeError(f"unknown parameter(s) {', '.join(unknown)} in {where}",
                           hint=f"known: {', '.join(known) or 'none'}")
-    return {p.name: p.check(f"'{p.name}'{of}" if of else f"parameter '{p.name}'", given[p.name])
-            if p.name in given else p.default for p in schema}
+    out = {}
+    for p in schema:
+        label = f"'{p.name}'{of}" if of else f"parameter '{p.name}'"
+        if p.name in given:
+            out[p.name] = p.check(label, given[p.name])
+        elif p.default is None:
+            raise RecipeError(f"missing {label}", hint=f"{p.name}: {p.help}")
+        else:
+            out[p.name] = p.default
+    return out
 
 
 METHODS: dict[str, Method] = {}
@@ -111,16 +155,17 @@ def register(method: Method) -> Method:
     return method
 
 
+def _load_all() -> None:
+    for module in _MODULES:
+        importlib.import_module(f"{__package__}.{module}")  # modules register themselves
+
+
 def get(name: str) -> Method:
     _load_all()
-    key = name.replace("-", "_")
+    key = name.replace("-", "_") if isinstance(name, str) else name
     if key not in METHODS:
         raise RecipeError(f"unknown merge method '{name}'", hint=f"available: {', '.join(sorted(METHODS))}")
     return METHODS[key]
-
-
-def _load_all() -> None:
-    from . import linear, task_arithmetic, ties  # noqa: F401  (modules register themselves)
 
 
 def all_methods() -> dict[str, Method]:
@@ -129,5 +174,5 @@ def all_methods() -> dict[str, Method]:
 
 
 WEIGHT = Param("weight", 1.0, number, "weight of the model's contribution")
-DENSITY = Param("density", 1.0, density, "fraction of the task vector kept (largest magnitudes)")
-LAMBDA = Param("lambda", 1.0, positive, "scale of the merged task vector")
+DENSITY = Param("density", 1.0, density, "fraction of the task vector kept (1 keeps all)")
+LAMBDA = Param("lambda", 1.0, number, "scale of the merged task vector")

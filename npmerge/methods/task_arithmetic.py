@@ -1,5 +1,6 @@
 """Task arithmetic: add weighted task vectors to the base (Ilharco et al., 2023)."""
 
+from . import family
 from .registry import LAMBDA, WEIGHT, Method, Param, boolean, register
 
 METHOD = register(Method(
@@ -7,12 +8,13 @@ METHOD = register(Method(
     title="Task arithmetic",
     paper="https://arxiv.org/abs/2212.04089",
     summary="add the weighted sum of task vectors (fine-tune minus base) to the base",
-    uses_base=True,
+    base="required",
     model_params=(WEIGHT,),
     global_params=(
         Param("normalize", False, boolean, "divide by the sum of weights"),
         LAMBDA,
     ),
-    zero_denominator_eps=1e-8,
-    fixed={"consensus": "none"},
+    driver=family.driver(trims=False, consensus=None, eps=1e-8),
+    check=family.check_weight_sum,
+    example="npmerge task-arithmetic BASE FT1 FT2 --weight 0.5 -o OUT",
 ))

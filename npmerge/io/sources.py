@@ -1,0 +1,104 @@
+"""Tensor sources: where the values of one input tensor come from.
+
+The engine never asks what kind of source it reads. A source either exposes the
+tensor's raw storage in place (`raw()`: a read-only flat view the span kernels decode
+directly, e.g. a memory-mapped safetensors tensor), or computes float32 values of any
+element range on request (`read()`: e.g. a LoRA delta B·A, or embedding rows permuted to
+another vocabulary). `is_delta` says the values are a task vector against the merge's
+base rather than model values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..dtypes import decode
+from .checkpoint import TensorRef
+
+
+class TensorSource:
+    """Interface; see the module docstring."""
+
+    label: str  # the model it belongs to, for messages
+    name: str  # the input tensor's name in that model
+    shape: tuple[int, ...]
+    dtype: str  # storage code of raw(), or of what the values were computed from
+    is_delta: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes read from disk per pass (progress accounting)."""
+        raise NotImplementedError
+
+    def raw(self) -> np.ndarray | None:
+        """The whole tensor's raw storage as a read-only flat view, or None."""
+        return None
+
+    def read(self, start: int, n: int, out: np.ndarray) -> None:
+        """out[:n] = float32 values of elements start .. start+n-1 (flat, row-major)."""
+        raise NotImplementedError
+
+    def prefetch(self) -> None:
+        """Hint that the tensor will be read soon (e.g. start readahead)."""
+
+    def release(self) -> None:
+        """The tensor is done: its pages may be dropped."""
+
+
+class MappedSource(TensorSource):
+    """A tensor of a safetensors file, read through the file's memory map."""
+
+    def __init__(self, ref: TensorRef, label: str):
+        self.ref = ref
+        self.label = label
+        self.name = ref.info.name
+        self.shape = ref.info.shape
+        self.dtype = ref.info.dtype.name
+
+    @property
+    def nbytes(self) -> int:
+        return self.ref.info.nbytes
+
+    def raw(self) -> np.ndarray:
+        return self.ref.file.flat(self.name)
+
+    def read(self, start: int, n: int, out: np.ndarray) -> None:
+        decode(self.raw()[start:start + n], self.dtype, out[:n])
+
+    def prefetch(self) -> None:
+        self.ref.file.advise(self.name, "willneed")
+
+    def release(self) -> None:
+        self.ref.file.advise(self.name, "dontneed")
+
+
+class ArraySource(TensorSource):
+    """An in-memory array in raw storage form (tests, small computed tensors)."""
+
+    def __init__(self, raw: np.ndarray, dtype: str, shape: tuple[int, ...] | None = None, label: str = "array",
+                 name: str = "tensor", is_delta: bool = False):
+        flat = np.ascontiguousarray(raw).reshape(-1)
+        flat.flags.writeable = False
+        self._raw = flat
+        self.dtype = dtype
+        self.shape = tuple(shape) if shape is not None else tuple(np.shape(raw))
+        self.label = label
+        self.name = name
+        self.is_delta = is_delta
+
+    @property
+    def nbytes(self) -> int:
+        return self._raw.nbytes
+
+    def raw(self) -> np.ndarray:
+        return self._raw
+
+    def read(self, start: int, n: int, out: np.ndarray) -> None:
+        decode(self._raw[start:start + n], self.dtype, out[:n])

@@ -1,0 +1,108 @@
+"""The seam between the engine and a merge method.
+
+For every merged tensor the engine builds the method's *driver* from a TensorContext
+(the tensor and its parameters, resolved by the plan) and runs it: for each pass in
+`driver.passes` (which `end_pass` may shorten), for each span of the tensor, it calls
+`feed(pass, span)`; in a pass that `writes`, the driver encodes its results into the
+span's output buffer and the engine hands that to the writer. A driver keeps its own
+state between passes (histograms, thresholds, norms) and reports typed statistics that
+its Method declares, so engine, plan, report and render never name a method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A statistic a method reports, and how the report and summary show and total it.
+
+    Per-model statistics live in each entry of the tensor's `models` list, the others at
+    the tensor's top level. Totals over tensors: "mean" weights each tensor by its
+    element count; "ratio" is sum(num) / sum(den) over tensors (keys of integer counts).
+    """
+
+    key: str
+    label: str
+    per_model: bool = True
+    total: str = "mean"
+    num: str | None = None
+    den: str | None = None
+    fmt: str = "percent"  # percent | number | degrees
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """One merged tensor as its driver sees it: all parameters already resolved."""
+
+    name: str  # output tensor name (random masks are keyed by it)
+    shape: tuple[int, ...]
+    numel: int
+    params: dict  # global parameters for this tensor
+    model_params: tuple[dict, ...]  # per model, in recipe order
+    has_base: bool
+    threads: int
+    stream_index: tuple[int, ...] = ()  # per model: index i of its random stream (SEMANTICS-2 A)
+
+    @property
+    def n_models(self) -> int:
+        return len(self.model_params)
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """(rows, row length) with rows along the last axis; a 1-D or scalar tensor is one row."""
+        length = self.shape[-1] if self.shape else 1
+        return (self.numel // length if length else 0), length
+
+
+@dataclass
+class Span:
+    """Elements lo..hi of the tensor, as the kernels take them (see kernels/span.py):
+    input addresses and modes (slot 0 the base), decode tables, input rounding, and the
+    output buffer (element lo at its start) in writing passes."""
+
+    lo: int
+    hi: int
+    block: int
+    addrs: np.ndarray
+    modes: np.ndarray
+    luts: np.ndarray
+    rnd: int
+    has_base: bool
+    out_addr: int = 0
+    out_mode: int = 0
+
+    @property
+    def inputs(self) -> tuple:
+        """The leading kernel arguments: (addrs, modes, luts, rnd, has_base)."""
+        return self.addrs, self.modes, self.luts, self.rnd, self.has_base
+
+
+@dataclass
+class Driver:
+    """Base of every method's per-tensor driver; see the module docstring."""
+
+    ctx: TensorContext
+    passes: list[str] = field(default_factory=lambda: ["merge"])
+
+    def writes(self, pass_name: str) -> bool:
+        """Whether this pass produces the output (every element exactly once)."""
+        return pass_name == "merge"
+
+    def feed(self, pass_name: str, span: Span) -> int:
+        """Process one span; in a writing pass return how many encoded values are Inf/NaN."""
+        raise NotImplementedError
+
+    def end_pass(self, pass_name: str) -> None:
+        """Called after the last span of a pass; may remove passes that turned out unneeded."""
+
+    def stats(self) -> dict:
+        """The tensor's statistics: top-level keys and a `models` list (one dict per model)."""
+        return {"models": [{} for _ in range(self.ctx.n_models)]}
+
+    def work_bytes(self, span: int) -> int:
+        """Working memory this driver needs beyond the engine's buffers, for spans of `span` elements."""
+        return 0
