@@ -39,7 +39,7 @@ FETCH_PATTERNS = ("*.safetensors",) + COMPANION_PATTERNS
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 # huggingface_hub.utils.validate_repo_id: ASCII letters, digits, '_', '-', '.'; each part
-# starts and ends with a letter, digit or '_'; the name has at most 96 characters.
+# starts and ends with a letter, digit or '_'; each part has at most 96 characters.
 _REPO_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?", re.ASCII)
 _MAX_NAME = 96
 _TRUE = {"1", "ON", "YES", "TRUE"}  # huggingface_hub.constants.ENV_VARS_TRUE_VALUES
@@ -104,8 +104,8 @@ def repo_id_problem(repo_id: str) -> str | None:
     if not all(_REPO_PART.fullmatch(p) for p in parts):
         return ("ids use ASCII letters, digits, '-', '_' and '.', and start and end with a letter, "
                 "digit or '_'")
-    if len(parts[1]) > _MAX_NAME:
-        return f"the name is longer than {_MAX_NAME} characters"
+    if max(map(len, parts)) > _MAX_NAME:
+        return f"each part of an id has at most {_MAX_NAME} characters"
     if "--" in repo_id or ".." in repo_id:
         return "'--' and '..' are not allowed in ids"
     if repo_id.endswith(".git"):
