@@ -96,6 +96,19 @@ Shapes
     "Rows along the last axis" are ``x.reshape(-1, x.shape[-1])``; "vectors along axis
     0" are ``x.reshape(x.shape[0], -1)``'s columns; a 1-D tensor is one row/vector, a 0-d
     tensor one row of one element.
+
+Decisions where SEMANTICS-2 is silent (each also in the function's docstring)
+    - Non-finite block sums: IEEE (NaN, or the infinity) instead of fsum's exceptions.
+    - Dropped elements are +0.0; rescale factors multiply kept elements only (so a 0 * Inf
+      can never appear); 'inverse' with magnitude/outliers (no keep probability) is an
+      error.
+    - The random stream index i is the position in the ``models`` list passed in.
+    - SCE: Q = ((0.0 + q_0) + q_1) + ... in float64, model order; mu and v likewise
+      from 0.0 in model order; NaN variance is an error (no rank).
+    - Model Stock: c = (((0.0 + c_01) + c_02) + ...) / P over pairs in lexicographic order.
+    - NuSLERP: t from the recipe weights in float64 (not from fl32 weights). Its colinear
+      rule 1 - c*c <= 1e-16 holds in float64 only for |c| == 1 exactly.
+    - Gradients: t outside [0, 1] and lists mixing booleans with numbers are errors.
 """
 
 from __future__ import annotations
@@ -464,6 +477,10 @@ def reduce_sum(terms) -> float:
     per addition); block sum ((A0+A1)+(A2+A3))+((A4+A5)+(A6+A7)); the block sums are
     added exactly and rounded once (math.fsum; see _exact_sum for non-finite values).
     An empty array sums to +0.0. The result is never -0.0.
+
+    For kernels: blocks are independent (any thread may take any block); a chunk that
+    ends inside a block must carry that block's 8 lane accumulators into the next chunk.
+    The per-block float64 sums can be handed back to Python and combined with math.fsum.
     """
     terms = np.asarray(terms)
     if terms.dtype != np.float64 or terms.ndim != 1:
@@ -926,7 +943,8 @@ def slerp(base, model, t) -> np.ndarray:
     c = dot(v0, v1) / (n0 * n1), clamped to [-1, 1]. |c| > 0.9995: (c0, c1) = (1 - t, t);
     else theta = acos(c), c0 = sin((1 - t) * theta) / sin(theta),
     c1 = sin(t * theta) / sin(theta). float32: result = fl32(c0) * v0 + fl32(c1) * v1
-    (each product rounded, then the sum). t = 0 gives v0 and t = 1 gives v1 exactly.
+    (each product rounded, then the sum). t = 0 gives v0 and t = 1 gives v1 exactly
+    (c0, c1 = 1, 0 or 0, 1; up to the sign of zero elements and non-finite values).
     """
     _check_inputs(base, [model], {})
     t = float(t)

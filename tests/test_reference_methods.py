@@ -39,6 +39,11 @@ def mask_of(s: str) -> np.ndarray:
     return np.array([c == "T" for c in s], dtype=bool)
 
 
+def _r64(x: Fraction) -> Fraction:
+    """Round an exact rational to the nearest float64 (ties even), as a Fraction."""
+    return Fraction(float(x))
+
+
 def is_pos_zero(x: float) -> bool:
     return x == 0.0 and math.copysign(1.0, x) == 1.0
 
@@ -105,6 +110,16 @@ def test_reduce_sum_zero_and_signed_zero():
     assert is_pos_zero(ref.dot(f32(-0.0, 2.0), f32(1.0, 0.0)))  # products -0.0, +0.0
     # x + (-x) in one lane is +0.0 too
     assert is_pos_zero(ref.reduce_sum(np.array([3.0] + [0.0] * 7 + [-3.0])))
+
+
+def test_reduce_sum_non_finite_follows_ieee():
+    # (fsum itself would raise on +Inf + -Inf; never reached from finite float32 inputs)
+    t = np.zeros(2 * ref.BLOCK)
+    t[0] = np.inf
+    assert ref.reduce_sum(t) == np.inf
+    t[ref.BLOCK] = -np.inf  # block sums +Inf, -Inf
+    assert math.isnan(ref.reduce_sum(t))
+    assert math.isnan(ref.reduce_sum(np.array([1.0, np.nan])))
 
 
 def test_reduce_sum_rejects_non_float64():
@@ -445,6 +460,18 @@ def test_della_probabilities_hand():
     # equal magnitudes are ranked by index: |[-1, 1, 1]| -> r = 1, 2, 3; rho 0.5, eps 0.25:
     # p = 0.25 + 0.5 (r - 1) / 2 = [0.25, 0.5, 0.75]
     assert ref.della_probabilities(f32(-1, 1, 1), 0.5, 0.25).tolist() == [0.25, 0.5, 0.75]
+
+
+def test_della_probability_order_of_operations():
+    # C = 8, rho 0.5, eps 0.15 (the default), emulated with exact fractions and one float64
+    # rounding per operation: a = rho - eps, b = 2 eps, p = a + ((b (r - 1)) / (C - 1)).
+    # At r = 3 this is 0.4357142857142857; the form a + ((r - 1)/(C - 1)) b gives ...567.
+    tau = np.arange(1, 9, dtype=np.float32)  # ascending: r = index + 1
+    a = _r64(Fraction(0.5) - Fraction(0.15))
+    b = _r64(2 * Fraction(0.15))
+    expected = [float(_r64(a + _r64(_r64(b * (r - 1)) / 7))) for r in range(1, 9)]
+    assert ref.della_probabilities(tau, 0.5, 0.15).tolist() == expected
+    assert expected[2] == 0.4357142857142857
 
 
 def test_della_ranks_along_the_last_axis():
@@ -918,11 +945,6 @@ def test_gradient_value_hand():
         ref.gradient_value(g, 1.5)
     with pytest.raises(ValueError):
         ref.gradient_value([], 0.5)
-
-
-def _r64(x: Fraction) -> Fraction:
-    """Round an exact rational to the nearest float64 (ties even), as a Fraction."""
-    return Fraction(float(x))
 
 
 def test_gradient_order_of_operations():
