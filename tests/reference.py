@@ -63,11 +63,58 @@ Non-finite values
     trimming over NaN magnitudes; :func:`trim_mask` raises ``ValueError`` on NaN when it
     has to rank magnitudes (density < 1). Everything else just follows IEEE float32
     (floating-point warnings are silenced: the IEEE result is the defined result).
+
+SEMANTICS-2.md (the second half of this module)
+-----------------------------------------------
+
+Everything above stands; the second half adds the methods and rules of SEMANTICS-2.md
+with these further conventions (each function's docstring repeats what it needs):
+
+Reductions (:func:`reduce_sum` and the functions built on it)
+    Every sum over the *elements* of a tensor (||x||^2, <x, y>, sum |x|, mean squares):
+    float64 terms (exact for squares / products / magnitudes of float32 values); blocks
+    of ``BLOCK = 16384`` consecutive elements (by flat index, or by the index inside the
+    vector for per-row / per-column sums); in a block, element e goes to lane
+    ``A[e % 8]``, lanes start at +0.0 and add in increasing e (one float64 rounding per
+    addition); block sum ``((A0+A1)+(A2+A3))+((A4+A5)+(A6+A7))``; the block sums are added
+    exactly and rounded once (``math.fsum``). ||x|| = ``math.sqrt`` of that.
+
+Scalars
+    Coefficients (cosines, angles, interpolation and rescale factors, SCE weights) are
+    Python floats (IEEE float64, one rounding per operation, in the order the docstring
+    writes) and are rounded to float32 exactly once, ``np.float32(c)``, before they touch
+    a tensor. Transcendentals are the C library's (``math.acos``, ``math.sin``; the
+    production code must compute these scalars with Python's ``math`` too, not with
+    NumPy's SIMD ufuncs, whose last bit can differ); ``math.sqrt`` is correctly rounded.
+
+Element-wise work
+    float32, one rounding per operation, in the order written, no FMA; sums over models
+    from +0.0 in model order (as above). Elements a sparsifier drops become +0.0 (not
+    ``0 * tau``), and a rescale factor multiplies only kept elements.
+
+Shapes
+    "Rows along the last axis" are ``x.reshape(-1, x.shape[-1])``; "vectors along axis
+    0" are ``x.reshape(x.shape[0], -1)``'s columns; a 1-D tensor is one row/vector, a 0-d
+    tensor one row of one element.
+
+Decisions where SEMANTICS-2 is silent (each also in the function's docstring)
+    - Non-finite block sums: IEEE (NaN, or the infinity) instead of fsum's exceptions.
+    - Dropped elements are +0.0; rescale factors multiply kept elements only (so a 0 * Inf
+      can never appear); 'inverse' with magnitude/outliers (no keep probability) is an
+      error.
+    - The random stream index i is the position in the ``models`` list passed in.
+    - SCE: Q = ((0.0 + q_0) + q_1) + ... in float64, model order; mu and v likewise
+      from 0.0 in model order; NaN variance is an error (no rank).
+    - Model Stock: c = (((0.0 + c_01) + c_02) + ...) / P over pairs in lexicographic order.
+    - NuSLERP: t from the recipe weights in float64 (not from fl32 weights). Its colinear
+      rule 1 - c*c <= 1e-16 holds in float64 only for |c| == 1 exactly.
+    - Gradients: t outside [0, 1] and lists mixing booleans with numbers are errors.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -79,6 +126,45 @@ __all__ = [
     "task_arithmetic",
     "linear",
     "ties_stats",
+    # SEMANTICS-2
+    "BLOCK",
+    "reduce_sum",
+    "reduce_rows",
+    "sq_norm",
+    "dot",
+    "l1",
+    "sq_norm_rows",
+    "dot_rows",
+    "l1_rows",
+    "count_k",
+    "keep_range",
+    "fnv1a64",
+    "philox4x32_10",
+    "uniform24",
+    "uniform24_array",
+    "random_keep",
+    "della_probabilities",
+    "sparsify",
+    "task_family",
+    "task_family_stats",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "slerp",
+    "nuslerp_t",
+    "nuslerp",
+    "model_stock",
+    "sce",
+    "passthrough",
+    "NO_MATCH",
+    "layer_t",
+    "gradient_value",
+    "first_match",
+    "evaluate_setting",
+    "resolve_parameter",
 ]
 
 _F32 = np.dtype(np.float32)
@@ -328,3 +414,792 @@ def linear(models, weights, *, normalize=True) -> np.ndarray:
             R = R / _weight_sum(weights)
     assert R.dtype == _F32
     return R
+
+
+# ======================================================================================
+# SEMANTICS-2.md
+# ======================================================================================
+
+BLOCK = 16384  # reduction block (elements); a multiple of the 8 lanes
+LANES = 8
+
+# ------------------------------------------------------------------ A. reductions
+
+
+def _as_vectors(x: np.ndarray, axis: int) -> tuple[np.ndarray, tuple]:
+    """(R, C) array whose rows are the vectors of x along `axis` (-1 or 0), and the
+    shape of the per-vector results. A 0-d tensor is one vector of one element, a 1-D
+    tensor one vector; rows follow the C order of the remaining axes."""
+    if axis not in (-1, 0):
+        raise ValueError(f"axis must be -1 (rows along the last axis) or 0, got {axis}")
+    if x.ndim == 0:
+        return x.reshape(1, 1), ()
+    if x.ndim == 1:
+        return x.reshape(1, -1), ()
+    if axis == -1:
+        return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+    return np.moveaxis(x.reshape(x.shape[0], -1), 0, -1), x.shape[1:]
+
+
+def _exact_sum(values) -> float:
+    """Exact sum of float64 values, rounded once (math.fsum). Non-finite values (never
+    produced by finite float32 inputs) follow IEEE instead of fsum's exceptions: NaN if
+    any NaN or both +Inf and -Inf occur, else the infinity."""
+    values = [float(v) for v in values]
+    if all(math.isfinite(v) for v in values):
+        return math.fsum(values)
+    acc = 0.0
+    for v in values:
+        if not math.isfinite(v):
+            acc += v
+    return acc
+
+
+def _block_lane_sums(terms: np.ndarray) -> np.ndarray:
+    """(R, C) float64 terms -> (R, nb) block sums by the lane rule (see reduce_sum)."""
+    R, C = terms.shape
+    nb = max(1, -(-C // BLOCK))
+    steps = BLOCK // LANES if nb > 1 else max(1, -(-C // LANES))
+    padded = np.zeros((R, nb * steps * LANES), dtype=np.float64)  # +0.0 padding adds nothing
+    padded[:, :C] = terms
+    t = padded.reshape(R, nb, steps, LANES)  # t[r, b, s, l] = element b*BLOCK + s*8 + l
+    A = np.zeros((R, nb, LANES), dtype=np.float64)  # lanes from +0.0
+    for s in range(steps):  # increasing e: A[l] = ((+0 + t_l) + t_{l+8}) + t_{l+16} ...
+        A = A + t[:, :, s, :]
+    return ((A[..., 0] + A[..., 1]) + (A[..., 2] + A[..., 3])) + ((A[..., 4] + A[..., 5]) + (A[..., 6] + A[..., 7]))
+
+
+def reduce_sum(terms) -> float:
+    """The one reduction rule (SEMANTICS-2 A) over a flat float64 array of terms.
+
+    Blocks of BLOCK = 16384 elements by flat index; in a block element e is added to
+    lane A[e mod 8] in increasing e, every lane starting at +0.0 (float64, one rounding
+    per addition); block sum ((A0+A1)+(A2+A3))+((A4+A5)+(A6+A7)); the block sums are
+    added exactly and rounded once (math.fsum; see _exact_sum for non-finite values).
+    An empty array sums to +0.0. The result is never -0.0.
+
+    For kernels: blocks are independent (any thread may take any block); a chunk that
+    ends inside a block must carry that block's 8 lane accumulators into the next chunk.
+    The per-block float64 sums can be handed back to Python and combined with math.fsum.
+    """
+    terms = np.asarray(terms)
+    if terms.dtype != np.float64 or terms.ndim != 1:
+        raise TypeError(f"reduce_sum wants a flat float64 array, got {terms.dtype} ndim {terms.ndim}")
+    return _exact_sum(_block_lane_sums(terms.reshape(1, -1))[0])
+
+
+def reduce_rows(terms, axis: int = -1) -> np.ndarray:
+    """reduce_sum of every vector of a float64 array along `axis` (-1: rows along the
+    last axis; 0: columns, i.e. vectors along axis 0). Blocks and lanes are relative to
+    the vector (element e of a vector is its index inside the vector). Returns float64
+    of shape terms.shape without that axis (() for 0-d and 1-D arrays)."""
+    terms = np.asarray(terms)
+    if terms.dtype != np.float64:
+        raise TypeError(f"reduce_rows wants float64 terms, got {terms.dtype}")
+    vecs, out_shape = _as_vectors(terms, axis)
+    blocks = _block_lane_sums(np.ascontiguousarray(vecs))
+    out = np.array([_exact_sum(row) for row in blocks], dtype=np.float64)
+    return out.reshape(out_shape)
+
+
+def _f64(name, x):
+    return _check_f32(name, x).astype(np.float64)
+
+
+def sq_norm(x) -> float:
+    """||x||^2 of a float32 tensor over its flat index: reduce_sum(float64(x)**2)."""
+    return reduce_sum(_f64("x", x).ravel() ** 2)
+
+
+def dot(x, y) -> float:
+    """<x, y> of two float32 tensors of one shape: reduce_sum(float64(x) * float64(y))."""
+    if x.shape != y.shape:
+        raise ValueError(f"dot: shapes {x.shape} and {y.shape} differ")
+    return reduce_sum((_f64("x", x) * _f64("y", y)).ravel())
+
+
+def l1(x) -> float:
+    """sum |x| of a float32 tensor: reduce_sum(|float64(x)|)."""
+    return reduce_sum(np.abs(_f64("x", x)).ravel())
+
+
+def sq_norm_rows(x, axis: int = -1) -> np.ndarray:
+    """||v||^2 of every vector of x along `axis` (see reduce_rows)."""
+    return reduce_rows(_f64("x", x) ** 2, axis)
+
+
+def dot_rows(x, y, axis: int = -1) -> np.ndarray:
+    """<v, w> of corresponding vectors of x and y along `axis` (see reduce_rows)."""
+    if x.shape != y.shape:
+        raise ValueError(f"dot_rows: shapes {x.shape} and {y.shape} differ")
+    return reduce_rows(_f64("x", x) * _f64("y", y), axis)
+
+
+def l1_rows(x, axis: int = -1) -> np.ndarray:
+    """sum |v| of every vector of x along `axis` (see reduce_rows)."""
+    return reduce_rows(np.abs(_f64("x", x)), axis)
+
+
+# -------------------------------------------------------------- A. rank selection
+
+
+def count_k(fraction, n: int) -> int:
+    """k = floor(fraction * n): float64 product, floored, clamped to [0, n]."""
+    return min(max(math.floor(float(fraction) * n), 0), n)
+
+
+def keep_range(v, lo: int, hi: int) -> np.ndarray:
+    """Bool mask (shaped like v) of keep(v, lo, hi), SEMANTICS-2 A "Rank selection".
+
+    The elements whose descending rank by v lies in [lo, hi), 0 <= lo <= hi <= n,
+    over the flat index. Equal values (==, so -0.0 and +0.0 are one value) form a
+    group; a group occupying descending ranks [a, a + m) needs
+    q = |[a, a + m) ∩ [lo, hi)| of its elements. All groups strictly inside the interval
+    have q = m (all kept), groups outside q = 0; only the (at most two) boundary groups
+    are thinned, and when lo and hi - 1 fall in the same group it is thinned once with
+    q = hi - lo. Thinning (the TIES rule): the j-th element of the group in flat-index
+    order (j = 0..m-1) is kept iff (j+1)*q // m > j*q // m, exact integers.
+    Exactly hi - lo elements are kept; lo == hi keeps none. NaN in v: ValueError (NaN
+    has no rank). TIES trim is keep_range(|tau|, 0, k).
+    """
+    v = np.asarray(v)
+    flat = v.ravel()
+    n = flat.size
+    lo, hi = int(lo), int(hi)
+    if not 0 <= lo <= hi <= n:
+        raise ValueError(f"keep_range: need 0 <= lo <= hi <= n, got lo={lo} hi={hi} n={n}")
+    keep = np.zeros(n, dtype=bool)
+    if lo == hi:
+        return keep.reshape(v.shape)
+    if np.isnan(flat).any():
+        raise ValueError("keep_range: NaN values cannot be ranked")
+    values, group, counts = np.unique(flat, return_inverse=True, return_counts=True)  # ascending
+    # descending rank range of ascending group g: [n - cum[g], n - cum[g] + counts[g])
+    start = n - np.cumsum(counts)
+    q = np.clip(np.minimum(hi, start + counts) - np.maximum(lo, start), 0, None)
+    keep[(q == counts)[group]] = True  # groups wholly inside [lo, hi)
+    for g in np.flatnonzero((q > 0) & (q < counts)):  # the (at most two) boundary groups
+        members = np.flatnonzero(group == g)  # flat indices, increasing
+        m, qg = len(members), int(q[g])
+        keep[members[np.array(_tie_keep(m, qg), dtype=bool)]] = True
+    assert int(keep.sum()) == hi - lo
+    return keep.reshape(v.shape)
+
+
+# --------------------------------------------------------------- A. random masks
+
+FNV_OFFSET = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+
+
+def fnv1a64(name: str, i: int) -> int:
+    """Stream id s: FNV-1a-64 over UTF-8(name) || 0x00 || i as 4 bytes little-endian.
+    For each byte: h ^= byte; h = (h * 0x100000001b3) mod 2**64, from 0xcbf29ce484222325."""
+    if not 0 <= i < 2**32:
+        raise ValueError(f"model index {i} out of [0, 2**32)")
+    h = FNV_OFFSET
+    for byte in name.encode("utf-8") + b"\x00" + int(i).to_bytes(4, "little"):
+        h = ((h ^ byte) * FNV_PRIME) & _M64
+    return h
+
+
+def _philox_rounds(c0, c1, c2, c3, k0: int, k1: int):
+    """Philox-4x32-10 on uint64 arrays (or Python ints) holding 32-bit words."""
+    m32 = np.uint64(_M32) if isinstance(c0, np.ndarray) else _M32
+    s32 = np.uint64(32) if isinstance(c0, np.ndarray) else 32
+    M0 = np.uint64(PHILOX_M0) if isinstance(c0, np.ndarray) else PHILOX_M0
+    M1 = np.uint64(PHILOX_M1) if isinstance(c0, np.ndarray) else PHILOX_M1
+    for rnd in range(10):
+        if rnd > 0:  # key bumped before rounds 2..10
+            k0, k1 = (k0 + PHILOX_W0) & _M32, (k1 + PHILOX_W1) & _M32
+        p0 = M0 * c0  # 64-bit products of 32-bit values: exact in uint64
+        p1 = M1 * c2
+        K0 = np.uint64(k0) if isinstance(c0, np.ndarray) else k0
+        K1 = np.uint64(k1) if isinstance(c0, np.ndarray) else k1
+        c0, c1, c2, c3 = (p1 >> s32) ^ c1 ^ K0, p1 & m32, (p0 >> s32) ^ c3 ^ K1, p0 & m32
+    return c0, c1, c2, c3
+
+
+def philox4x32_10(counter, key) -> tuple[int, int, int, int]:
+    """Philox-4x32-10 (Salmon et al., SC'11; Random123's philox4x32 with 10 rounds).
+
+    counter (c0, c1, c2, c3), key (k0, k1): 32-bit words. A round maps
+    (c0, c1, c2, c3) -> (hi(M1*c2) ^ c1 ^ k0, lo(M1*c2), hi(M0*c0) ^ c3 ^ k1, lo(M0*c0))
+    with M0 = 0xD2511F53, M1 = 0xCD9E8D57 and 64-bit products; before rounds 2..10 the
+    key becomes (k0 + 0x9E3779B9, k1 + 0xBB67AE85) mod 2**32. Returns the 4 output words.
+    """
+    c = [int(w) for w in counter]
+    k = [int(w) for w in key]
+    if len(c) != 4 or len(k) != 2 or not all(0 <= w <= _M32 for w in c + k):
+        raise ValueError("philox4x32_10: counter is 4 and key 2 words of 32 bits")
+    return tuple(int(w) for w in _philox_rounds(c[0], c[1], c[2], c[3], k[0], k[1]))
+
+
+def _check_seed(seed) -> int:
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed {seed} out of [0, 2**64)")
+    return seed
+
+
+def uniform24(seed: int, name: str, i: int, e: int) -> int:
+    """u * 2**24 for element e (flat index) of model i (0-based among the non-base models)
+    in output tensor `name`: s = fnv1a64(name, i), j = e // 4,
+    words = philox4x32_10((j mod 2**32, j >> 32, s mod 2**32, s >> 32),
+                          (seed mod 2**32, seed >> 32)),
+    u * 2**24 = words[e mod 4] >> 8 (the top 24 bits). u = that * 2**-24 in [0, 1)."""
+    seed, e = _check_seed(seed), int(e)
+    if not 0 <= e < 2**66:
+        raise ValueError(f"element index {e} out of range")
+    s, j = fnv1a64(name, i), e // 4
+    words = philox4x32_10((j & _M32, j >> 32, s & _M32, s >> 32), (seed & _M32, seed >> 32))
+    return words[e % 4] >> 8
+
+
+def uniform24_array(seed: int, name: str, i: int, n: int, start: int = 0) -> np.ndarray:
+    """uniform24(seed, name, i, e) for e = start .. start+n-1, vectorized (int64 array).
+    Each element runs its own Philox block (4x redundant work, but obviously per element)."""
+    seed = _check_seed(seed)
+    s = fnv1a64(name, i)
+    e = np.arange(int(start), int(start) + int(n), dtype=np.uint64)
+    j = e >> np.uint64(2)
+    ones = np.ones(e.shape, dtype=np.uint64)
+    words = _philox_rounds(j & np.uint64(_M32), j >> np.uint64(32), ones * np.uint64(s & _M32),
+                           ones * np.uint64(s >> 32), seed & _M32, seed >> 32)
+    word = np.choose((e & np.uint64(3)).astype(np.intp), words)  # word e mod 4
+    return (word >> np.uint64(8)).astype(np.int64)
+
+
+def random_keep(seed: int, name: str, i: int, shape, p) -> np.ndarray:
+    """Bool mask of the given shape: element e (flat index) is kept iff
+    u_e < p_e, compared exactly in float64, u_e = uniform24(seed, name, i, e) * 2**-24.
+    p is a scalar or an array of that shape (float64; float32 values convert exactly)."""
+    shape = tuple(shape)
+    n = math.prod(shape)
+    u = uniform24_array(seed, name, i, n).astype(np.float64) * 2.0**-24  # exact
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim:
+        if p.shape != shape:
+            raise ValueError(f"random_keep: p has shape {p.shape}, want {shape}")
+        p = p.ravel()
+    return (u < p).reshape(shape)
+
+
+# ------------------------------------------------------- B. task-arithmetic family
+
+SPARSIFIERS = ("magnitude", "random", "outliers", "della")
+
+
+def _rescale_mode(rescale) -> str | None:
+    if rescale is None or rescale is False:
+        return None
+    if rescale is True or rescale == "l1":
+        return "l1"
+    if rescale == "inverse":
+        return "inverse"
+    raise ValueError(f"rescale must be False, True/'l1' or 'inverse', got {rescale!r}")
+
+
+def della_probabilities(tau, density, epsilon) -> np.ndarray:
+    """DELLA keep probabilities p (float64, shaped like tau), for 0 < density < 1.
+
+    Rows run along the last axis (1-D: one row; 0-d: one row of one element) of C
+    elements. r = 1 + position of the element in the ascending order of |tau| within its
+    row, equal magnitudes by increasing index (a stable sort). In float64, in this order:
+    a = rho - eps; b = 2 * eps; p = a + ((b * (r - 1)) / (C - 1)); C = 1: p = rho.
+    """
+    tau = _check_f32("tau", tau)
+    rho, eps = float(density), float(epsilon)
+    rows, _ = _as_vectors(tau, -1)
+    C = rows.shape[1]
+    mag = np.abs(rows)
+    if np.isnan(mag).any():
+        raise ValueError("della: NaN in tau; magnitudes cannot be ranked")
+    if C == 1:
+        return np.full(tau.shape, rho, dtype=np.float64)
+    order = np.argsort(mag, axis=1, kind="stable")
+    r = np.empty(rows.shape, dtype=np.float64)
+    np.put_along_axis(r, order, np.arange(1, C + 1, dtype=np.float64)[None, :], axis=1)
+    a, b = rho - eps, 2.0 * eps
+    p = a + ((b * (r - 1.0)) / float(C - 1))
+    return p.reshape(tau.shape)
+
+
+def sparsify(tau, density, sparsifier, *, rescale=False, gamma=0.01, epsilon=0.15,
+             seed=0, name=None, index=0):
+    """One model's sparsified delta (SEMANTICS-2 B): returns (tau_hat, keep, p).
+
+    tau_hat is float32, keep the bool mask, p the float64 keep probability per element
+    for the random sparsifiers (None otherwise). density >= 1 (or sparsifier None)
+    returns tau unchanged (no drop, no rescale); density 0 drops everything.
+    - 'magnitude': keep_range(|tau|, 0, k), k = floor(rho * n)   (TIES trim)
+    - 'outliers' : k = floor(rho n), m = min(floor(gamma n), n - k); keep_range(|tau|, m, m + k)
+    - 'random'   : keep iff u < rho (random_keep(seed, name, index, ...))
+    - 'della'    : keep iff u < p, p = della_probabilities(tau, rho, epsilon)
+    Dropped elements become +0.0. Rescale of the kept elements:
+    - 'l1' (True): r = l1(tau) / l1(tau_masked) in float64 (two reductions; tau_masked is
+      tau with dropped elements +0.0), skipped if either sum < 1e-7; kept elements become
+      fl32(tau * fl32(r)).
+    - 'inverse': kept elements become fl32(tau * fl32(1 / p)) (p = rho for 'random').
+    """
+    tau = _check_f32("tau", tau)
+    rho = float(density)
+    if not rho >= 0:
+        raise ValueError(f"density must be >= 0, got {density!r}")
+    mode = _rescale_mode(rescale)
+    if sparsifier is not None and sparsifier not in SPARSIFIERS:
+        raise ValueError(f"sparsifier must be one of {SPARSIFIERS} or None, got {sparsifier!r}")
+    n = tau.size
+    p = None
+    if sparsifier is None or rho >= 1:
+        return tau.copy(), np.ones(tau.shape, dtype=bool), p
+    if mode == "inverse" and sparsifier in ("magnitude", "outliers"):
+        raise ValueError("rescale 'inverse' needs a keep probability (sparsifier random or della)")
+    if sparsifier == "magnitude":
+        keep = keep_range(np.abs(tau), 0, count_k(rho, n))
+    elif sparsifier == "outliers":
+        g = float(gamma)
+        if not 0 <= g <= 1:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        k = count_k(rho, n)
+        m = min(count_k(g, n), n - k)
+        keep = keep_range(np.abs(tau), m, m + k)
+    else:
+        if name is None:
+            raise ValueError("random sparsifiers need the output tensor name")
+        if sparsifier == "random":
+            p = np.full(tau.shape, rho, dtype=np.float64)
+        else:
+            eps = float(epsilon)
+            if not eps >= 0:
+                raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
+            if rho > 0 and not (rho - eps > 0 and rho + eps < 1):
+                raise ValueError(f"della: need density - epsilon > 0 and density + epsilon < 1, got {rho}, {eps}")
+            p = np.zeros(tau.shape) if rho == 0 else della_probabilities(tau, rho, eps)
+        keep = random_keep(seed, name, index, tau.shape, p)
+    with np.errstate(all="ignore"):
+        tau_hat = np.where(keep, tau, _ZERO)
+        if mode == "l1":
+            before, after = l1(tau), l1(tau_hat)
+            if not (before < 1e-7 or after < 1e-7):
+                tau_hat = np.where(keep, tau * np.float32(before / after), _ZERO)
+        elif mode == "inverse":
+            factor = (1.0 / np.where(keep, p, 1.0)).astype(np.float32)  # fl32(1/p), float64 division
+            tau_hat = np.where(keep, tau * factor, _ZERO)
+    assert tau_hat.dtype == _F32
+    return tau_hat, keep, p
+
+
+def _per_model(values, default, count, pname):
+    if values is None:
+        return [default] * count
+    if len(values) != count:
+        raise ValueError(f"{pname}: {len(values)} values for {count} models")
+    return list(values)
+
+
+def task_family(base, models, *, weights, densities=None, sparsifier=None, consensus=None,
+                normalize=False, rescale=False, lam=1.0, gammas=None, epsilons=None,
+                seed=0, name=None) -> np.ndarray:
+    """The task-arithmetic family (SEMANTICS-2 B); returns float32 B + delta.
+
+    Per model i (index i = position in `models`, used for the random stream):
+    tau_i = M_i - B; tau_hat_i = sparsify(tau_i, ...)[0]; u_i = fl32(w_i) * tau_hat_i.
+    consensus None: delta = ((+0 + u_0) + u_1) + ...; if normalize,
+      delta = delta / D, D = ((0 + fl32(w_0)) + fl32(w_1)) + ... in float32, |D| < 1e-8 -> 1.
+    consensus 'sum' / 'count': TIES steps 3-4 exactly as ties() (vote on u; tie elects +1;
+      delta = sum of agreeing u_i, D = sum of agreeing fl32(w_i), D == 0 -> 1, divided if
+      normalize).
+    Always delta = fl32(lam) * delta; result = B + delta.
+    With sparsifier 'magnitude', consensus 'sum', normalize True this is ties(); with no
+    sparsifier and no consensus it is task_arithmetic().
+    """
+    count = len(models)
+    _check_inputs(base, models, {"weights": weights})
+    densities = _per_model(densities, 1.0, count, "densities")
+    gammas = _per_model(gammas, 0.01, count, "gammas")
+    epsilons = _per_model(epsilons, 0.15, count, "epsilons")
+    if consensus not in (None, "sum", "count"):
+        raise ValueError(f"consensus must be None, 'sum' or 'count', got {consensus!r}")
+    with np.errstate(all="ignore"):
+        us = []
+        for i, (M, w, rho, g, eps) in enumerate(zip(models, weights, densities, gammas, epsilons)):
+            tau_hat, _, _ = sparsify(M - base, rho, sparsifier, rescale=rescale, gamma=g, epsilon=eps,
+                                     seed=seed, name=name, index=i)
+            us.append(np.float32(w) * tau_hat)
+        delta = np.zeros(base.shape, dtype=np.float32)
+        if consensus is None:
+            for u in us:
+                delta = delta + u
+            if normalize:
+                delta = delta / _weight_sum(weights)
+        else:
+            if consensus == "sum":
+                S = np.zeros(base.shape, dtype=np.float32)
+                for u in us:
+                    S = S + u
+                s = np.where(S >= 0, 1, -1)
+            else:
+                C = np.zeros(base.shape, dtype=np.int64)
+                for u in us:
+                    C = C + _sign(u)
+                s = np.where(C >= 0, 1, -1)
+            D = np.zeros(base.shape, dtype=np.float32)
+            for u, w in zip(us, weights):
+                agree = _sign(u) == s
+                delta = delta + np.where(agree, u, _ZERO)
+                D = D + np.where(agree, np.float32(w), _ZERO)
+            if normalize:
+                delta = delta / np.where(D == 0, _ONE, D)
+        out = base + np.float32(lam) * delta
+    assert out.dtype == _F32
+    return out
+
+
+def task_family_stats(base, models, *, densities=None, sparsifier=None, rescale=False,
+                      gammas=None, epsilons=None, seed=0, name=None) -> list[dict]:
+    """Per model: {"n", "kept" (exact count), "p_sum" = sum p, "p_var" = sum p(1-p)}
+    (p_sum = kept and p_var = 0 for deterministic sparsifiers). For the statistical
+    check: a random sparsifier keeps p_sum within a few sqrt(p_var)."""
+    count = len(models)
+    _check_inputs(base, models, {})
+    densities = _per_model(densities, 1.0, count, "densities")
+    gammas = _per_model(gammas, 0.01, count, "gammas")
+    epsilons = _per_model(epsilons, 0.15, count, "epsilons")
+    out = []
+    with np.errstate(all="ignore"):
+        for i, M in enumerate(models):
+            _, keep, p = sparsify(M - base, densities[i], sparsifier, rescale=rescale, gamma=gammas[i],
+                                  epsilon=epsilons[i], seed=seed, name=name, index=i)
+            kept = int(keep.sum())
+            if p is None:
+                out.append({"n": base.size, "kept": kept, "p_sum": float(kept), "p_var": 0.0})
+            else:
+                out.append({"n": base.size, "kept": kept, "p_sum": math.fsum(p.ravel().tolist()),
+                            "p_var": math.fsum((p * (1 - p)).ravel().tolist())})
+    return out
+
+
+def dare_ties(base, models, weights, densities, *, name, seed=0, lam=1.0, normalize=False,
+              rescale=True, consensus="sum"):
+    """dare_ties: random drop, sum consensus, normalize false, rescale l1 (mergekit defaults)."""
+    return task_family(base, models, weights=weights, densities=densities, sparsifier="random",
+                       consensus=consensus, normalize=normalize, rescale=rescale, lam=lam, seed=seed, name=name)
+
+
+def dare_linear(base, models, weights, densities, *, name, seed=0, lam=1.0, normalize=False, rescale=True):
+    """dare_linear: random drop, no consensus, normalize false, rescale l1."""
+    return task_family(base, models, weights=weights, densities=densities, sparsifier="random",
+                       consensus=None, normalize=normalize, rescale=rescale, lam=lam, seed=seed, name=name)
+
+
+def breadcrumbs(base, models, weights, densities, gammas=None, *, lam=1.0, normalize=False, rescale=False):
+    """breadcrumbs: outliers (gamma default 0.01), no consensus, normalize false, no rescale."""
+    return task_family(base, models, weights=weights, densities=densities, sparsifier="outliers",
+                       consensus=None, normalize=normalize, rescale=rescale, lam=lam, gammas=gammas)
+
+
+def breadcrumbs_ties(base, models, weights, densities, gammas=None, *, lam=1.0, normalize=False,
+                     rescale=False, consensus="sum"):
+    """breadcrumbs_ties: outliers, sum consensus, normalize false, no rescale."""
+    return task_family(base, models, weights=weights, densities=densities, sparsifier="outliers",
+                       consensus=consensus, normalize=normalize, rescale=rescale, lam=lam, gammas=gammas)
+
+
+def della(base, models, weights, densities, epsilons=None, *, name, seed=0, lam=1.0, normalize=True,
+          rescale=True, consensus="sum"):
+    """della: DELLA drop (epsilon default 0.15), sum consensus, normalize true, rescale l1."""
+    return task_family(base, models, weights=weights, densities=densities, sparsifier="della",
+                       consensus=consensus, normalize=normalize, rescale=rescale, lam=lam,
+                       epsilons=epsilons, seed=seed, name=name)
+
+
+def della_linear(base, models, weights, densities, epsilons=None, *, name, seed=0, lam=1.0,
+                 normalize=False, rescale=True):
+    """della_linear: DELLA drop, no consensus, normalize false, rescale l1."""
+    return task_family(base, models, weights=weights, densities=densities, sparsifier="della",
+                       consensus=None, normalize=normalize, rescale=rescale, lam=lam,
+                       epsilons=epsilons, seed=seed, name=name)
+
+
+# ------------------------------------------------------------- C. other methods
+
+
+def _slerp_coefficients(c: float, t: float) -> tuple[float, float]:
+    """theta = acos(c); c0 = sin((1 - t) * theta) / sin(theta); c1 = sin(t * theta) / sin(theta)."""
+    theta = math.acos(c)
+    sin_theta = math.sin(theta)
+    return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+def slerp(base, model, t) -> np.ndarray:
+    """SLERP (SEMANTICS-2 C) of v0 = base and v1 = model over the flattened tensor.
+
+    float64: n0 = sqrt(sq_norm(v0)), n1 = sqrt(sq_norm(v1)), each -> 1.0 if <= 1e-8;
+    c = dot(v0, v1) / (n0 * n1), clamped to [-1, 1]. |c| > 0.9995: (c0, c1) = (1 - t, t);
+    else theta = acos(c), c0 = sin((1 - t) * theta) / sin(theta),
+    c1 = sin(t * theta) / sin(theta). float32: result = fl32(c0) * v0 + fl32(c1) * v1
+    (each product rounded, then the sum). t = 0 gives v0 and t = 1 gives v1 exactly
+    (c0, c1 = 1, 0 or 0, 1; up to the sign of zero elements and non-finite values).
+    """
+    _check_inputs(base, [model], {})
+    t = float(t)
+    n0, n1 = math.sqrt(sq_norm(base)), math.sqrt(sq_norm(model))
+    n0 = 1.0 if n0 <= 1e-8 else n0
+    n1 = 1.0 if n1 <= 1e-8 else n1
+    c = min(max(dot(base, model) / (n0 * n1), -1.0), 1.0)
+    if abs(c) > 0.9995:
+        c0, c1 = 1.0 - t, t
+    else:
+        c0, c1 = _slerp_coefficients(c, t)
+    with np.errstate(all="ignore"):
+        out = np.float32(c0) * base + np.float32(c1) * model
+    assert out.dtype == _F32
+    return out
+
+
+def nuslerp_t(w0, w1) -> float:
+    """t = w1 / (w0 + w1) in float64 (weights as given), or 0.5 if |w0 + w1| < 1e-6."""
+    s = float(w0) + float(w1)
+    return 0.5 if abs(s) < 1e-6 else float(w1) / s
+
+
+def nuslerp(models, weights, base=None, *, flatten=True, row_wise=False) -> np.ndarray:
+    """NuSLERP (SEMANTICS-2 C) of exactly two models (recipe order), base optional.
+
+    t = nuslerp_t(w0, w1). v_i = M_i - B (float32) with a base, else M_i. Vectors: the
+    whole flattened tensor (flatten), else rows along the last axis (row_wise False) or
+    vectors along axis 0 (row_wise True); 1-D: one vector. Per vector, float64:
+    c = dot / (max(||v0||, 1e-7) * max(||v1||, 1e-7)), clamped to [-1, 1];
+    (c0, c1) = (1 - t, t) if 1 - c * c <= 1e-16, else the slerp coefficients (no 0.9995
+    threshold). float32: r = fl32(c0) * v0 + fl32(c1) * v1; result B + r, or r.
+    """
+    if len(models) != 2 or len(weights) != 2:
+        raise ValueError("nuslerp needs exactly two models and two weights")
+    ref_ = models[0] if base is None else base
+    _check_inputs(ref_, models, {"weights": weights})
+    t = nuslerp_t(*weights)
+    with np.errstate(all="ignore"):
+        v0, v1 = (models[0], models[1]) if base is None else (models[0] - base, models[1] - base)
+        if flatten:
+            n0, n1, d = [np.array(math.sqrt(sq_norm(v0))), np.array(math.sqrt(sq_norm(v1))), np.array(dot(v0, v1))]
+        else:
+            axis = 0 if row_wise else -1
+            n0, n1, d = np.sqrt(sq_norm_rows(v0, axis)), np.sqrt(sq_norm_rows(v1, axis)), dot_rows(v0, v1, axis)
+        c0s = np.empty(d.shape, dtype=np.float64)
+        c1s = np.empty(d.shape, dtype=np.float64)
+        for idx in np.ndindex(d.shape):
+            c = float(d[idx]) / (max(float(n0[idx]), 1e-7) * max(float(n1[idx]), 1e-7))
+            c = min(max(c, -1.0), 1.0)
+            if 1.0 - c * c <= 1e-16:
+                c0s[idx], c1s[idx] = 1.0 - t, t
+            else:
+                c0s[idx], c1s[idx] = _slerp_coefficients(c, t)
+        c0s, c1s = c0s.astype(np.float32), c1s.astype(np.float32)
+        if not flatten and v0.ndim >= 2:  # broadcast one coefficient per vector
+            shape = (1,) + v0.shape[1:] if row_wise else v0.shape[:-1] + (1,)
+            c0s, c1s = c0s.reshape(shape), c1s.reshape(shape)
+        r = c0s * v0 + c1s * v1
+        out = r if base is None else base + r
+    assert out.dtype == _F32 and out.shape == ref_.shape
+    return out
+
+
+def model_stock(base, models, *, filter_wise=False) -> np.ndarray:
+    """Model Stock (SEMANTICS-2 C): base and N >= 2 models.
+
+    Per tensor, or per row along the last axis if filter_wise (1-D: one row). float64,
+    per tensor/row: d_i = M_i - B (float32); for pairs i < j in lexicographic order,
+    c_ij = clamp(dot(d_i, d_j) / max(||d_i|| * ||d_j||, 1e-6), -1, 1); c = the mean,
+    ((0.0 + c_01) + c_02) + ... then / P (P = N(N-1)/2 pairs); den = 1 + (N - 1) * c;
+    t = 0 if |den| < 1e-6 else (N * c) / den. float32: t32 = fl32(t), s = fl32(1 - t32);
+    m = (((+0 + M_0) + M_1) + ...) / fl32(N); result = t32 * m + s * B (each product
+    rounded, then the sum).
+    """
+    N = len(models)
+    if N < 2:
+        raise ValueError("model_stock needs at least two models besides the base")
+    _check_inputs(base, models, {})
+    with np.errstate(all="ignore"):
+        ds = [M - base for M in models]
+        axis_shape = base.shape[:-1] if (filter_wise and base.ndim >= 2) else ()
+        if filter_wise:
+            norms = [np.sqrt(sq_norm_rows(d)) for d in ds]
+        else:
+            norms = [np.array(math.sqrt(sq_norm(d))) for d in ds]
+        pairs = [(i, j) for i in range(N) for j in range(i + 1, N)]
+        dots = {(i, j): (dot_rows(ds[i], ds[j]) if filter_wise else np.array(dot(ds[i], ds[j]))) for i, j in pairs}
+        t32 = np.empty(axis_shape, dtype=np.float32)
+        for idx in np.ndindex(axis_shape):
+            acc = 0.0
+            for i, j in pairs:
+                cij = float(dots[i, j][idx]) / max(float(norms[i][idx]) * float(norms[j][idx]), 1e-6)
+                acc += min(max(cij, -1.0), 1.0)
+            c = acc / len(pairs)
+            den = 1.0 + (N - 1) * c
+            t = 0.0 if abs(den) < 1e-6 else (N * c) / den
+            t32[idx] = np.float32(t)
+        s = (np.float32(1.0) - t32).astype(np.float32)  # float32 subtraction = fl32(1 - t32) (float64 then fl32 rounds the same)
+        if filter_wise and base.ndim >= 2:
+            t32, s = t32[..., None], s[..., None]
+        m = np.zeros(base.shape, dtype=np.float32)
+        for M in models:
+            m = m + M
+        m = m / np.float32(N)
+        out = t32 * m + s * base
+    assert out.dtype == _F32
+    return out
+
+
+def sce(base, models, *, select_topk=1.0) -> np.ndarray:
+    """SCE (SEMANTICS-2 C): base and >= 1 model, no weights.
+
+    tau_i = M_i - B (float32). If sigma = select_topk < 1: sigma <= 0 zeroes every tau_i;
+    else per element, float64 in model order: mu = ((0.0 + tau_0) + tau_1 + ...) / N,
+    v = ((0.0 + (tau_0 - mu)**2) + ...) / N (each difference and square rounded);
+    k = floor(sigma * #{v != 0}); elements outside keep_range(v, 0, k) become +0.0 in every
+    tau_i. Elect: S = ((+0 + tau_0) + tau_1) + ... float32, s = +1 where S >= 0 else -1;
+    a_i = [sign(tau_i) == s]. Weights: q_i = sq_norm(tau_i) / n (float64), Q = ((0.0 + q_0)
+    + q_1) + ...; w_i = fl32(q_i / Q), or fl32(1 / N) if Q == 0 (mergekit: Q < 1e-6, a
+    deliberate difference). Merge, float32 from +0 in model order:
+    num = sum where(a_i, w_i * tau_i, 0); den = sum where(a_i, w_i, 0);
+    delta = num / max(den, fl32(1e-6)); result = B + delta.
+    """
+    N = len(models)
+    _check_inputs(base, models, {})
+    sigma = float(select_topk)
+    n = base.size
+    with np.errstate(all="ignore"):
+        taus = [M - base for M in models]
+        if sigma < 1:
+            if sigma <= 0:
+                taus = [np.zeros(base.shape, dtype=np.float32) for _ in taus]
+            else:
+                mu = np.zeros(base.shape, dtype=np.float64)
+                for tau in taus:
+                    mu = mu + tau.astype(np.float64)
+                mu = mu / N
+                var = np.zeros(base.shape, dtype=np.float64)
+                for tau in taus:
+                    diff = tau.astype(np.float64) - mu
+                    var = var + diff * diff
+                var = var / N
+                k = count_k(sigma, int(np.count_nonzero(var)))
+                sel = keep_range(var, 0, k)
+                taus = [np.where(sel, tau, _ZERO) for tau in taus]
+        S = np.zeros(base.shape, dtype=np.float32)
+        for tau in taus:
+            S = S + tau
+        s = np.where(S >= 0, 1, -1)
+        q = [sq_norm(tau) / n if n else 0.0 for tau in taus]
+        Q = 0.0
+        for qi in q:
+            Q = Q + qi
+        w = [np.float32(1.0 / N) if Q == 0 else np.float32(qi / Q) for qi in q]
+        num = np.zeros(base.shape, dtype=np.float32)
+        den = np.zeros(base.shape, dtype=np.float32)
+        for tau, wi in zip(taus, w):
+            agree = _sign(tau) == s
+            num = num + np.where(agree, wi * tau, _ZERO)
+            den = den + np.where(agree, wi, _ZERO)
+        delta = num / np.maximum(den, np.float32(1e-6))
+        out = base + delta
+    assert out.dtype == _F32
+    return out
+
+
+def passthrough(x, scale=None) -> np.ndarray:
+    """passthrough (SEMANTICS-2 C): scale None copies x unchanged (bytes included);
+    else fl32(x * fl32(scale))."""
+    _check_f32("x", x)
+    if scale is None:
+        return x.copy()
+    with np.errstate(all="ignore"):
+        return x * np.float32(scale)
+
+
+# ------------------------------------------------------------ D. recipe values
+
+NO_MATCH = object()  # first_match / evaluate_setting: nothing matched, ask the next level
+
+
+def layer_t(j: int, L: int) -> float:
+    """t of output-slice offset j in a slice of L layers: j / (L - 1) (float64), 1.0 if L == 1."""
+    if not (L >= 1 and 0 <= j < L):
+        raise ValueError(f"layer_t: need 0 <= j < L, got j={j} L={L}")
+    return 1.0 if L == 1 else j / (L - 1)
+
+
+def gradient_value(anchors, t: float):
+    """Value of the gradient s_0 .. s_(A-1) at position t in [0, 1] (SEMANTICS-2 D).
+
+    Numbers, float64 in this order: x = t * (A - 1); i0 = floor(x);
+    i1 = min(A - 1, i0 + 1); f = x - i0; value = (1 - f) * s_i0 + f * s_i1.
+    A list of booleans takes s_floor(t * (A - 1)). A list mixing booleans and numbers is
+    a ValueError (mergekit would interpolate True as 1).
+    """
+    anchors = list(anchors)
+    A = len(anchors)
+    t = float(t)
+    if A == 0:
+        raise ValueError("a gradient needs at least one anchor")
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"gradient position t={t} outside [0, 1]")
+    x = t * (A - 1)
+    i0 = math.floor(x)
+    if all(isinstance(s, (bool, np.bool_)) for s in anchors):
+        return anchors[i0]
+    if any(isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Real) for s in anchors):
+        raise ValueError(f"gradient anchors must be all numbers or all booleans: {anchors!r}")
+    i1 = min(A - 1, i0 + 1)
+    f = x - i0
+    return (1.0 - f) * float(anchors[i0]) + f * float(anchors[i1])
+
+
+def _entry_matches(entry: dict, name: str) -> bool:
+    flt = entry.get("filter")
+    return flt is None or flt == "*" or flt in name
+
+
+def first_match(entries, name: str):
+    """The `value` of the first {filter, value} entry (a dict or list of dicts, in order)
+    with no filter, filter '*', or a filter that is a substring of `name`; NO_MATCH if
+    none. (`layers.1` matches `layers.10`.)"""
+    if isinstance(entries, dict):
+        entries = [entries]
+    for entry in entries:
+        if _entry_matches(entry, name):
+            return entry["value"]
+    return NO_MATCH
+
+
+def evaluate_setting(setting, name: str, t: float):
+    """A parameter setting at tensor `name` and position t: a scalar as is; a list of
+    numbers/booleans as a gradient; {filter, value} entries via first_match (the value
+    may be a gradient); NO_MATCH if no entry matched."""
+    is_entries = isinstance(setting, dict) or (isinstance(setting, list) and setting and isinstance(setting[0], dict))
+    if is_entries:
+        value = first_match(setting, name)
+        if value is NO_MATCH:
+            return NO_MATCH
+        return evaluate_setting(value, name, t)
+    if isinstance(setting, list):
+        return gradient_value(setting, t)
+    return setting
+
+
+def resolve_parameter(levels, name: str, t: float, default=NO_MATCH):
+    """Precedence (SEMANTICS-2 D): `levels` are the settings in order (the model's own,
+    the slice's, the top level; None where absent); the first that yields a value wins,
+    else `default`; NO_MATCH if there is none (the caller raises, naming tensor/model)."""
+    for setting in levels:
+        if setting is None:
+            continue
+        value = evaluate_setting(setting, name, t)
+        if value is not NO_MATCH:
+            return value
+    return default
