@@ -1,0 +1,88 @@
+"""The memory budget: parsing --max-memory, its default, and the span size that keeps
+every merged tensor's working memory within it."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from . import constants
+from .errors import BudgetError, RecipeError
+from .methods.protocol import TensorContext
+from .units import human_bytes
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    units = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+             "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in units or not value > 0:
+        raise RecipeError(f"invalid size '{text}'", hint="use e.g. 512MiB, 2GiB, 5GB")
+    return int(value * units[unit])
+
+
+def default_budget() -> int:
+    """A quarter of available RAM, capped: leaves room for the page cache that feeds the merge."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(constants.DEFAULT_MEMORY_CAP, max(256 << 20, avail * constants.DEFAULT_MEMORY_FRACTION)))
+
+
+def kernel_bytes(n_models: int, threads: int) -> int:
+    """Thread-local block buffers of the span kernels (rows, base, intermediates)."""
+    return threads * (2 * n_models + 6) * constants.BLOCK * 4
+
+
+def job_bytes(job, span: int, threads: int) -> int:
+    """Working memory of one merged tensor at this span size, beyond the shared output buffer."""
+    from .engine import SpanInputs
+
+    driver = job.method.driver(context(job, threads))
+    checks = len(job.models) * -(-job.numel // constants.BLOCK) * 8
+    return (SpanInputs.buffer_bytes(job.base, job.models, span) + driver.work_bytes(span)
+            + kernel_bytes(len(job.models), threads) + checks)
+
+
+def choose_span(jobs: list, budget: int, threads: int) -> tuple[int, int]:
+    """The largest span (a multiple of BLOCK, at most MAX_SPAN_ELEMENTS) with which every
+    merged tensor fits the budget; and the bytes allocated at the worst tensor."""
+    merged = [j for j in jobs if not j.copy]
+    block = constants.BLOCK
+    largest = max((j.numel for j in merged), default=1)
+    span = min(constants.MAX_SPAN_ELEMENTS, -(-max(largest, 1) // block) * block)
+    while True:
+        need = max((8 * span + job_bytes(j, min(span, -(-j.numel // block) * block), threads) for j in merged),
+                   default=8 * span)
+        if need <= budget or span <= block:
+            break
+        span = max(block, (span // 2) // block * block)
+    if need > budget:
+        worst = max(merged, key=lambda j: job_bytes(j, block, threads))
+        raise BudgetError(f"--max-memory {human_bytes(budget, binary=True)} is too small to merge tensor '{worst.name}' "
+                          f"of {len(worst.models)} model(s)",
+                          hint=f"allow at least {math.ceil(need / 2**20)} MiB")
+    return span, need
+
+
+
+def context(job, threads: int) -> TensorContext:
+    """What a driver of `job` sees (the engine builds the same)."""
+    return TensorContext(job.name, job.shape, job.numel, job.params, job.model_params, job.base is not None,
+                         threads, job.stream_index)
