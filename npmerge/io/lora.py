@@ -173,24 +173,29 @@ class LoraTarget:
         kernels.load("lora").lowrank_rows(left, right, float(self.scale), start - p0 * cols, dst)
 
     def _bias(self, start, n, dst, base) -> None:
-        b = _decode_rows(self.bias, start, start + n, width=1).reshape(n)
+        b = _decode_rows(self.bias, start, start + n)
         dst[...] = (np.float64(self.scale) * b.astype(np.float64)).astype(np.float32)
 
 
-def _decode_rows(ref: TensorRef, r0: int, r1: int, width: int | None = None) -> np.ndarray:
-    """Rows r0..r1 of a 2-D factor (or elements of a 1-D one, width=1) as float32."""
-    width = ref.info.shape[1] if width is None else width
-    out = np.empty((r1 - r0) * width, np.float32)
-    decode(ref.file.flat(ref.info.name)[r0 * width:r1 * width], ref.info.dtype.name, out)
-    return out.reshape(r1 - r0, width)
+def _f32(raw: np.ndarray, code: str) -> np.ndarray:
+    """Exact float32 copy of a block of F16 / BF16 / F32 factor storage.
+
+    NumPy, not the parallel decode kernels: factor blocks are small and many, and a
+    parallel launch per block costs more than the conversion."""
+    if code == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    if code == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    return np.array(raw, np.float32)
+
+
+def _decode_rows(ref: TensorRef, r0: int, r1: int) -> np.ndarray:
+    """Rows (or, for a vector, elements) r0..r1 of a factor as float32."""
+    return _f32(ref.file.view(ref.info.name)[r0:r1], ref.info.dtype.name)
 
 
 def _decode_cols(ref: TensorRef, c0: int, c1: int) -> np.ndarray:
-    raw = ref.file.view(ref.info.name)
-    out = np.empty((raw.shape[0], c1 - c0), np.float32)
-    for j in range(raw.shape[0]):
-        decode(raw[j, c0:c1], ref.info.dtype.name, out[j])
-    return out
+    return _f32(ref.file.view(ref.info.name)[:, c0:c1], ref.info.dtype.name)
 
 
 def _shape(shape) -> str:
