@@ -493,3 +493,15 @@ def test_reads_are_bounded_by_work_bytes(tmp_path):
             tracemalloc.stop()
             assert peak <= t.work_bytes(n) + 4096, (t.name, n, peak, t.work_bytes(n))
             assert t.work_bytes(n) < t.numel * 4 // 4
+
+
+def test_identity_and_fingerprint_inputs(tmp_path):
+    ad = LoraAdapter(LORA / "tiny-llama" / "qv-f32")
+    weights = LORA / "tiny-llama" / "qv-f32" / "adapter_model.safetensors"
+    assert list(ad.files) == [str(weights)]
+    st = os.stat(weights)
+    assert ad.identity() == {(st.st_dev, st.st_ino)}
+    import hashlib
+
+    assert ad.config_sha256 == hashlib.sha256((weights.parent / "adapter_config.json").read_bytes()).hexdigest()
+    assert LoraAdapter(copy_adapter(tmp_path, r=8, lora_alpha=17)).config_sha256 != ad.config_sha256
