@@ -533,6 +533,11 @@ def generate(out: Path) -> None:
     make_tiny_llama(out)
     make_tiny_llama_f32(out)
     make_tiny_int(out)
+    if str(Path(__file__).resolve().parent) not in sys.path:  # scripts/, when loaded by path
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fixtures_lora import make_lora_fixtures
+
+    make_lora_fixtures(out)
     _write(out / ".gitattributes", "* -text\n*.safetensors binary\n")
     _write_readme(out)
 
