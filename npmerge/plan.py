@@ -19,7 +19,8 @@ from .compat import check_distinct, check_equal_data, check_inputs, label
 from .dtypes import DECODABLE, DTYPES, ENCODABLE
 from .errors import IncompatibleModels, RecipeError
 from .io.checkpoint import Checkpoint
-from .io.sources import MappedSource, TensorSource
+from .io.models import open_model, source
+from .io.sources import TensorSource
 from .io.staging import file_fingerprint
 from .io.writer import OutputTensor, ShardLayout, plan_shards
 from .methods.registry import Method
@@ -137,12 +138,12 @@ def build_plan(recipe: Recipe, *, max_memory=None, threads: int | None = None,
 
 def _open_models(recipe: Recipe, opened: list) -> tuple[Checkpoint | None, list[Checkpoint]]:
     """Open (and validate) the base and every model; `opened` collects them for cleanup."""
-    base = Checkpoint(recipe.base) if recipe.base else None
+    base = open_model(recipe.base) if recipe.base else None
     if base:
         opened.append(base)
     models = []
     for entry in recipe.models:
-        models.append(Checkpoint(entry.path))
+        models.append(open_model(entry.path))
         opened.append(models[-1])
     return base, models
 
@@ -162,7 +163,7 @@ def _jobs(recipe: Recipe, method: Method, global_params: dict, model_params: lis
         if kinds == {False}:
             check_equal_data(name, inputs)
             jobs.append(TensorJob(name, info.shape, info.numel, info.dtype.name, True, method, None,
-                                  (MappedSource(ref_t, ref.label),), {}, (), 1, constants.BLOCK))
+                                  (source(ref, name),), {}, (), 1, constants.BLOCK))
             continue
         unsupported = {d for d in dtypes.values() if d not in DECODABLE}
         if len(kinds) > 1 or unsupported:
@@ -176,8 +177,8 @@ def _jobs(recipe: Recipe, method: Method, global_params: dict, model_params: lis
         if out_dtype not in ENCODABLE:
             raise RecipeError(f"tensor '{name}' is stored as {out_dtype}, which npmerge cannot write",
                               hint="choose an output dtype with --out-dtype (bfloat16, float16, float32)")
-        b = MappedSource(base.tensors[name], base.label) if base else None
-        m = tuple(MappedSource(c.tensors[name], c.label) for c in models)
+        b = source(base, name) if base else None
+        m = tuple(source(c, name) for c in models)
         job = TensorJob(name, info.shape, info.numel, out_dtype, False, method, b, m, dict(global_params),
                         tuple(model_params), 1, constants.BLOCK, stream_index=tuple(range(len(models))))
         passes = len(method.driver(context(job, threads)).passes)

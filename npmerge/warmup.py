@@ -32,9 +32,10 @@ def compile_all() -> float:
     rng = np.random.default_rng(0)
     models = [rng.standard_normal(4 * n).astype(np.float32) for _ in range(3)]
     for method in registry.all_methods().values():
-        params = {p.name: p.default for p in method.global_params if p.default is not None}
+        params = dict(method.warmup_params or {})
+        count = min(2, method.max_models or 2)
         model_params = [{p.name: (0.5 if p.name == "density" else p.default) for p in method.model_params
-                         if p.default is not None}] * 2
-        run_arrays(method.name, models[0] if method.base != "none" else None, models[1:], params, model_params,
-                   threads=threads)
+                         if p.default is not None}] * count
+        run_arrays(method.name, models[0] if method.base != "none" else None, models[1:1 + count], params,
+                   model_params, threads=threads)
     return time.perf_counter() - started

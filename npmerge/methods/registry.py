@@ -111,6 +111,7 @@ class Method:
     example: str = ""  # CLI example for the help text and README
     check: Callable[[dict, list[dict], list[str]], None] | None = None  # cross-parameter validation
     l2_label: str = "‖Δ‖₂"  # what the engine's per-model norm measures (task vectors by default)
+    warmup_params: dict | None = None  # global parameters `npmerge warmup` runs it with (required ones)
 
     @property
     def cli_name(self) -> str:

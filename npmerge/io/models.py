@@ -1,0 +1,18 @@
+"""Model references -> opened inputs: what a string in a recipe or on the command line
+names, opened and validated. Every kind of model input (a checkpoint directory or file
+today) is opened here, so the planner asks one place."""
+
+from __future__ import annotations
+
+from .checkpoint import Checkpoint
+from .sources import MappedSource, TensorSource
+
+
+def open_model(ref: str) -> Checkpoint:
+    """Open the model `ref` names (a directory or .safetensors file)."""
+    return Checkpoint(ref)
+
+
+def source(model: Checkpoint, name: str) -> TensorSource:
+    """The tensor `name` of an opened model, as the engine reads it."""
+    return MappedSource(model.tensors[name], model.label)
