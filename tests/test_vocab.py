@@ -356,6 +356,8 @@ def test_permuted_rows_argument_checks():
     raws = [_raw(m, "model.embed_tokens.weight") for m in MODELS]
     with pytest.raises(ValueError, match="one tensor entry per input"):
         PermutedRows(v, 0, raws[:2])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        PermutedRows(v, 0, [raws[0], (np.zeros((32, 82), np.float32).T, "F32"), raws[2]])
     with pytest.raises(ValueError, match="expected \\[82, hidden\\]"):
         PermutedRows(v, 0, [raws[0], raws[0], raws[2]])
     src = PermutedRows(v, 0, [raws[0], None, raws[2]])  # base lacks <|im_end|>: donor ft-chat is needed

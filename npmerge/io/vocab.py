@@ -624,6 +624,8 @@ class PermutedRows:
             if t is None:
                 continue
             raw, _code = t
+            if not raw.flags.c_contiguous:
+                raise ValueError(f"tensor of {vocab.labels[j]} must be a C-contiguous view (as the file maps it)")
             if raw.ndim != 2 or raw.shape[0] != vocab.in_rows[j]:
                 raise ValueError(f"tensor of {vocab.labels[j]} has shape {raw.shape}, expected "
                                  f"[{vocab.in_rows[j]}, hidden]")
@@ -643,7 +645,8 @@ class PermutedRows:
         """out[:n] = elements [start, start+n) of the permuted tensor (flat, row-major), minus `minus` if given.
 
         One float32 subtraction per element for `minus` (a float32 array of length n).
-        Allocates one temporary of at most n + 2 * hidden floats.
+        Runs of consecutive input rows are decoded straight into `out`; filled rows go
+        through a temporary of at most n + 2 * hidden floats.
         """
         if start < 0 or n < 0 or start + n > self.numel:
             raise ValueError(f"elements [{start}, {start + n}) outside the tensor's {self.numel}")
@@ -651,14 +654,31 @@ class PermutedRows:
             raise ValueError("out must be a 1-D float32 array of length n")
         if n == 0:
             return
+        from ..dtypes import decode
+
         h = self.hidden
         r0, r1 = start // h, (start + n - 1) // h + 1
-        block = self.rows(r0, r1).reshape(-1)
-        lo = start - r0 * h
-        if minus is None:
-            out[:] = block[lo:lo + n]
-        else:
-            np.subtract(block[lo:lo + n], minus, out=out)
+        idx = self.map[r0:r1]
+        own = idx >= 0
+        # runs of output rows that are consecutive input rows (one slice of the input), or filled rows
+        cut = np.nonzero((own[1:] != own[:-1]) | (own[1:] & (idx[1:] != idx[:-1] + 1)))[0] + 1
+        bounds = [0, *cut.tolist(), len(idx)]
+        raw, code = self.tensors[self.model]
+        flat = raw.reshape(-1)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            e0, e1 = max(start, (r0 + a) * h), min(start + n, (r0 + b) * h)
+            o0, o1 = e0 - start, e1 - start
+            base = None if minus is None else minus[o0:o1]
+            if own[a]:
+                s0 = int(idx[a]) * h + e0 - (r0 + a) * h
+                decode(flat[s0:s0 + (e1 - e0)], code, out[o0:o1], base)
+            else:
+                block = self.rows(r0 + a, r0 + b).reshape(-1)
+                piece = block[e0 - (r0 + a) * h:e1 - (r0 + a) * h]
+                if base is None:
+                    out[o0:o1] = piece
+                else:
+                    np.subtract(piece, base, out=out[o0:o1])
 
     def rows(self, a: int, b: int) -> np.ndarray:
         """Output rows [a, b) as a new float32 array [b - a, hidden]."""
