@@ -30,6 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling generator modules
+from fixtures_lora import make_lora_fixtures  # noqa: E402
+from fixtures_vocab import make_vocab_fixtures  # noqa: E402
+
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "fixtures"
 
 # Official safetensors Dtype enum order (npmerge/dtypes.py `order`); the writer sorts
@@ -489,6 +493,22 @@ compares every file (this README included), and checks that the official
 - `tiny-int/{base,ft-a}` -- a non-Llama model: F32 `encoder.*`/`decoder.*` plus an
   **I64** `buffers.position_ids` [1, 16] and a **BOOL** `buffers.mask` [4], identical in
   both (they must be copied, never merged); `config.json` with `torch_dtype: float32`.
+- Vocabulary and layout sets (`scripts/fixtures_vocab.py`): Llama-style **BF16**, one
+  `model.safetensors` each, hidden 32, one layer (4 heads, 2 KV heads, head_dim 8),
+  WordLevel tokenizers built like `tiny-llama`'s, `config.json` `vocab_size` = the
+  embedding rows.
+  - `tiny-vocab/{base,ft-chat,ft-tool}` -- base: 80 tokens, 80 rows, untied `lm_head`.
+    `ft-chat` adds the special tokens `<|im_start|>`, `<|im_end|>` (ids 80, 81; 82 rows)
+    and a ChatML `chat_template`; `ft-tool` adds the plain word `zorba` (80) and the
+    special tokens `<tool>` (81), `<|im_start|>` (82; 83 rows) with another template, so
+    a union vocabulary moves its rows. New-token rows are N(0, 0.02).
+  - `tiny-padded/{base,ft-pad}` -- 76 tokens in 80 rows; `ft-pad` uses padded rows 76, 77
+    for `<|im_start|>`, `<|im_end|>` (same shapes, different tokenizers).
+  - `tiny-tied/{base,ft-untied,ft-deadhead}` -- base `tie_word_embeddings: true` without
+    `lm_head`; `ft-untied` stores its own `lm_head` (untied); `ft-deadhead` is tied but
+    its exporter stored a dead `lm_head`: a stale copy of the base's embeddings.
+  - `tiny-rope/{base,ft-new,ft-old}` -- `base` and `ft-old` store the buffer
+    `model.layers.0.self_attn.rotary_emb.inv_freq` (F32 [4]), `ft-new` does not.
 
 Base weights are N(0, 0.02) (o_proj/down_proj 0.01), norm weights 1 + N(0, 0.02).
 Fine-tune deltas are ~1e-3 in absolute size (a few BF16 ulps at 0.02): a shared dense
@@ -533,11 +553,8 @@ def generate(out: Path) -> None:
     make_tiny_llama(out)
     make_tiny_llama_f32(out)
     make_tiny_int(out)
-    if str(Path(__file__).resolve().parent) not in sys.path:  # scripts/, when loaded by path
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from fixtures_lora import make_lora_fixtures
-
     make_lora_fixtures(out)
+    make_vocab_fixtures(out)
     _write(out / ".gitattributes", "* -text\n*.safetensors binary\n")
     _write_readme(out)
 
