@@ -69,7 +69,7 @@ RESUME = typer.Option(False, "--resume", help="Continue an interrupted merge int
 _SHARED = dict(out_dtype=(Optional[str], OUT_DTYPE), shard_size=(Optional[str], SHARD), max_memory=(Optional[str], MEM),
                threads=(Optional[int], THREADS), dry_run=(bool, DRY), json_out=(bool, JSON), force=(bool, FORCE),
                allow_nonfinite=(bool, NONFINITE), quiet=(bool, QUIET), resume=(bool, RESUME))
-_SHORT = {"weight": "-w", "density": "-d"}
+_SHORT = {"weight": "-w", "density": "-d", "t": "-t"}
 
 
 # -- one subcommand per registered method ----------------------------------------------
@@ -102,9 +102,11 @@ def _add_method_command(method) -> None:
     if method.base == "required":
         sig.append(P("base", P.POSITIONAL_OR_KEYWORD, annotation=str,
                      default=typer.Argument(..., help="Base model (directory or .safetensors file).")))
+    exact = {1: "The other model.", 2: "The two models to merge."}.get(
+        method.min_models if method.min_models == method.max_models else 0)
     sig.append(P("models", P.POSITIONAL_OR_KEYWORD, annotation=List[str],
-                 default=typer.Argument(..., help="Models to merge." if method.base == "none"
-                                        else "Fine-tuned models to merge.")))
+                 default=typer.Argument(..., help=exact or ("Models to merge." if method.base == "none"
+                                                            else "Fine-tuned models to merge."))))
     if method.base == "optional":
         sig.append(P("base", P.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
             None, "--base", help="Base model: merge task vectors against it (optional).", rich_help_panel="Inputs")))

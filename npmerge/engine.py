@@ -144,9 +144,9 @@ class Engine:
                 if writes:
                     self.writer.write(job.name, lo * itemsize, self._out[:(hi - lo) * itemsize])
                 self.progress(job.read_bytes * (hi - lo) // max(n, 1), job.name)
-            driver.end_pass(pass_name)
-            if done == 0:
+            if done == 0:  # before the driver draws conclusions from non-finite inputs
                 self._refuse_nonfinite(job, nonfinite)
+            driver.end_pass(pass_name)
             done += 1
         if overflow and not self.allow_nonfinite:  # inputs are finite here: the merge overflowed
             raise IncompatibleModels(

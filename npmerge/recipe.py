@@ -52,12 +52,22 @@ class Recipe:
         if method.base == "none" and self.base:
             raise RecipeError(f"{method.name} has no base model, but one is given ('{self.base}')",
                               hint="list it among the models (with a weight) or remove base_model")
+        if not self.models:
+            raise RecipeError("no models to merge")
+        if method.min_models == method.max_models != len(self.models):
+            raise RecipeError(f"{method.name} merges exactly {method.min_models} model(s)"
+                              + (" besides the base" if method.base != "none" else "") + f", got {len(self.models)}",
+                              hint=f"e.g. {method.example}" if method.example else None)
         if len(self.models) < method.min_models:
-            raise RecipeError(f"{method.name} needs at least {method.min_models} model(s), got {len(self.models)}"
-                              if self.models else "no models to merge")
+            raise RecipeError(f"{method.name} needs at least {method.min_models} model(s)"
+                              + (" besides the base" if method.base == "required" else "") + f", got {len(self.models)}",
+                              hint=f"e.g. {method.example}" if method.example else None)
         if method.max_models is not None and len(self.models) > method.max_models:
             raise RecipeError(f"{method.name} merges at most {method.max_models} model(s), got {len(self.models)}")
-        method.resolve(self.params, [m.params for m in self.models], [m.path for m in self.models])  # validates early
+        labels = [m.path for m in self.models]
+        method.resolve(self.params, [m.params for m in self.models], labels)  # validates early
+        notes = method.notes(self.params, [m.params for m in self.models], labels)
+        object.__setattr__(self, "notes", tuple(self.notes) + tuple(n for n in notes if n not in self.notes))
 
     def resolved(self):
         """(Method, global params, per-model params) with defaults filled in."""

@@ -32,10 +32,11 @@ def compile_all() -> float:
     rng = np.random.default_rng(0)
     models = [rng.standard_normal(4 * n).astype(np.float32) for _ in range(3)]
     for method in registry.all_methods().values():
-        params = dict(method.warmup_params or {})
         count = min(2, method.max_models or 2)
-        model_params = [{p.name: (0.5 if p.name == "density" else p.default) for p in method.model_params
-                         if p.default is not None}] * count
-        run_arrays(method.name, models[0] if method.base != "none" else None, models[1:1 + count], params,
-                   model_params, threads=threads)
+        model_params = [{p.name: (0.5 if p.name == "density" or p.default is None else p.default)
+                         for p in method.model_params}] * count
+        for variant in ({}, *method.warmup_variants):
+            params = {**(method.warmup_params or {}), **variant}
+            run_arrays(method.name, models[0] if method.base != "none" else None, models[1:1 + count], params,
+                       model_params, threads=threads, shape=(4, n))
     return time.perf_counter() - started

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from ..errors import RecipeError
 from .protocol import Driver, Stat, TensorContext
 
-_MODULES = ("ties", "task_arithmetic", "linear")
+_MODULES = ("ties", "task_arithmetic", "linear", "slerp", "nuslerp", "model_stock", "sce")
 
 
 # A check gets the parameter's display name, e.g. "'density' of model 2 'ft-b'", and the value.
@@ -112,6 +112,8 @@ class Method:
     check: Callable[[dict, list[dict], list[str]], None] | None = None  # cross-parameter validation
     l2_label: str = "‖Δ‖₂"  # what the engine's per-model norm measures (task vectors by default)
     warmup_params: dict | None = None  # global parameters `npmerge warmup` runs it with (required ones)
+    warmup_variants: tuple[dict, ...] = ()  # further parameter sets warmup runs (kernels other settings use)
+    warn: Callable[[dict, list[dict], list[str]], list[str]] | None = None  # notes on valid but odd values
 
     @property
     def cli_name(self) -> str:
@@ -122,12 +124,41 @@ class Method:
         """Validate and fill defaults; unknown parameter names are errors. `labels` (model
         names) make messages name the model, e.g. "'density' of model 2 'ft-b' must be ...".
         `cross_check=False` skips the method's checks across parameters (kernel tests)."""
-        models = [f"model {i + 1}" + (f" '{labels[i]}'" if labels else "") for i in range(len(model_params))]
-        g = _fill(self.global_params, global_params, f"{self.name} parameters", "")
-        m = [_fill(self.model_params, p, f"parameters of {who}", f" of {who}") for p, who in zip(model_params, models)]
+        models = _who(model_params, labels)
+        foreign_g, foreign_m = self._foreign()
+        g = _fill(self.global_params, _without(global_params, foreign_g), f"{self.name} parameters", "")
+        m = [_fill(self.model_params, _without(p, foreign_m), f"parameters of {who}", f" of {who}")
+             for p, who in zip(model_params, models)]
         if self.check is not None and cross_check:
             self.check(g, m, models)
         return g, m
+
+    def notes(self, global_params: dict, model_params: list[dict], labels: list[str] | None = None) -> list[str]:
+        """Warnings about a valid recipe (SEMANTICS-2 D): parameters of other methods, which
+        are ignored as mergekit ignores them, and the method's own `warn` on odd values."""
+        foreign_g, foreign_m = self._foreign()
+        out = [f"parameter '{k}' is not a parameter of {self.name}: ignored" for k in global_params if k in foreign_g]
+        for p, who in zip(model_params, _who(model_params, labels)):
+            out += [f"'{k}' of {who} is not a parameter of {self.name}: ignored" for k in p if k in foreign_m]
+        if self.warn is not None:
+            g, m = self.resolve(global_params, model_params, labels)
+            out += self.warn(g, m, _who(model_params, labels))
+        return out
+
+    def _foreign(self) -> tuple[set, set]:
+        """Global and per-model parameter names of the other methods that this one lacks."""
+        others = [m for m in all_methods().values() if m.name != self.name]
+        own_g, own_m = {p.name for p in self.global_params}, {p.name for p in self.model_params}
+        return ({p.name for m in others for p in m.global_params} - own_g,
+                {p.name for m in others for p in m.model_params} - own_m)
+
+
+def _who(model_params: list[dict], labels: list[str] | None) -> list[str]:
+    return [f"model {i + 1}" + (f" '{labels[i]}'" if labels else "") for i in range(len(model_params))]
+
+
+def _without(given: dict, names: set) -> dict:
+    return {k: v for k, v in given.items() if k not in names}
 
 
 def _fill(schema: tuple[Param, ...], given: dict, where: str, of: str) -> dict:
