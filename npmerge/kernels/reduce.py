@@ -56,24 +56,37 @@ def _combine(lanes):
 
 @njit(cache=True, nogil=True)
 def _accumulate(x, y, a, b, lane, lanes):
-    """lanes[(lane + e - a) mod 8] += f64(x[e]) * f64(y[e]) for e = a .. b-1, in increasing e."""
+    """lanes[(lane + e - a) mod 8] += x[e] * y[e] for e = a .. b-1, in increasing e
+    (float64 x, y: the exact widened float32 values)."""
     e = a
     while e < b and lane != 0:
-        lanes[lane] += np.float64(x[e]) * np.float64(y[e])
+        lanes[lane] += x[e] * y[e]
         e += 1
         lane = (lane + 1) & 7
     a0 = lanes[0]; a1 = lanes[1]; a2 = lanes[2]; a3 = lanes[3]
     a4 = lanes[4]; a5 = lanes[5]; a6 = lanes[6]; a7 = lanes[7]
     main = e + (b - e) // 8 * 8
-    for p in range(e, main, 8):
-        a0 += np.float64(x[p]) * np.float64(y[p]); a1 += np.float64(x[p + 1]) * np.float64(y[p + 1])
-        a2 += np.float64(x[p + 2]) * np.float64(y[p + 2]); a3 += np.float64(x[p + 3]) * np.float64(y[p + 3])
-        a4 += np.float64(x[p + 4]) * np.float64(y[p + 4]); a5 += np.float64(x[p + 5]) * np.float64(y[p + 5])
-        a6 += np.float64(x[p + 6]) * np.float64(y[p + 6]); a7 += np.float64(x[p + 7]) * np.float64(y[p + 7])
+    u1, u2, u3, u4, u5, u6, u7 = (np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4), np.uint64(5),
+                                  np.uint64(6), np.uint64(7))
+    for i in range(np.uint64(0), np.uint64((main - e) // 8)):  # unsigned indices: no wraparound code
+        p = np.uint64(e) + i * np.uint64(8)
+        a0 += x[p] * y[p]; a1 += x[p + u1] * y[p + u1]; a2 += x[p + u2] * y[p + u2]; a3 += x[p + u3] * y[p + u3]
+        a4 += x[p + u4] * y[p + u4]; a5 += x[p + u5] * y[p + u5]; a6 += x[p + u6] * y[p + u6]; a7 += x[p + u7] * y[p + u7]
     lanes[0] = a0; lanes[1] = a1; lanes[2] = a2; lanes[3] = a3
     lanes[4] = a4; lanes[5] = a5; lanes[6] = a6; lanes[7] = a7
     for p in range(main, b):
-        lanes[p - main] += np.float64(x[p]) * np.float64(y[p])
+        lanes[p - main] += x[p] * y[p]
+
+
+@njit(cache=True, nogil=True)
+def _widen(rows, base, n, wide):
+    """wide[0] = f64(base), wide[1 + i] = f64(rows[i]) over the first n elements: each
+    vector converted once for all the pairs it is in."""
+    for e in range(n):
+        wide[0, e] = np.float64(base[e])
+    for i in range(rows.shape[0]):
+        for e in range(n):
+            wide[1 + i, e] = np.float64(rows[i, e])
 
 
 @njit(cache=True, nogil=True)
@@ -95,43 +108,36 @@ def _rb_of(pos, C, nbr, block):
 
 
 @njit(cache=True, nogil=True)
-def _vec(slot, rows, base):
-    """Vector slot 0 is the base, 1 + i model i (as load_rows decoded it)."""
-    return base if slot == 0 else rows[slot - 1]
-
-
-@njit(cache=True, nogil=True)
-def _blend(op, rows, base, has_base, j0, j1, ca, cb, ci, cstep, o):
-    """o[j] for j in j0 .. j1-1 with coefficients ca/cb[ci + (j - j0) * cstep]."""
+def _blend(op, rows, base, has_base, n, a, b, o):
+    """o[:n] from the decoded block and per-element coefficients a, b (float32)."""
     if op == SLERP:
         x1 = rows[0]
-        for j in range(j0, j1):
-            c = ci + (j - j0) * cstep
-            o[j] = ca[c] * base[j] + cb[c] * x1[j]
+        for j in range(n):
+            o[j] = a[j] * base[j] + b[j] * x1[j]
     elif op == NUSLERP:
-        x0 = rows[0]
-        x1 = rows[1]
-        for j in range(j0, j1):
-            c = ci + (j - j0) * cstep
-            r = ca[c] * x0[j] + cb[c] * x1[j]
-            o[j] = (base[j] + r) if has_base else r
-    else:  # STOCK
-        nm = rows.shape[0]
-        fn = np.float32(nm)
-        for j in range(j0, j1):
-            m = np.float32(0.0)
-            for i in range(nm):
-                m += rows[i, j]
-            m = m / fn
-            c = ci + (j - j0) * cstep
-            o[j] = ca[c] * m + cb[c] * base[j]
+        x0, x1 = rows[0], rows[1]
+        for j in range(n):
+            o[j] = a[j] * x0[j] + b[j] * x1[j]
+        if has_base:
+            for j in range(n):
+                o[j] = base[j] + o[j]
+    else:  # STOCK: o[j] is first the running sum of the models, from +0
+        fn = np.float32(rows.shape[0])
+        for j in range(n):
+            o[j] = np.float32(0.0)
+        for i in range(rows.shape[0]):
+            x = rows[i]
+            for j in range(n):
+                o[j] += x[j]
+        for j in range(n):
+            o[j] = a[j] * (o[j] / fn) + b[j] * base[j]
 
 
 @njit(cache=True, nogil=True)
-def _row_sums(rows, base, s, e, C, nbr, block, pa, pb, carry_in, carry_out, sums):
-    """SUMS over the decoded elements s..e-1: each row block's pairs, from +0 lanes or
-    continuing carry_in (a block begun in the previous span); finished blocks to sums,
-    an unfinished one to carry_out."""
+def _row_sums(wide, s, e, C, nbr, block, pa, pb, carry_in, carry_out, sums):
+    """SUMS over the decoded elements s..e-1 (wide: vector slots as float64): each row
+    block's pairs, from +0 lanes or continuing carry_in (a block begun in the previous
+    span); finished blocks to sums, an unfinished one to carry_out."""
     lanes = np.empty(8, np.float64)
     k = _rb_of(s, C, nbr, block)
     while True:
@@ -140,7 +146,7 @@ def _row_sums(rows, base, s, e, C, nbr, block, pa, pb, carry_in, carry_out, sums
         for p in range(pa.shape[0]):
             for q in range(8):
                 lanes[q] = carry_in[p, q] if a > start else 0.0
-            _accumulate(_vec(pa[p], rows, base), _vec(pb[p], rows, base), a - s, b - s, (a - start) & 7, lanes)
+            _accumulate(wide[pa[p]], wide[pb[p]], a - s, b - s, (a - start) & 7, lanes)
             if b == end:
                 sums[p, k] = _combine(lanes)
             else:
@@ -152,15 +158,16 @@ def _row_sums(rows, base, s, e, C, nbr, block, pa, pb, carry_in, carry_out, sums
 
 
 @njit(cache=True, nogil=True)
-def _column_sums(rows, base, n, i, first, R, nbr, block, pa, pb, lanes, sums):
-    """COLUMNS: row i of the (R, W) view, columns first .. first+n-1: add the terms to
-    each column's lane i mod 8; a column's block ends at row i: its sum to sums."""
+def _column_sums(wide, n, i, first, R, nbr, block, pa, pb, lanes, sums):
+    """COLUMNS: row i of the (R, W) view, columns first .. first+n-1 (wide: vector slots
+    as float64): add the terms to each column's lane i mod 8; a column's block ends at
+    row i: its sum to sums."""
     lane = (i % block) & 7
     for p in range(pa.shape[0]):
-        x, y = _vec(pa[p], rows, base), _vec(pb[p], rows, base)
+        x, y = wide[pa[p]], wide[pb[p]]
         acc = lanes[p, lane]
         for q in range(n):
-            acc[first + q] += np.float64(x[q]) * np.float64(y[q])
+            acc[first + q] += x[q] * y[q]
     if i % block == block - 1 or i == R - 1:
         done = np.empty(8, np.float64)
         for p in range(pa.shape[0]):
@@ -172,16 +179,24 @@ def _column_sums(rows, base, n, i, first, R, nbr, block, pa, pb, lanes, sums):
 
 
 @njit(cache=True, nogil=True)
-def _blend_range(op, rows, base, has_base, s, n, W, per_col, ca, cb, o):
-    """Blend elements s..s+n-1 into o[:n], with the coefficients of vector e // W (rows)
-    or e % W (columns), one segment of the (-1, W) view at a time."""
-    j0 = np.int64(0)
+def _blend_range(op, rows, base, has_base, s, n, W, per_col, ca, cb, a, b, o):
+    """Blend elements s..s+n-1 into o[:n]; a, b (scratch) get each element's coefficients:
+    those of vector e // W (rows) or e % W (columns)."""
+    j0 = 0
     while j0 < n:
         v = (s + j0) // W
         j1 = min(n, (v + 1) * W - s)
-        ci, step = (s + j0 - v * W, np.int64(1)) if per_col else (v, np.int64(0))
-        _blend(op, rows, base, has_base, j0, j1, ca, cb, ci, step, o)
+        if per_col:
+            first = s + j0 - v * W
+            for j in range(j0, j1):
+                a[j] = ca[first + j - j0]
+                b[j] = cb[first + j - j0]
+        else:
+            for j in range(j0, j1):
+                a[j] = ca[v]
+                b[j] = cb[v]
         j0 = j1
+    _blend(op, rows, base, has_base, n, a, b, o)
 
 
 @njit(cache=True, nogil=True)
@@ -194,6 +209,8 @@ def _item(addrs, modes, luts, rnd, has_base, deltas, lo, hi, block, op, C, W, ch
     rows = np.empty((nm, cap), np.float32)
     base = np.empty(cap, np.float32)
     o = np.empty(cap, np.float32)
+    wide = np.empty((nm + 1 if op <= COLUMNS else 0, cap), np.float64)
+    coef = np.empty((2 if SLERP <= op <= STOCK else 0, cap), np.float32)
     bad = 0
     for rg in range(ranges):
         if op == COLUMNS:
@@ -211,12 +228,14 @@ def _item(addrs, modes, luts, rnd, has_base, deltas, lo, hi, block, op, C, W, ch
             continue
         load_rows(addrs, modes, luts, rnd, has_base, deltas, s, n, rows, base)
         write = False
+        if op <= COLUMNS:
+            _widen(rows, base, n, wide)
         if op == SUMS:
-            _row_sums(rows, base, s, e, C, nbr, block, pa, pb, carry_in, carry_out, sums)
+            _row_sums(wide, s, e, C, nbr, block, pa, pb, carry_in, carry_out, sums)
         elif op == COLUMNS:
-            _column_sums(rows, base, n, i0 + rg, s - (i0 + rg) * W, C, nbr, block, pa, pb, lanes, sums)
+            _column_sums(wide, n, i0 + rg, s - (i0 + rg) * W, C, nbr, block, pa, pb, lanes, sums)
         elif op <= STOCK:
-            _blend_range(op, rows, base, has_base, s, n, W, per_col, ca, cb, o)
+            _blend_range(op, rows, base, has_base, s, n, W, per_col, ca, cb, coef[0], coef[1], o)
             write = True
         else:
             write = _sce(op, rows, base, n, s // block, selecting, shift, prefix, t, tq, tm, hist, nan, tie_start,
@@ -386,14 +405,15 @@ def _variance(rows, n, mu, v):
     for i in range(nm):
         for e in range(n):
             mu[e] += np.float64(rows[i, e])
+    dn = np.float64(nm)
     for e in range(n):
-        mu[e] = mu[e] / nm
+        mu[e] = mu[e] / dn
     for i in range(nm):
         for e in range(n):
             d = np.float64(rows[i, e]) - mu[e]
             v[e] += d * d
     for e in range(n):
-        v[e] = v[e] / nm
+        v[e] = v[e] / dn
 
 
 @njit(cache=True, nogil=True)
@@ -401,20 +421,23 @@ def _select(rows, keys, n, t, tq, tm, rem):
     """Zero (+0.0) every model's element e unless keep(v, 0, k) holds: key > t, or
     key == t and the tie is kept (all when tq >= tm, else the even thinning with the
     running remainder `rem`, returned)."""
-    nm = rows.shape[0]
-    thin = 0 < tq < tm
+    keep = np.empty(n, np.bool_)
+    ties = 0
     for e in range(n):
-        key = keys[e]
-        keep = key > t
-        if key == t:
-            if thin:
-                keep = rem + tq >= tm
-                rem = rem + tq - (tm if keep else 0)
-            else:
-                keep = tq >= tm and tq > 0
-        if not keep:
-            for i in range(nm):
-                rows[i, e] = np.float32(0.0)
+        keep[e] = keys[e] > t
+        ties += keys[e] == t
+    if ties:
+        for e in range(n):
+            if keys[e] == t:
+                if tq < tm:
+                    keep[e] = rem + tq >= tm
+                    rem = rem + tq - (tm if keep[e] else 0)
+                else:
+                    keep[e] = tq > 0
+    for i in range(rows.shape[0]):
+        x = rows[i]
+        for e in range(n):
+            x[e] = x[e] if keep[e] else np.float32(0.0)
     return rem
 
 

@@ -109,7 +109,11 @@ class BlendDriver(Driver):
         self.ca = self.cb = None
 
     def work_bytes(self, span: int) -> int:
-        return VectorSums.nbytes(self.ctx, self.sums.layout, self.npairs) + 8 * self.sums.nvec
+        """Accumulators and coefficients, and the kernel's per-thread float64 copies of a
+        block of every input and per-element coefficients (beyond budget.kernel_bytes)."""
+        per_thread = BLOCK * (8 * (self.ctx.n_models + 1) + 8)
+        return VectorSums.nbytes(self.ctx, self.sums.layout, self.npairs) + 8 * self.sums.nvec + \
+            self.ctx.threads * per_thread
 
     def feed(self, pass_name: str, span: Span) -> int:
         if pass_name == "reduce":

@@ -125,6 +125,12 @@ class Method:
         names) make messages name the model, e.g. "'density' of model 2 'ft-b' must be ...".
         `cross_check=False` skips the method's checks across parameters (kernel tests)."""
         models = _who(model_params, labels)
+        own_g = {p.name for p in self.global_params} - {p.name for p in self.model_params}
+        for p, who in zip(model_params, models):
+            misplaced = sorted(own_g & set(p))
+            if misplaced:
+                raise RecipeError(f"'{misplaced[0]}' of {who} is a global parameter of {self.name}, not a per-model one",
+                                  hint="give it under the recipe's top-level parameters")
         foreign_g, foreign_m = self._foreign()
         g = _fill(self.global_params, _without(global_params, foreign_g), f"{self.name} parameters", "")
         m = [_fill(self.model_params, _without(p, foreign_m), f"parameters of {who}", f" of {who}")
