@@ -281,3 +281,24 @@ def test_peak_anonymous_memory_follows_the_budget(method, tmp_path):
     assert big - tiny <= BUDGET + 8 * 2**20, (big, tiny)
     assert big - tiny < BIG * (4 * 4 + 8) / 8  # far below what holding the tensor would need
     assert (tmp_path / "out" / "model.safetensors").stat().st_size > 2 * BIG
+
+
+def test_nonfinite_inputs_refused_before_sce_ranks_them(tmp_path, monkeypatch):
+    """The engine refuses NaN/Inf inputs after the first pass, before the driver ranks
+    variances: without --allow-nonfinite the message is about the input (exit 4), with it
+    SCE's own (a NaN variance has no rank, exit 4); nothing written either way."""
+    tensors = load_model(LLAMA_F32 / "ft-b")
+    tensors["model.norm.weight"][5] = np.nan
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    (bad / "config.json").write_text((LLAMA_F32 / "ft-b" / "config.json").read_text())
+    for extra, phrase in [([], "model 2 'bad' tensor 'model.norm.weight' has 1 NaN/Inf value(s)"),
+                          (["--allow-nonfinite"], "tensor 'model.norm.weight': SCE cannot rank elements by variance")]:
+        work = tmp_path / f"work{len(extra)}"
+        work.mkdir()
+        monkeypatch.chdir(tmp_path)
+        res = run("sce", LLAMA_F32 / "base", LLAMA_F32 / "ft-a", "bad", "--select-topk", "0.5", *extra,
+                  "-o", work / "out")
+        assert_error(res, 4, phrase)
+        assert os.listdir(work) == [] and litter(tmp_path) == []

@@ -438,3 +438,50 @@ def test_no_fused_multiply_add():
 
     got, _, _ = merge("sce", base, models)
     assert same(got, ref.sce(base, models))
+
+
+# ------------------------------------------------------------------ non-finite inputs
+
+
+def same_or_both_nan(a, b) -> bool:
+    """Bitwise equal, except that any NaN matches any NaN (payloads are not specified)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    nan = np.isnan(a)
+    return bool((nan == np.isnan(b)).all() and np.array_equal(bits(a[~nan]), bits(b[~nan])))
+
+
+@pytest.mark.parametrize("method", ["slerp", "nuslerp", "model_stock", "sce"])
+def test_nonfinite_inputs_follow_ieee(method):
+    """With --allow-nonfinite, Inf/NaN flow through the sums and coefficients as IEEE
+    arithmetic (the reference's rule for non-finite block sums) and the output matches
+    the reference, NaN where it has NaN."""
+    rng = np.random.default_rng(41)
+    base = normal(rng, (300,))
+    models = [(base + normal(rng, (300,), 0.1)).astype(np.float32) for _ in range(2)]
+    models[0][[3, 200]] = [np.inf, -np.inf]
+    models[1][17] = np.nan
+    params, mp = {"slerp": ({"t": 0.3}, [{}]), "nuslerp": ({}, [{"weight": 1.0}, {"weight": 2.0}]),
+                  "model_stock": ({}, [{}, {}]), "sce": ({}, [{}, {}])}[method]
+    ms = models[:len(mp)]
+    out, _ = run_arrays(method, base, ms, params, mp, allow_nonfinite=True, block=64)
+    with grid(64):
+        want = {"slerp": lambda: ref.slerp(base, ms[0], 0.3), "nuslerp": lambda: ref.nuslerp(ms, [1.0, 2.0], base),
+                "model_stock": lambda: ref.model_stock(base, ms), "sce": lambda: ref.sce(base, ms)}[method]()
+    assert np.isnan(want).any() and same_or_both_nan(out, want)
+
+
+def test_sce_refuses_nan_variance():
+    """keep(v, 0, k) has no rank for NaN: with a selection, a NaN variance is an error
+    naming the tensor (only reachable with --allow-nonfinite)."""
+    from npmerge.errors import IncompatibleModels
+
+    rng = np.random.default_rng(43)
+    base = normal(rng, (300,))
+    models = [(base + normal(rng, (300,), 0.1)).astype(np.float32) for _ in range(2)]
+    models[1][17] = np.nan
+    with pytest.raises(IncompatibleModels, match="tensor 'tensor': SCE cannot rank elements by variance, 1 variance"):
+        run_arrays("sce", base, models, {"select_topk": 0.5}, [{}, {}], allow_nonfinite=True)
+    with pytest.raises(ValueError):
+        ref.sce(base, models, select_topk=0.5)
+    out, _ = run_arrays("sce", base, models, {"select_topk": 0.0}, [{}, {}], allow_nonfinite=True)
+    assert same(out, ref.sce(base, models, select_topk=0.0))  # nothing to rank: the base
