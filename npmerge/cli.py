@@ -75,7 +75,7 @@ _SHORT = {"weight": "-w", "density": "-d"}
 # -- one subcommand per registered method ----------------------------------------------
 def _option(param, per_model: bool):
     """The typer annotation and Option of one method parameter."""
-    default = "required" if param.default is None else f"default {param.default}"
+    default = ("not given" if param.optional else "required") if param.default is None else f"default {param.default}"
     flags = [param.cli_flag] + ([_SHORT[param.name]] if param.name in _SHORT else [])
     panel = "Method"
     if per_model:
@@ -147,7 +147,8 @@ _add_method_commands()
 
 @app.command()
 def run(
-    recipe: Path = typer.Argument(..., help="Recipe YAML in mergekit's layout (merge_method, base_model, models, parameters)."),
+    recipe: Path = typer.Argument(..., help="Recipe YAML in mergekit's layout (merge_method, base_model, models or "
+                                            "slices, parameters, dtype, out_dtype)."),
     out: Path = OUT,
     shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS,
     dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE, quiet: bool = QUIET, resume: bool = RESUME,
@@ -156,13 +157,7 @@ def run(
     def build():
         from .recipe import Recipe
 
-        try:
-            text = recipe.read_text(encoding="utf-8")
-        except OSError as exc:
-            from .errors import RecipeError
-
-            raise RecipeError(f"cannot read recipe '{recipe}': {exc.strerror}") from None
-        return Recipe.from_yaml(text, str(recipe))
+        return Recipe.from_file(recipe)
 
     _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume)
 

@@ -11,6 +11,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
                            TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
 
+from .plan_params import layer_table
 from .units import human_bytes
 
 _console: Console | None = None
@@ -58,6 +59,7 @@ def plan_dict(plan, out) -> dict:
         "span_elements": plan.span,
         "threads": plan.threads,
         "notes": plan.notes,
+        "parameter_table": layer_table(plan),
     }
 
 
@@ -79,6 +81,12 @@ def plan(plan, out) -> None:
     for note in d["notes"]:
         t.add_row("note", note)
     stderr().print(t)
+    if d["parameter_table"]:
+        rows = d["parameter_table"]
+        p = Table("tensors", *rows[0]["values"], title="parameters that vary per tensor")
+        for row in rows:
+            p.add_row(row["tensors"], *row["values"].values())
+        stderr().print(p)
 
 
 @contextlib.contextmanager

@@ -12,12 +12,16 @@ import math
 import os
 
 from . import __version__
+from .plan_params import deviations
 
 
-def totals(method, stats: dict[str, dict], n_models: int) -> dict:
+def totals(method, stats: dict[str, dict], n_models: int, members: dict[str, tuple] | None = None) -> dict:
     """Model-level figures over all tensors, as each of the method's statistics declares
-    (element-weighted mean, or a ratio of summed counts); and the task-vector norms."""
+    (element-weighted mean, or a ratio of summed counts); and the task-vector norms.
+    `members`: tensor name -> the plan's model index of each of its models, where a
+    tensor merges only some of them (slices of a frankenmerge)."""
     tensors = list(stats.values())
+    members = members or {}
     numel = sum(s["numel"] for s in tensors) or 1
 
     def total(spec, entries: list[dict]) -> float:
@@ -29,7 +33,8 @@ def totals(method, stats: dict[str, dict], n_models: int) -> dict:
 
     models = []
     for i in range(n_models):
-        entries = [(s["models"][i], s) for s in tensors]
+        entries = [(s["models"][list(members.get(name, range(n_models))).index(i)], s)
+                   for name, s in stats.items() if i in members.get(name, range(n_models))]
         m = {spec.key: total(spec, entries) for spec in method.stats if spec.per_model}
         m["l2"] = math.sqrt(math.fsum(e["l2"] ** 2 for e, _ in entries))
         models.append(m)
@@ -58,8 +63,10 @@ def build_report(plan, stats: dict[str, dict], files: dict[str, dict]) -> dict:
         "notes": plan.notes + _nonfinite_notes(stats),
         "tensors_merged": sum(1 for j in plan.jobs if not j.copy),
         "tensors_copied": sum(1 for j in plan.jobs if j.copy),
-        "totals": {**totals(method, stats, len(plan.models)), "input_passes": input_passes(plan, stats)},
+        "totals": {**totals(method, stats, len(plan.models), {j.name: j.members for j in plan.jobs if j.members}),
+                   "input_passes": input_passes(plan, stats)},
         "tensors": {name: {k: v for k, v in s.items()} for name, s in stats.items()},
+        "tensor_parameters": deviations(plan),  # per-tensor values that differ from "parameters"/"models"
         "files": files,
     }
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from ..errors import RecipeError
 from .protocol import Driver, Stat, TensorContext
 
-_MODULES = ("ties", "task_arithmetic", "linear")
+_MODULES = ("ties", "task_arithmetic", "linear", "passthrough")
 
 
 # A check gets the parameter's display name, e.g. "'density' of model 2 'ft-b'", and the value.
@@ -75,9 +75,10 @@ def choice(*options: str) -> Callable[[str, Any], str]:
 @dataclass(frozen=True)
 class Param:
     name: str
-    default: Any  # None: required
+    default: Any  # None: required (unless optional)
     check: Callable[[str, Any], Any]
     help: str
+    optional: bool = False  # default None means "not given" (left out of the resolved values), not required
 
     @property
     def kind(self) -> str:
@@ -112,6 +113,8 @@ class Method:
     check: Callable[[dict, list[dict], list[str]], None] | None = None  # cross-parameter validation
     l2_label: str = "‖Δ‖₂"  # what the engine's per-model norm measures (task vectors by default)
     warmup_params: dict | None = None  # global parameters `npmerge warmup` runs it with (required ones)
+    copies: Callable[[dict, list[dict]], bool] | None = None  # (global, per-model values) -> the output is
+    # model 1's input unchanged, so the plan may copy the stored bytes (passthrough without a scale)
 
     @property
     def cli_name(self) -> str:
@@ -141,8 +144,10 @@ def _fill(schema: tuple[Param, ...], given: dict, where: str, of: str) -> dict:
         label = f"'{p.name}'{of}" if of else f"parameter '{p.name}'"
         if p.name in given:
             out[p.name] = p.check(label, given[p.name])
-        elif p.default is None:
+        elif p.default is None and not p.optional:
             raise RecipeError(f"missing {label}", hint=f"{p.name}: {p.help}")
+        elif p.default is None:
+            continue
         else:
             out[p.name] = p.default
     return out
