@@ -239,15 +239,15 @@ def _jobs(recipe: Recipe, method: Method, base: Checkpoint | None, models: list[
     for spec in specs:
         sl = slices[spec.slice]
         refs = [src.ckpt.tensors[n] for src, n in zip(sl.sources, spec.inputs)]
-        roles = [f"base '{src.ref}'" if src.member < 0 else f"model '{src.ref}'" for src in sl.sources]
+        roles = ["base" if src.member < 0 else f"model {src.member + 1}" for src in sl.sources]
         dtypes = [r.info.dtype.name for r in refs]
         kinds = {DTYPES[d].is_float for d in dtypes}
         first = next((i for i, src in enumerate(sl.sources) if src.member < 0), 0)  # the base, else the first
         info = refs[first].info
         if len({r.info.shape for r in refs}) > 1:
             raise IncompatibleModels(f"tensor '{spec.name}' comes from inputs of different shapes: "
-                                     + ", ".join(f"{role} '{n}' {list(r.info.shape)}"
-                                                 for role, n, r in zip(roles, spec.inputs, refs)),
+                                     + ", ".join(f"{role} '{src.ref}' '{n}' {list(r.info.shape)}"
+                                                 for role, src, n, r in zip(roles, sl.sources, spec.inputs, refs)),
                                      hint="slices must take matching layers")
         if kinds == {False}:
             _check_equal(spec, sl, refs, inputs)

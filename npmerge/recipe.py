@@ -102,6 +102,7 @@ class Recipe:
     allow_nonfinite: bool = False
     notes: tuple[str, ...] = ()
     source: str | None = field(default=None, compare=False)  # recipe file name for messages; None: command line
+    listed_base_is_base: bool = True  # mergekit's rule; False on the command line, where BASE given again is an error
     base: str | None = field(init=False, default=None)
     models: tuple[ModelEntry, ...] = field(init=False, default=())
 
@@ -123,7 +124,8 @@ class Recipe:
 
     # -- derived facts ---------------------------------------------------------------
     def is_base(self, ref: str) -> bool:
-        return self.base is not None and same_model(ref, self.base)
+        """Whether a listed model is the base (and so not merged as a model)."""
+        return self.listed_base_is_base and self.base is not None and same_model(ref, self.base)
 
     @property
     def is_uniform(self) -> bool:
@@ -303,7 +305,8 @@ class Recipe:
         rounding = _input_dtype(dtype, "--dtype") if dtype else None
         return cls(method=method, base_model=base, entries=tuple(ModelEntry(m, p) for m, p in zip(models, entries)),
                    params={k: v for k, v in (params or {}).items() if v is not None}, dtype=rounding,
-                   out_dtype=parse_user_dtype(out_dtype) if out_dtype else rounding, allow_nonfinite=allow_nonfinite)
+                   out_dtype=parse_user_dtype(out_dtype) if out_dtype else rounding, allow_nonfinite=allow_nonfinite,
+                   listed_base_is_base=False)
 
     # -- YAML --------------------------------------------------------------------
     @classmethod
@@ -335,13 +338,13 @@ class Recipe:
         if data.get("models") is not None:
             raw = data["models"]
             if not isinstance(raw, list) or not raw:
-                raise err("'models' must be a non-empty list", hint="models:\n  - model: path/to/model")
+                raise err("'models' must be a non-empty list", hint="list them as entries: models: [{model: path/to/model, parameters: {weight: 1.0}}]")
             entries = tuple(_model_entry(e, i, err) for i, e in enumerate(raw))
         slices = ()
         if data.get("slices") is not None:
             raw = data["slices"]
             if not isinstance(raw, list) or not raw:
-                raise err("'slices' must be a non-empty list", hint="slices:\n  - sources:\n      - model: ...")
+                raise err("'slices' must be a non-empty list", hint="e.g. slices: [{sources: [{model: path/to/model, layer_range: [0, 16]}]}]")
             slices = tuple(_slice(s, k, base, err) for k, s in enumerate(raw))
         params = _params(data.get("parameters"), "parameters", err)
         dtype = _input_dtype(data.get("dtype"), "dtype", err) if data.get("dtype") is not None else None
@@ -427,7 +430,7 @@ def _params(value: Any, what: str, error: Callable) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise error(f"'{what}' must be a mapping, got {value!r}", hint="parameters:\n  weight: 0.5")
+        raise error(f"'{what}' must be a mapping, got {value!r}", hint="e.g. parameters: {weight: 0.5}")
     return dict(value)
 
 
@@ -435,7 +438,7 @@ def _model_entry(entry: Any, i: int, error: Callable) -> ModelEntry:
     if isinstance(entry, str):
         entry = {"model": entry}
     if not isinstance(entry, dict) or "model" not in entry:
-        raise error(f"models[{i}] must be a mapping with a 'model' key", hint="models:\n  - model: path/to/model")
+        raise error(f"models[{i}] must be a mapping with a 'model' key", hint="list them as entries: models: [{model: path/to/model, parameters: {weight: 1.0}}]")
     _keys(entry, MODEL_KEYS, f"models[{i}].", error,
           hint="a model entry holds 'model' and 'parameters' (weight, density, ...)")
     return ModelEntry(_ref(entry["model"], f"models[{i}].model", error),
@@ -446,7 +449,7 @@ def _slice(data: Any, k: int, base: str | None, error: Callable) -> Slice:
     at = f"slices[{k}]"
     if not isinstance(data, dict) or not isinstance(data.get("sources"), list) or not data["sources"]:
         raise error(f"{at} must be a mapping with a non-empty 'sources' list",
-                    hint="slices:\n  - sources:\n      - model: path/to/model\n        layer_range: [0, 16]")
+                    hint="e.g. slices: [{sources: [{model: path/to/model, layer_range: [0, 16]}]}]")
     _keys(data, SLICE_KEYS, f"{at}.", error)
     if "residual_weight" in data:
         raise error(f"{at}.residual_weight is not supported (mergekit parses it and ignores it)",

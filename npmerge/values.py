@@ -64,7 +64,7 @@ def parse_setting(value: Any, where: str, check: Callable[[str, Any], Any] | Non
     if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
         out = []
         for i, entry in enumerate(value):
-            at = f"{where}[{i}]"
+            at = f"{where} (filter entry {i + 1})"
             unknown = [k for k in entry if k not in ENTRY_KEYS]
             if unknown:
                 raise RecipeError(f"{at}: unknown key '{unknown[0]}' in a filter entry" + suggest(unknown[0], ENTRY_KEYS),
@@ -74,12 +74,12 @@ def parse_setting(value: Any, where: str, check: Callable[[str, Any], Any] | Non
                                   hint="a filter entry is {filter: <part of a tensor name>, value: <number or list>}")
             flt = entry.get("filter")
             if flt is not None and (not isinstance(flt, str) or not flt):
-                raise RecipeError(f"{at}.filter must be a non-empty string (part of a tensor name), got {flt!r}")
+                raise RecipeError(f"{at}: filter must be a non-empty string (part of a tensor name), got {flt!r}")
             inner = entry["value"]
             if isinstance(inner, dict) or is_entries(inner):
-                raise RecipeError(f"{at}.value: filter entries cannot be nested",
+                raise RecipeError(f"{at}: filter entries cannot be nested",
                                   hint="give a number or a list of numbers as the value")
-            out.append({"filter": flt, "value": parse_setting(inner, f"{at}.value", check)})
+            out.append({"filter": flt, "value": parse_setting(inner, at, check)})
         return out
     if isinstance(value, list):
         if not value:
@@ -87,7 +87,8 @@ def parse_setting(value: Any, where: str, check: Callable[[str, Any], Any] | Non
         if not (all(_is_number(a) for a in value) or all(_is_bool(a) for a in value)):
             raise RecipeError(f"{where}: a gradient must be a list of numbers (or of booleans), got {value!r}",
                               hint="e.g. [0.2, 0.5, 0.8]: interpolated from the first to the last layer of a slice")
-        return [_checked(check, f"{where}[{i}]", a) for i, a in enumerate(value)]
+        return [_checked(check, f"{where} (gradient value {i + 1})" if len(value) > 1 else where, a)
+                for i, a in enumerate(value)]
     if value is None:
         raise RecipeError(f"{where} has no value", hint="give a number, a list of numbers, or filter entries")
     if not _is_scalar(value):
