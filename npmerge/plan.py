@@ -259,7 +259,7 @@ def _jobs(recipe: Recipe, method: Method, base: Checkpoint | None, models: list[
         unsupported = {d for d in dtypes if d not in DECODABLE}
         if len(kinds) > 1 or unsupported:
             raise IncompatibleModels(
-                f"tensor '{spec.name}' cannot be merged: dtypes " + ", ".join(f"{r} {d}" for r, d in zip(roles, dtypes)),
+                f"tensor '{spec.name}' cannot be merged: dtypes " + ", ".join(map(" ".join, zip(roles, dtypes))),
                 hint="a float tensor in one model is an integer tensor in another" if len(kinds) > 1
                      else "npmerge merges BF16, F16, F32, F64 and FP8 (E4M3, E5M2) float tensors")
         if len(set(dtypes)) > 1:

@@ -15,6 +15,7 @@ slices), so `to_yaml` writes a recipe that reproduces the merge.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +40,9 @@ SOURCE_KEYS = ("model", "layer_range", "parameters")
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 NPMERGE_KEYS = ("allow_nonfinite",)
 INPUT_DTYPES = ("BF16", "F16", "F32")  # `dtype:` rounds inputs to BF16/F16; F32 changes nothing
+MODELS_HINT = "list them as entries: models: [{model: path/to/model, parameters: {weight: 1.0}}]"
+SLICES_HINT = "e.g. slices: [{sources: [{model: path/to/model, layer_range: [0, 16]}]}]"
+
 
 def same_model(a: str | None, b: str | None) -> bool:
     """Two model references written differently but naming the same path (./x, x/)."""
@@ -48,8 +52,6 @@ def same_model(a: str | None, b: str | None) -> bool:
 
 
 def _norm(ref: str) -> str:
-    import os
-
     return os.path.normpath(os.path.expanduser(ref))
 
 
@@ -234,7 +236,10 @@ class Recipe:
             self.uniform_values()
 
     def uniform_values(self) -> tuple[dict, list[dict]]:
-        """(global, per-model) values of a uniform recipe, defaults filled and checked."""
+        """(global, per-model) values of a uniform recipe (see is_uniform), defaults filled
+        and checked; other recipes get their values per tensor from the planner."""
+        if not self.is_uniform:
+            raise ValueError("uniform_values() of a recipe with slices, gradients or filters")
         method = registry.get(self.method)
         g_names = {p.name for p in method.global_params}
         top_g = {k: v for k, v in self.params.items() if k in g_names}
@@ -338,13 +343,13 @@ class Recipe:
         if data.get("models") is not None:
             raw = data["models"]
             if not isinstance(raw, list) or not raw:
-                raise err("'models' must be a non-empty list", hint="list them as entries: models: [{model: path/to/model, parameters: {weight: 1.0}}]")
+                raise err("'models' must be a non-empty list", hint=MODELS_HINT)
             entries = tuple(_model_entry(e, i, err) for i, e in enumerate(raw))
         slices = ()
         if data.get("slices") is not None:
             raw = data["slices"]
             if not isinstance(raw, list) or not raw:
-                raise err("'slices' must be a non-empty list", hint="e.g. slices: [{sources: [{model: path/to/model, layer_range: [0, 16]}]}]")
+                raise err("'slices' must be a non-empty list", hint=SLICES_HINT)
             slices = tuple(_slice(s, k, base, err) for k, s in enumerate(raw))
         params = _params(data.get("parameters"), "parameters", err)
         dtype = _input_dtype(data.get("dtype"), "dtype", err) if data.get("dtype") is not None else None
@@ -438,7 +443,7 @@ def _model_entry(entry: Any, i: int, error: Callable) -> ModelEntry:
     if isinstance(entry, str):
         entry = {"model": entry}
     if not isinstance(entry, dict) or "model" not in entry:
-        raise error(f"models[{i}] must be a mapping with a 'model' key", hint="list them as entries: models: [{model: path/to/model, parameters: {weight: 1.0}}]")
+        raise error(f"models[{i}] must be a mapping with a 'model' key", hint=MODELS_HINT)
     _keys(entry, MODEL_KEYS, f"models[{i}].", error,
           hint="a model entry holds 'model' and 'parameters' (weight, density, ...)")
     return ModelEntry(_ref(entry["model"], f"models[{i}].model", error),
@@ -449,14 +454,15 @@ def _slice(data: Any, k: int, base: str | None, error: Callable) -> Slice:
     at = f"slices[{k}]"
     if not isinstance(data, dict) or not isinstance(data.get("sources"), list) or not data["sources"]:
         raise error(f"{at} must be a mapping with a non-empty 'sources' list",
-                    hint="e.g. slices: [{sources: [{model: path/to/model, layer_range: [0, 16]}]}]")
+                    hint=SLICES_HINT)
     _keys(data, SLICE_KEYS, f"{at}.", error)
     if "residual_weight" in data:
         raise error(f"{at}.residual_weight is not supported (mergekit parses it and ignores it)",
                     hint="remove it")
     if data.get("base_model") is not None and not same_model(data["base_model"], base):
-        raise error(f"{at}.base_model '{data['base_model']}' " + (f"differs from the recipe's base_model '{base}'"
-                                                                  if base else "is given without a top-level base_model"),
+        differs = (f"differs from the recipe's base_model '{base}'" if base
+                   else "is given without a top-level base_model")
+        raise error(f"{at}.base_model '{data['base_model']}' {differs}",
                     hint="npmerge merges every slice against the one top-level base_model")
     sources = []
     for j, src in enumerate(data["sources"]):

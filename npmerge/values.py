@@ -15,6 +15,7 @@ tensor. The arithmetic is tests/reference.py's, operation for operation.
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Callable, Iterator
 
@@ -27,8 +28,6 @@ ENTRY_KEYS = ("filter", "value")
 
 def suggest(word: str, options) -> str:
     """' (did you mean 'x'?)' for the closest of `options`, or ''."""
-    import difflib
-
     close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -160,8 +159,7 @@ def filters(setting: Any) -> Iterator[str]:
 MERGEKIT_GLOBAL = ("t", "lambda", "normalize", "rescale", "int8_mask", "filter_wise", "select_topk",
                    "nuslerp_flatten", "nuslerp_row_wise", "max_iter", "tol", "normalize_weights", "eps")
 MERGEKIT_PER_MODEL = ("weight", "density", "gamma", "epsilon", "scale")
-NO_OP_GLOBAL = ("int8_mask",)  # accepted and changes nothing (float32 math)
-
+NO_OP_GLOBAL = ("int8_mask",)  # accepted and changes nothing (in mergekit it only saves memory)
 
 
 def other_methods(method) -> dict[str, list[str]]:
@@ -175,7 +173,7 @@ def other_methods(method) -> dict[str, list[str]]:
 
 
 def check_level(method, other: dict, params: dict, where: str | None, level: str, error: Callable,
-              ignored: dict) -> dict:
+                ignored: dict) -> dict:
     """Check one level's settings (level: top, slice or model) and return those that apply:
     a global parameter under a model is an error, int8_mask is accepted and dropped,
     another method's parameter is dropped and recorded in `ignored` (for a note), an
@@ -193,7 +191,7 @@ def check_level(method, other: dict, params: dict, where: str | None, level: str
         if key in per_model or key in global_:
             out[key] = parse_setting(value, label, (per_model.get(key) or global_[key]).check)
         elif key in NO_OP_GLOBAL:
-            parse_setting(value, label, registry.boolean)  # accepted, changes nothing (float32 math)
+            parse_setting(value, label, registry.boolean)  # accepted, changes nothing
         elif key == "embed_slerp":
             raise error(f"{label}: embed_slerp was removed from mergekit in 2024 and has been ignored since",
                         hint="remove it; embeddings are merged like every other tensor")

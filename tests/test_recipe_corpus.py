@@ -189,3 +189,14 @@ def test_recipe_encodings_refused(workspace, tmp_path, data, message):
     assert proc.returncode == 2
     assert proc.stderr.splitlines()[0].startswith(f"Error: recipe 'bad.yml' {message}")
     assert "Hint: save the recipe as UTF-8" in proc.stderr
+
+
+def test_dry_run_shows_the_values_per_layer(workspace, tmp_path):
+    """--dry-run --json: the distinct values per layer range of the parameters that vary."""
+    proc = run(workspace, "run", CORPUS / "ties-gradient-density.yml", "-o", tmp_path / "out", "--dry-run", "--json")
+    assert proc.returncode == 0 and not (tmp_path / "out").exists()
+    rows = json.loads(proc.stdout)["parameter_table"]
+    assert [r["tensors"] for r in rows][1:7] == [f"layer {j}" for j in range(6)]
+    assert [r["values"]["density (ft-a)"] for r in rows[1:7]] == ["1", "0.88", "0.76", "0.58", "0.34", "0.1"]
+    assert rows[0]["values"]["density (ft-a)"] == "1"  # embeddings: t = 0
+    assert set(rows[0]["values"]) == {"weight (ft-a)", "density (ft-a)", "density (ft-b)"}  # only what varies
