@@ -119,6 +119,13 @@ class Engine:
         self.pipe = WritePipe(writer, max(plan.span, 1) * 8)
         self.stats: dict[str, dict] = {}
 
+    @staticmethod
+    def _prefetch(job) -> None:
+        """Ask the kernel to read the job's inputs ahead (madvise WILLNEED submits the reads
+        and may block while the device queue is full: run on its own thread)."""
+        for src in job.sources:
+            src.prefetch()
+
     def run(self) -> dict[str, dict]:
         """Shard by shard, in each shard's data order: output is written sequentially and
         each shard is final (fsynced) as soon as its last tensor is done."""
@@ -126,6 +133,9 @@ class Engine:
         todo = [(i, jobs[n]) for i, shard in enumerate(self.layout.shards) if self.writer.resumed_stats(i) is None
                 for n in shard.tensors]
         upcoming = iter(todo[1:] + [(None, None)])
+        from concurrent.futures import ThreadPoolExecutor
+
+        prefetcher = ThreadPoolExecutor(1, thread_name_prefix="npmerge-prefetch")
         try:
             for i, shard in enumerate(self.layout.shards):
                 resumed = self.writer.resumed_stats(i)
@@ -136,8 +146,7 @@ class Engine:
                 for name in shard.tensors:
                     job, (_, after) = jobs[name], next(upcoming)
                     if after is not None:  # start reading the next tensor while this one computes
-                        for src in after.sources:
-                            src.prefetch()
+                        prefetcher.submit(self._prefetch, after)
                     if job.copy:
                         self._copy(job)
                     else:
@@ -148,6 +157,7 @@ class Engine:
                 self.writer.finish_shard(i, {n: self.stats[n] for n in shard.tensors if n in self.stats})
         finally:
             self.pipe.close()
+            prefetcher.shutdown(wait=True)
         return self.stats
 
     def _copy(self, job) -> None:
