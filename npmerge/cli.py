@@ -311,10 +311,13 @@ def _refuse_option_value(ref: str, per_model_flags: list[str]) -> None:
     if os.path.lexists(os.path.expanduser(ref)) or not (_is_number(ref) or ref.lower() in _FLAG_WORDS):
         return
     at = _ARGV.index(ref) if ref in _ARGV else -1
-    values, k = [ref], at - 1
+    values, k, j = [ref], at - 1, at + 1
     while k >= 0 and (_is_number(_ARGV[k]) or not _ARGV[k].startswith("-")):
         values.insert(0, _ARGV[k])
         k -= 1
+    while 0 < j < len(_ARGV) and _is_number(_ARGV[j]) and not os.path.lexists(_ARGV[j]):
+        values.append(_ARGV[j])
+        j += 1
     flag = _ARGV[k] if at >= 0 and k >= 0 else None
     if flag in per_model_flags and _is_number(ref):
         hint = f"{flag} takes one value: repeat it, once per model in order: " + " ".join(f"{flag} {v}" for v in values)

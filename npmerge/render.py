@@ -70,7 +70,7 @@ def _dtypes(row: dict) -> str:
 
 
 def plan_dict(plan, out) -> dict:
-    base, models = model_records(plan)
+    base, models = model_records(plan, public=False)
     check = plan.output
     read = plan.read_bytes
     return {

@@ -66,12 +66,13 @@ def card_name(ref: ModelRef) -> str:
     return ref.name if ref.hub_id else ref.card_name
 
 
-def model_records(plan) -> tuple[dict | None, list[dict]]:
+def model_records(plan, public: bool = True) -> tuple[dict | None, list[dict]]:
     """The base's and each model's record (name, Hub id, revision, resolved commit; the models'
-    resolved parameters): what reproduces the merge, without a path of this machine."""
+    resolved parameters): what reproduces the merge. `public`: named by public_name, without a
+    path of this machine (the report); else by the name as given (the plan on the terminal)."""
     def record(model) -> dict:
         ref = model_ref(model)
-        return {**ref.as_record(), "name": public_name(ref)}
+        return {**ref.as_record(), "name": public_name(ref) if public else ref.name}
 
     base = record(plan.base) if plan.base is not None else None
     return base, [{**record(m), "parameters": p} for m, p in zip(plan.models, plan.model_params)]
