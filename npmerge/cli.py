@@ -310,15 +310,20 @@ def _refuse_option_value(ref: str, per_model_flags: list[str]) -> None:
     '0.3' does not exist"."""
     if os.path.lexists(os.path.expanduser(ref)) or not (_is_number(ref) or ref.lower() in _FLAG_WORDS):
         return
-    at = _ARGV.index(ref) if ref in _ARGV else -1
+    def is_option(word: str) -> bool:
+        return word.startswith("-") and not _is_number(word)
+
+    # where it stands: not right after an option that takes a value (that value is the option's)
+    at = next((i for i, word in enumerate(_ARGV) if word == ref and (ref.lower() in _FLAG_WORDS or i == 0
+                                                                     or not is_option(_ARGV[i - 1]))), -1)
     values, k, j = [ref], at - 1, at + 1
-    while k >= 0 and (_is_number(_ARGV[k]) or not _ARGV[k].startswith("-")):
+    while k >= 0 and _is_number(_ARGV[k]):
         values.insert(0, _ARGV[k])
         k -= 1
     while 0 < j < len(_ARGV) and _is_number(_ARGV[j]) and not os.path.lexists(_ARGV[j]):
         values.append(_ARGV[j])
         j += 1
-    flag = _ARGV[k] if at >= 0 and k >= 0 else None
+    flag = _ARGV[k] if at >= 0 and k >= 0 and is_option(_ARGV[k]) else None
     if flag in per_model_flags and _is_number(ref):
         hint = f"{flag} takes one value: repeat it, once per model in order: " + " ".join(f"{flag} {v}" for v in values)
     elif flag is not None and ref.lower() in _FLAG_WORDS and len(values) == 1:
@@ -326,7 +331,8 @@ def _refuse_option_value(ref: str, per_model_flags: list[str]) -> None:
     elif flag is not None and _is_number(ref):
         hint = f"{flag} takes one value; '{ref}' was read as a model"
     else:
-        hint = "an option takes one value: repeat the option for each value, e.g. --density 0.5 --density 0.3"
+        example = f", e.g. {per_model_flags[0]} 0.5 {per_model_flags[0]} 0.3" if per_model_flags else ""
+        hint = f"an option takes one value: repeat the option for each value{example}"
     raise RecipeError(f"model path '{ref}' does not exist; it looks like a value meant for an option", hint=hint)
 
 
@@ -401,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             ctx = getattr(exc, "ctx", None)
             hints = [f"see '{ctx.command_path} --help'"] if ctx is not None else []
+            if _is_number(getattr(exc, "option_name", None) or "x"):  # `-w -0.5 -0.3`: "-0.3" read as an option
+                hints.insert(0, "an option takes one value: repeat the option for each value, e.g. -w -0.5 -w -0.3")
             try:
                 _fail(exc.exit_code, "usage", exc.format_message(), hints, "--json" in (argv or sys.argv[1:]))
             except typer.Exit as done:

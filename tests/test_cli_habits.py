@@ -218,6 +218,10 @@ def test_two_values_after_one_option_get_a_hint(tmp_path):
     assert proc.returncode == 2 and "Hint: --dry-run is a flag and takes no value: write just --dry-run" in proc.stderr
     proc = cli("ties", BASE, FA, "--lambda", "0.5", "0.3", "-o", tmp_path / "o")
     assert proc.returncode == 2 and "Hint: --lambda takes one value; '0.3' was read as a model" in proc.stderr
+    proc = cli("ties", BASE, FA, FB, "-w", "-0.5", "-0.3", "-o", tmp_path / "o")  # click reads -0.3 as an option
+    assert proc.returncode == 2 and "Hint: an option takes one value: repeat the option" in proc.stderr
+    proc = cli("ties", BASE, FA, FB, "-w", "0.3", "-d", "0.5", "0.3", "-o", tmp_path / "o")  # the stray 0.3
+    assert "Hint: -d takes one value: repeat it, once per model in order: -d 0.5 -d 0.3" in proc.stderr
     assert os.listdir(tmp_path) == []
 
 
