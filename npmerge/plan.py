@@ -22,7 +22,7 @@ from .io.checkpoint import Checkpoint
 from .io.models import open_model, source
 from .io.sources import TensorSource
 from .io.staging import file_fingerprint
-from .io.writer import OutputTensor, ShardLayout, plan_shards
+from .io.writer import OutputCheck, OutputTensor, ShardLayout, plan_shards
 from .methods.registry import Method
 from .recipe import Recipe
 
@@ -72,6 +72,7 @@ class Plan:
     work_bytes: int  # bytes of working memory the engine will allocate
     threads: int
     notes: list[str] = field(default_factory=list)
+    output: OutputCheck | None = None  # the output location's checks (api.plan_merge with `out`)
 
     @property
     def reference(self) -> Checkpoint:

@@ -63,7 +63,9 @@ def test_output_directory_is_a_complete_hf_model(ties_out):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         assert (ties_out / name).read_bytes() == (LLAMA / "base" / name).read_bytes()
     card = (ties_out / "README.md").read_text()
-    assert "base_model_relation: merge" in card and "- npmerge" in card and "arxiv.org/abs/2306.01708" in card
+    front = card.split("---\n")[1]  # local models have no Hub id: no base_model (and so no relation)
+    assert "base_model" not in front and "- npmerge" in front and "- ties" in front
+    assert "arxiv.org/abs/2306.01708" in card
     report = json.loads((ties_out / "merge_report.json").read_text())
     assert report["method"] == "ties" and len(report["totals"]["models"]) == 3
     assert report["totals"]["models"][0]["kept"] == pytest.approx(0.2, abs=1e-4)
@@ -169,7 +171,8 @@ def test_json_report_on_stdout(tmp_path):
 
 
 @pytest.mark.parametrize("args,code,phrase", [
-    (["ties", "nope/base", str(LLAMA / "ft-a"), "-d", "0.2"], 3, "does not exist"),
+    (["ties", "nope/base", str(LLAMA / "ft-a"), "-d", "0.2"], 3, "is not a local path, and Hub model nope/base"),
+    (["ties", "./nope/base", str(LLAMA / "ft-a"), "-d", "0.2"], 3, "model path './nope/base' does not exist"),
     (["ties", str(LLAMA / "base"), str(LLAMA / "ft-a"), "-d", "-0.1"], 2, "density"),
     (["ties", str(LLAMA / "base"), str(LLAMA / "ft-a"), "-d", "nan"], 2, "density"),
     (["ties", str(LLAMA / "base"), str(LLAMA / "ft-a"), str(LLAMA / "ft-b"), "-d", "0.1", "-d", "0.2", "-d", "0.3"], 2, "3 --density values for 2 models"),
