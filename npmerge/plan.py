@@ -31,7 +31,7 @@ from .io.checkpoint import Checkpoint, TensorRef
 from .io.models import open_model, source
 from .io.sources import TensorSource
 from .io.staging import file_fingerprint
-from .io.writer import OutputTensor, ShardLayout, plan_shards
+from .io.writer import OutputCheck, OutputTensor, ShardLayout, plan_shards
 from .methods import registry
 from .methods.registry import Method
 from .plan_params import headline
@@ -88,6 +88,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     config_updates: dict = field(default_factory=dict)  # config.json key path (tuple) -> new value
     tokenizer_dir: Path | None = None  # where the tokenizer files come from (None: the reference model)
+    output: OutputCheck | None = None  # the output location's checks (api.plan_merge with `out`)
 
     @property
     def reference(self) -> Checkpoint:

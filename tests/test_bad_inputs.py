@@ -537,7 +537,7 @@ REFUSED = [
     Case("i5-yaml-missing-file", lambda t, mp: ["run", t / "nope.yml"],
          2, ("cannot read recipe '{tmp}/nope.yml': No such file or directory",), False),
     Case("i5-ties-without-base-yaml", recipe(ties_yaml(base=False)), 2, ("ties needs a base model",), "base_model"),
-    Case("i5-ties-without-models-cli", cli("ties", BASE), 2, ("Missing argument 'models'",), "--help"),
+    Case("i5-ties-without-models-cli", cli("ties", BASE), 2, ("Missing argument 'MODEL",), "--help"),
     Case("i5-budget-too-small", cli(*TIES, "-d", "0.5", "--max-memory", "1KiB"),
          2, ("--max-memory 1.00 KiB is too small to merge tensor", "of 2 model(s)"), "allow at least"),
     Case("i5-bad-size", cli(*TIES, "--max-memory", "lots"), 2, ("invalid size 'lots'",), "512MiB"),
@@ -590,6 +590,8 @@ assert len(_CASES) == len(REFUSED), "duplicate case id"
 def _run_case(case: Case, tmp_path: Path, monkeypatch, *extra: str):
     work = tmp_path / "w"
     work.mkdir()
+    (tmp_path / "cwd").mkdir()  # a working directory holding no input: models are named by the paths given
+    monkeypatch.chdir(tmp_path / "cwd")
     args = [str(a) for a in case.build(work, monkeypatch)]
     if "-o" not in args:
         args += ["-o", str(work / "out")]
