@@ -60,7 +60,7 @@ def execute(plan: Plan, out, *, force: bool = False, resume: bool = False,
         with writer:
             writer.open()
             stats = Engine(plan, writer, progress).run()
-            write_companions(writer, plan.reference.root, _config_dtype(plan), plan.config_updates, plan.tokenizer_dir)
+            write_companions(writer, plan.reference.root, _config_dtype(plan), plan.config_updates, plan.tokenizer_files)
             recipe_yaml = plan.recipe.to_yaml()
             writer.add_bytes(RECIPE_NAME, recipe_yaml.encode())
             writer.add_bytes(CARD_NAME, model_card(plan, recipe_yaml).encode())

@@ -102,7 +102,12 @@ NONFINITE = typer.Option(False, "--allow-nonfinite", help="Merge even if a weigh
 QUIET = typer.Option(False, "-q", "--quiet", help="No progress bar, notes or summary.", rich_help_panel=_OUTPUT)
 RESUME = typer.Option(False, "--resume", help="Continue an interrupted merge into the same -o: its finished shards "
                       "are verified (sha256) and kept. Refused if the recipe or inputs changed.", rich_help_panel=_SAFETY)
-_SHARED = dict(out_dtype=(Optional[str], OUT_DTYPE), shard_size=(Optional[str], SHARD), max_memory=(Optional[str], MEM),
+TOKENIZER = typer.Option(None, "--tokenizer-source", metavar="SOURCE", help="Map embedding and head rows by token "
+                         "to an output vocabulary: base (the base's), union (every model's tokens) or one of the "
+                         "models; its tokenizer files are written (default: none, rows merged by position, the base's "
+                         "tokenizer copied).", rich_help_panel=_INPUTS)
+_SHARED = dict(tokenizer_source=(Optional[str], TOKENIZER),
+               out_dtype=(Optional[str], OUT_DTYPE), shard_size=(Optional[str], SHARD), max_memory=(Optional[str], MEM),
                threads=(Optional[int], THREADS), dry_run=(bool, DRY), json_out=(bool, JSON), force=(bool, FORCE),
                allow_nonfinite=(bool, NONFINITE), quiet=(bool, QUIET), resume=(bool, RESUME))
 _SHORT = {"weight": "-w", "density": "-d"}
@@ -159,7 +164,8 @@ def _add_method_command(method) -> None:
         recipe_args = dict(
             per_model={p.name: kw[k] for k, p in per_model.items()},
             params={p.name: (kw[k].value if isinstance(kw[k], Enum) else kw[k]) for k, p in global_.items()},
-            out_dtype=kw["out_dtype"], allow_nonfinite=kw["allow_nonfinite"])
+            out_dtype=kw["out_dtype"], allow_nonfinite=kw["allow_nonfinite"],
+            tokenizer_source=kw["tokenizer_source"])
         flags = [f for p in per_model.values() for f in (p.cli_flag, _SHORT.get(p.name)) if f]
         _merge_command(method.name, kw.get("base"), kw["models"], kw["out"], recipe_args, kw["shard_size"],
                        kw["max_memory"], kw["threads"], kw["dry_run"], kw["json_out"], kw["force"], kw["quiet"],

@@ -12,11 +12,18 @@ parameters from the slice and the top level only), filters matched against the
 model's input tensor name for per-model parameters and the output name for global
 ones, gradients evaluated at the tensor's layer position t in its slice. The method
 then validates each tensor's values.
+
+Models need not store their weights alike (io/layout.py): a tied model's embeddings feed
+the output head, dead head copies are ignored, buffers are copied from the base. With a
+tokenizer source (io/vocab.py) the embedding and head tensors are read in the output
+vocabulary's row order; without one, tokenizers are compared so that rows merged by
+position are rows of the same tokens.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,13 +31,16 @@ from pathlib import Path
 from . import __version__, constants
 from .budget import choose_span, context, default_budget, parse_size
 from . import layers, values
-from .compat import check_distinct, check_equal_data, check_inputs, label
+from .compat import check_distinct, check_equal_data, check_inputs, check_names, label
 from .dtypes import DECODABLE, DTYPES, ENCODABLE
 from .errors import IncompatibleModels, InvalidCheckpoint, RecipeError
 from .io.checkpoint import Checkpoint, TensorRef
+from .io.layout import LayoutPlan, ModelLayout, config_changes, embedding_name, is_vocab_tensor, plan_layout
 from .io.models import open_model, source
 from .io.sources import TensorSource
 from .io.staging import file_fingerprint
+from .io.vocab import OutputVocab, VocabRowsSource, build_output_vocab, compare_vocabs, read_tokenizer, \
+    write_tokenizer_files
 from .io.writer import OutputCheck, OutputTensor, ShardLayout, plan_shards
 from .methods import registry
 from .methods.registry import Method
@@ -87,7 +97,9 @@ class Plan:
     threads: int
     notes: list[str] = field(default_factory=list)
     config_updates: dict = field(default_factory=dict)  # config.json key path (tuple) -> new value
-    tokenizer_dir: Path | None = None  # where the tokenizer files come from (None: the reference model)
+    vocab: OutputVocab | None = None  # the output vocabulary of a tokenizer source (io/vocab.py)
+    tokenizer_files: dict | None = None  # with a tokenizer source: the output's tokenizer files, name -> bytes
+    tensor_map: LayoutPlan | None = None  # which input tensor feeds which output tensor (io/layout.py)
     output: OutputCheck | None = None  # the output location's checks (api.plan_merge with `out`)
 
     @property
@@ -115,11 +127,17 @@ class Plan:
     def fingerprint(self) -> dict:
         """What a resumed run must share with the interrupted one (the writer adds the layout):
         same npmerge, same recipe, same input files (stat and header hash of each)."""
-        return {
+        out = {
             "npmerge_version": __version__,
             "recipe_sha256": hashlib.sha256(self.recipe.to_yaml().encode()).hexdigest(),
             "inputs": [file_fingerprint(p) for ckpt in self.inputs for p in ckpt.files],
         }
+        if self.vocab is not None:  # the row maps (built from tokenizer files the inputs above do not cover)
+            h = hashlib.sha256()
+            for src in (s for j in self.jobs for s in j.sources if isinstance(s, VocabRowsSource)):
+                h.update(f"{src.name}:{src.fingerprint()};".encode())
+            out["vocabulary"] = h.hexdigest()
+        return out
 
     def close(self) -> None:
         for ckpt in self.inputs:
@@ -141,8 +159,8 @@ def build_plan(recipe: Recipe, *, max_memory=None, threads: int | None = None,
     try:
         base, models = _open_models(recipe, opened)
         check_distinct(base, models)
-        jobs, notes, config_updates = _jobs(recipe, method, base, models, threads)
-        tokenizer_dir = _tokenizer_source(recipe, base, models, notes)
+        jobs, notes, config_updates, vocab, tensor_map = _jobs(recipe, method, base, models, threads)
+        tokenizer_files = write_tokenizer_files(vocab) if vocab is not None else None
         layout = plan_shards([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], shard_bytes)
         span, work = choose_span(jobs, budget, threads)
         jobs = [replace(j, span=min(span, -(-j.numel // constants.BLOCK) * constants.BLOCK) or constants.BLOCK)
@@ -153,7 +171,7 @@ def build_plan(recipe: Recipe, *, max_memory=None, threads: int | None = None,
         raise
     global_params, model_params = headline(jobs, len(models))
     return Plan(recipe, method, global_params, model_params, base, models, jobs, layout, span, budget,
-                work, threads, list(recipe.notes) + notes, config_updates, tokenizer_dir)
+                work, threads, list(recipe.notes) + notes, config_updates, vocab, tokenizer_files, tensor_map)
 
 
 def _open_models(recipe: Recipe, opened: list) -> tuple[Checkpoint | None, list[Checkpoint]]:
@@ -215,7 +233,16 @@ def _jobs(recipe: Recipe, method: Method, base: Checkpoint | None, models: list[
     ref = base or models[0]
     inputs = ([("base", base)] if base else []) + [(f"model {i + 1}", m) for i, m in enumerate(models)]
     notes: list[str] = []
-    check_inputs(ref, inputs)
+    tensor_map = plan_layout([ModelLayout(c.label, tuple(c.tensors), c.config) for _, c in inputs],
+                             0 if base else None)
+    check_names(inputs, tensor_map)
+    rows, vocab_tensors = _vocab_tensors(inputs, tensor_map)
+    vocab = _vocabulary(recipe, inputs, rows, notes) if recipe.tokenizer_source is not None else None
+    check_inputs(inputs, tensor_map, vocab_tensors, remapped=vocab is not None)
+    if vocab is None:
+        _compare_tokenizers(inputs, rows, notes)
+    notes.extend(tensor_map.notes)
+    feeds = {t.name: t for t in tensor_map.tensors}
     stack, why = layers.find_stack(ref.tensors, ref.config)
     if recipe.slices and stack is None:
         raise IncompatibleModels(f"slices need the models' layer stack, but npmerge cannot find it in '{ref.label}': "
@@ -227,34 +254,50 @@ def _jobs(recipe: Recipe, method: Method, base: Checkpoint | None, models: list[
     slices = _slices(recipe, base, models, stack)
     if recipe.slices:
         try:
-            specs = layers.sliced(ref.tensors, stack, [(s.length, [src.first for src in s.sources]) for s in slices])
+            specs = layers.sliced(list(feeds), stack, [(s.length, [src.first for src in s.sources]) for s in slices])
         except ValueError as exc:
             raise IncompatibleModels(f"slices cannot be stacked: {exc}",
                                      hint="slices work on models whose layers all hold the same tensors") from None
     else:
-        specs = layers.whole_model(ref.tensors, stack, len(slices[0].sources))
+        specs = layers.whole_model(list(feeds), stack, len(slices[0].sources))
     _check_filters(recipe, specs)
     resolve = _Resolver(recipe, method)
     rounding = recipe.dtype if recipe.dtype in ("BF16", "F16") else None
     jobs, mixed, int_copies = [], set(), []
+
+    def slot(src: _Source) -> int:
+        """The source's position among `inputs` (the base first, if any)."""
+        return src.member + 1 if base else src.member  # the base is member -1
+
     for spec in specs:
         sl = slices[spec.slice]
-        refs = [src.ckpt.tensors[n] for src, n in zip(sl.sources, spec.inputs)]
+        buffer = feeds[spec.inputs[0]]
+        if buffer.copy_from is not None:  # a non-persistent buffer: the reference's bytes (io/layout.py)
+            holder, name = inputs[buffer.copy_from][1], spec.inputs[0]
+            info = holder.tensors[name].info
+            jobs.append(TensorJob(spec.name, info.shape, info.numel, info.dtype.name, True, method, None,
+                                  (source(holder, name),), {}, (), 1, constants.BLOCK, layer=spec.layer))
+            continue
+        feed = [feeds[n].inputs[slot(src)] for src, n in zip(sl.sources, spec.inputs)]  # per source, its own name
+        refs = [src.ckpt.tensors[n] for src, n in zip(sl.sources, feed)]
         roles = ["base" if src.member < 0 else f"model {src.member + 1}" for src in sl.sources]
         dtypes = [r.info.dtype.name for r in refs]
         kinds = {DTYPES[d].is_float for d in dtypes}
         first = next((i for i, src in enumerate(sl.sources) if src.member < 0), 0)  # the base, else the first
         info = refs[first].info
-        if len({r.info.shape for r in refs}) > 1:
+        rows_mapped = vocab is not None and spec.layer is None and spec.inputs[0] in vocab_tensors
+        shape = (vocab.size, *info.shape[1:]) if rows_mapped else info.shape
+        numel = math.prod(shape)
+        if len({r.info.shape[1:] if rows_mapped else r.info.shape for r in refs}) > 1:
             raise IncompatibleModels(f"tensor '{spec.name}' comes from inputs of different shapes: "
                                      + ", ".join(f"{role} '{src.ref}' '{n}' {list(r.info.shape)}"
-                                                 for role, src, n, r in zip(roles, sl.sources, spec.inputs, refs)),
+                                                 for role, src, n, r in zip(roles, sl.sources, feed, refs)),
                                      hint="slices must take matching layers")
         if kinds == {False}:
             _check_equal(spec, sl, refs, inputs)
             int_copies.append(spec.name)
             jobs.append(TensorJob(spec.name, info.shape, info.numel, info.dtype.name, True, method, None,
-                                  (source(sl.sources[first].ckpt, spec.inputs[first]),), {}, (), 1, constants.BLOCK,
+                                  (source(sl.sources[first].ckpt, feed[first]),), {}, (), 1, constants.BLOCK,
                                   layer=spec.layer))
             continue
         unsupported = {d for d in dtypes if d not in DECODABLE}
@@ -265,20 +308,22 @@ def _jobs(recipe: Recipe, method: Method, base: Checkpoint | None, models: list[
                      else "npmerge merges BF16, F16, F32, F64 and FP8 (E4M3, E5M2) float tensors")
         if len(set(dtypes)) > 1:
             mixed.add(spec.name)
-        merged = [(src, n) for src, n in zip(sl.sources, spec.inputs) if src.member >= 0]
+        merged = [(src, n) for src, n in zip(sl.sources, spec.inputs) if src.member >= 0]  # filters see these names
         g, mp = resolve(spec, sl, merged)
         out_dtype = recipe.out_dtype or info.dtype.name
         if out_dtype not in ENCODABLE:
             raise RecipeError(f"tensor '{spec.name}' is stored as {out_dtype}, which npmerge cannot write",
                               hint="choose an output dtype with --out-dtype (bfloat16, float16, float32)")
-        b = source(base, spec.inputs[first]) if first < len(sl.sources) and sl.sources[first].member < 0 else None
-        m = tuple(source(src.ckpt, n) for src, n in merged)
+        srcs = [_read(src, slot(src), n, feeds[name], inputs, vocab if rows_mapped else None)
+                for src, n, name in zip(sl.sources, feed, spec.inputs)]
+        b = srcs[first] if sl.sources[first].member < 0 else None
+        m = tuple(s for s, src in zip(srcs, sl.sources) if src.member >= 0)
         members = tuple(src.member for src, _ in merged)
         if method.copies and method.copies(g, mp) and _unchanged(m[0], out_dtype, rounding):
             jobs.append(TensorJob(spec.name, info.shape, info.numel, m[0].dtype, True, method, None, m, g, tuple(mp),
                                   1, constants.BLOCK, layer=spec.layer, members=members))
             continue
-        job = TensorJob(spec.name, info.shape, info.numel, out_dtype, False, method, b, m, g, tuple(mp), 1,
+        job = TensorJob(spec.name, shape, numel, out_dtype, False, method, b, m, g, tuple(mp), 1,
                         constants.BLOCK, input_round=rounding, stream_index=tuple(range(len(m))), layer=spec.layer,
                         members=members)
         passes = len(method.driver(context(job, threads)).passes)
@@ -293,7 +338,18 @@ def _jobs(recipe: Recipe, method: Method, base: Checkpoint | None, models: list[
         if any(w < 0 for w in weights):
             notes.append(f"model {i + 1} has a negative weight ({min(weights)}): its "
                          + ("task vector is subtracted" if base else "weights are subtracted"))
-    return jobs, notes, _config_updates(recipe, ref, stack, slices, notes)
+    updates = _config_updates(recipe, ref, stack, slices, notes)
+    updates.update(config_changes(ref.config or {}, vocab.size if vocab else None, tensor_map.tie_word_embeddings))
+    return jobs, notes, updates, vocab, tensor_map
+
+
+def _read(src: _Source, slot: int, name: str, feeding, inputs, vocab: OutputVocab | None) -> TensorSource:
+    """The tensor `name` of one slice source as the engine reads it: with `vocab`, its rows
+    in output-vocabulary order (from every input's tensor feeding this output, `feeding`),
+    unless they already are."""
+    if vocab is None or vocab.identity(slot):
+        return source(src.ckpt, name)
+    return VocabRowsSource(vocab, slot, [source(c, n) for (_, c), n in zip(inputs, feeding.inputs)], src.ckpt.label)
 
 
 def _members(job: TensorJob) -> tuple[int, ...]:
@@ -388,40 +444,90 @@ def _config_updates(recipe: Recipe, ref: Checkpoint, stack, slices: list[_Slice]
     return updates
 
 
-def _tokenizer_source(recipe: Recipe, base, models: list[Checkpoint], notes: list) -> Path | None:
-    """tokenizer_source is accepted while it changes nothing: every model has the source's
-    vocabulary (token -> id). Its tokenizer files are then copied."""
-    src = recipe.tokenizer_source
-    if src is None:
-        return None
-    from .io.vocab import read_tokenizer
+def _vocab_tensors(inputs, tensor_map: LayoutPlan) -> tuple[list[int | None], set[str]]:
+    """Each input's embedding row count (None: no single embedding tensor) and the output
+    tensors with one row per token in every input (embeddings, output heads)."""
+    rows = []
+    for _, c in inputs:
+        name = embedding_name(c.tensors)
+        shape = c.tensors[name].info.shape if name else ()
+        rows.append(shape[0] if len(shape) == 2 else None)
+    if None in rows:
+        return rows, set()
+    vocab = {t.name for t in tensor_map.tensors if t.copy_from is None and all(
+        is_vocab_tensor(n, c.tensors[n].info.shape, r) for n, (_, c), r in zip(t.inputs, inputs, rows))}
+    return rows, vocab
 
+
+def _vocabulary(recipe: Recipe, inputs, rows: list, notes: list) -> OutputVocab:
+    """The output vocabulary of the recipe's tokenizer source (io/vocab.py: mergekit's rules)."""
+    src = recipe.tokenizer_source
+    has_base = recipe.base is not None
+    if None in rows:
+        role, c = inputs[rows.index(None)]
+        raise IncompatibleModels(f"tokenizer source '{src}': npmerge finds no single input embedding tensor in "
+                                 f"{label(role, c)}, so it cannot map its rows to tokens",
+                                 hint="merge without a tokenizer source (rows are then merged by position)")
     if src in ("base", "union"):
-        owner = base or models[0]
-    elif same_model(src, recipe.base):
-        owner = base
+        which = src
+    elif has_base and same_model(src, recipe.base):
+        which = 0
     else:
-        owner = next((m for m, e in zip(models, recipe.models) if same_model(src, e.path)), None)
-        if owner is None:
-            raise RecipeError(f"tokenizer_source '{src}' is not one of the recipe's models",
-                              hint="give base, union, or a model of the recipe")
-    if owner.root is None:
-        raise InvalidCheckpoint(f"tokenizer_source '{src}': '{owner.label}' is a single .safetensors file without "
-                                "tokenizer files", hint="point the recipe at the model's directory")
-    want = read_tokenizer(owner.root)
-    for ckpt in ([base] if base else []) + models:
-        if ckpt is owner or ckpt.root is None:
+        which = next(i for i, e in enumerate(recipe.models) if same_model(src, e.path)) + has_base
+    (ref_role, ref), *others = inputs
+    base_tok = _tokenizer(ref_role, ref, rows[0], None)
+    toks = [base_tok] + [_tokenizer(role, c, r, base_tok) for (role, c), r in zip(others, rows[1:])]
+    vocab = build_output_vocab(which, [(c.label, t) for (_, c), t in zip(inputs, toks)], 0 if has_base else None,
+                               recipe.pad_to_multiple_of)
+    notes.extend(vocab.notes)
+    if all(vocab.identity(i) for i in range(len(inputs))):
+        notes.append(f"tokenizer source '{src}': every model has the output vocabulary in the same rows, so no "
+                     f"row is remapped")
+    return vocab
+
+
+def _tokenizer(role: str, ckpt: Checkpoint, rows: int, fallback):
+    """A model's tokenizer with its embedding row count; a model without tokenizer.json
+    is assumed to have the base's (as mergekit)."""
+    if ckpt.root is None:
+        if fallback is None:
+            raise InvalidCheckpoint(f"{label(role, ckpt)} is a single .safetensors file without tokenizer files: "
+                                    "a tokenizer source needs its tokenizer.json",
+                                    hint="point to the model's directory")
+        return replace(fallback, path=None, rows=rows, assumed_from=fallback.path)
+    return read_tokenizer(ckpt.root, rows, fallback=fallback)
+
+
+def _compare_tokenizers(inputs, rows: list, notes: list) -> None:
+    """Without a tokenizer source rows are merged by position and the reference's tokenizer
+    is copied: refuse a model that has other tokens at the reference's ids; note tokens it
+    keeps in the reference's padded rows, and a chat template the output will not have."""
+    (ref_role, ref), *others = inputs
+    if ref.root is None or not (ref.root / "tokenizer.json").is_file():
+        return
+    known = [r for r in rows if r is not None]
+    common = min(known) if known else None
+    want = None
+    for i, (role, c) in enumerate(others, 1):
+        if c.root is None or not (c.root / "tokenizer.json").is_file() or _same_files(ref.root, c.root):
             continue
-        have = read_tokenizer(ckpt.root, fallback=want)
-        if dict(have.vocab) != dict(want.vocab):
-            extra = [t for t in have.vocab if want.vocab.get(t) != have.vocab[t]]
-            missing = [t for t in want.vocab if t not in have.vocab]
-            detail = ", ".join(f"{t!r}" for t in (extra + missing)[:5])
-            raise IncompatibleModels(
-                f"tokenizer_source '{src}': the vocabulary of '{ckpt.label}' differs from that of '{owner.label}' "
-                f"({len(extra)} token(s) with another id or not in it, {len(missing)} missing: {detail})",
-                hint="npmerge does not merge vocabularies yet: tokenizer_source is accepted when every model has "
-                     "the same tokens at the same ids")
-    notes.append(f"tokenizer_source '{src}': every model has the same vocabulary ({len(want.vocab)} tokens), so "
-                 f"nothing is remapped; the tokenizer files of '{owner.label}' are copied")
-    return owner.root
+        want = want or read_tokenizer(ref.root, rows[0])
+        have = read_tokenizer(c.root, rows[i])
+        diff = compare_vocabs(want, have, label(role, c), rows=common)
+        if diff.error() is not None:
+            raise diff.error()
+        if diff.note() is not None:
+            notes.append(diff.note())
+        if have.chat_template is not None and have.chat_template != want.chat_template:
+            notes.append(f"the chat template of {label(role, c)} is not in the output: the tokenizer files of "
+                         f"{label(ref_role, ref)} are copied (tokenizer_source: '{c.label}' writes that model's "
+                         "tokenizer and template)")
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """Both directories' tokenizer.json and tokenizer_config.json are byte-identical (or both absent)."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        x, y = a / name, b / name
+        if x.is_file() != y.is_file() or (x.is_file() and x.read_bytes() != y.read_bytes()):
+            return False
+    return True

@@ -31,8 +31,8 @@ TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dty
             "tokenizer_source", "tokenizer", "npmerge")
 REFUSED_KEYS = {
     "modules": "per-module recipes ('modules:') are not supported; use 'models:' or 'slices:'",
-    "chat_template": "'chat_template' is not supported yet; the tokenizer files of the base "
-                     "(or of tokenizer_source) are copied as they are",
+    "chat_template": "'chat_template' is not supported; the output takes the chat template of the tokenizer "
+                     "source (tokenizer_source: a model with the template you want), else the base's",
 }
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "parameters", "base_model", "residual_weight")
@@ -100,7 +100,8 @@ class Recipe:
     slices: tuple[Slice, ...] = ()
     dtype: str | None = None  # input rounding: BF16 / F16, or F32 (none)
     out_dtype: str | None = None  # explicit output dtype (out_dtype, else dtype); None: each tensor's stored dtype
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # 'base', 'union' or a model reference (io/vocab.py)
+    pad_to_multiple_of: int | None = None  # output vocabulary rows rounded up to a multiple (tokenizer source only)
     allow_nonfinite: bool = False
     notes: tuple[str, ...] = ()
     source: str | None = field(default=None, compare=False)  # recipe file name for messages; None: command line
@@ -122,6 +123,7 @@ class Recipe:
             self._check_slices(method)
         else:
             self._check_models(method)
+        self._check_tokenizer()
         object.__setattr__(self, "notes", tuple(dict.fromkeys(notes)))
 
     # -- derived facts ---------------------------------------------------------------
@@ -291,11 +293,25 @@ class Recipe:
                     models.append(ref)
         object.__setattr__(self, "models", tuple(ModelEntry(m) for m in models))
 
+    def _check_tokenizer(self) -> None:
+        """The tokenizer source names 'base', 'union' or a model of the merge (as mergekit)."""
+        src = self.tokenizer_source
+        if self.pad_to_multiple_of is not None and src is None:
+            raise self._error("pad_to_multiple_of needs a tokenizer source", hint="tokenizer: {source: base, "
+                                                                                "pad_to_multiple_of: 64}")
+        if src is None or src in ("base", "union") or same_model(src, self.base_model):
+            return
+        if not any(same_model(src, ref) for ref in self._listed()):
+            where = "--tokenizer-source" if self.source is None else "tokenizer source"
+            raise self._error(f"{where} '{src}' is not one of the merged models",
+                              hint="give base (the base's vocabulary), union (every model's tokens) or one of the "
+                                   "models, written as in the recipe")
+
     # -- CLI ---------------------------------------------------------------------
     @classmethod
     def from_cli(cls, method: str, base: str | None, models: list[str], *, per_model: dict[str, list] | None = None,
                  params: dict | None = None, out_dtype: str | None = None, dtype: str | None = None,
-                 allow_nonfinite: bool = False) -> "Recipe":
+                 allow_nonfinite: bool = False, tokenizer_source: str | None = None) -> "Recipe":
         """`per_model`: a repeated option's values, one per model in order or one for all."""
         entries = [dict() for _ in models]
         for key, values in (per_model or {}).items():
@@ -311,7 +327,7 @@ class Recipe:
         return cls(method=method, base_model=base, entries=tuple(ModelEntry(m, p) for m, p in zip(models, entries)),
                    params={k: v for k, v in (params or {}).items() if v is not None}, dtype=rounding,
                    out_dtype=parse_user_dtype(out_dtype) if out_dtype else rounding, allow_nonfinite=allow_nonfinite,
-                   listed_base_is_base=False)
+                   tokenizer_source=tokenizer_source, listed_base_is_base=False)
 
     # -- YAML --------------------------------------------------------------------
     @classmethod
@@ -366,7 +382,7 @@ class Recipe:
                 out_dtype = parse_user_dtype(data["out_dtype"])
         if "dtype" in data and data["dtype"] is None:
             notes.append("dtype: null means inputs are used as stored (no rounding)")
-        tokenizer_source = _tokenizer(data, err)
+        tokenizer_source, pad_to = _tokenizer(data, err, notes)
         options = data.get("npmerge") or {}
         if not isinstance(options, dict):
             raise err("'npmerge' must be a mapping", hint="npmerge: {allow_nonfinite: true}")
@@ -375,7 +391,8 @@ class Recipe:
         if not isinstance(allow, bool):
             raise err(f"npmerge.allow_nonfinite must be true or false, got {allow!r}")
         return cls(method=method, entries=entries, base_model=base, params=params, slices=slices, dtype=dtype,
-                   out_dtype=out_dtype, tokenizer_source=tokenizer_source, allow_nonfinite=allow,
+                   out_dtype=out_dtype, tokenizer_source=tokenizer_source, pad_to_multiple_of=pad_to,
+                   allow_nonfinite=allow,
                    notes=tuple(notes), source=source)
 
     def to_yaml(self) -> str:
@@ -403,7 +420,9 @@ class Recipe:
             data["dtype"] = TORCH_NAMES[self.dtype]
         if self.out_dtype and self.out_dtype != self.dtype:
             data["out_dtype"] = TORCH_NAMES[self.out_dtype]
-        if self.tokenizer_source:
+        if self.pad_to_multiple_of is not None:
+            data["tokenizer"] = {"source": self.tokenizer_source, "pad_to_multiple_of": self.pad_to_multiple_of}
+        elif self.tokenizer_source:
             data["tokenizer_source"] = self.tokenizer_source
         if self.allow_nonfinite:
             data["npmerge"] = {"allow_nonfinite": True}
@@ -480,24 +499,27 @@ def _slice(data: Any, k: int, base: str | None, error: Callable) -> Slice:
     return Slice(tuple(sources), _params(data.get("parameters"), f"{at}.parameters", error))
 
 
-def _tokenizer(data: dict, error: Callable) -> str | None:
+def _tokenizer(data: dict, error: Callable, notes: list) -> tuple[str | None, int | None]:
+    """(source, pad_to_multiple_of) from `tokenizer_source:` or `tokenizer: {source, pad_to_multiple_of}`."""
     if data.get("tokenizer_source") is not None and data.get("tokenizer") is not None:
         raise error("give either tokenizer_source or tokenizer, not both")
-    if data.get("tokenizer") is not None:
-        tok = data["tokenizer"]
-        if not isinstance(tok, dict):
-            raise error("'tokenizer' must be a mapping", hint="tokenizer: {source: base}")
-        _keys(tok, TOKENIZER_KEYS, "tokenizer.", error)
-        for key in ("tokens", "pad_to_multiple_of"):
-            if tok.get(key) is not None:
-                raise error(f"tokenizer.{key} is not supported yet (it changes the vocabulary)",
-                            hint="npmerge merges models that share one vocabulary")
-        source = tok.get("source")
-    else:
+    if data.get("tokenizer") is None:
         source = data.get("tokenizer_source")
-    if source is None:
-        return None
-    return _ref(source, "tokenizer source", error)
+        return (None if source is None else _ref(source, "tokenizer_source", error)), None
+    tok = data["tokenizer"]
+    if not isinstance(tok, dict):
+        raise error("'tokenizer' must be a mapping", hint="tokenizer: {source: base}")
+    _keys(tok, TOKENIZER_KEYS, "tokenizer.", error)
+    if tok.get("tokens") is not None:
+        raise error("tokenizer.tokens (per-token embedding choices) is not supported",
+                    hint="remove it: tokens a model lacks take mergekit's default rows (README 'Vocabularies')")
+    pad = tok.get("pad_to_multiple_of")
+    if pad is not None and (type(pad) is not int or pad < 1):
+        raise error(f"tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}", hint="e.g. 64")
+    if tok.get("source") is None:
+        notes.append("tokenizer: without 'source' means source: union (mergekit's default)")
+        return "union", pad
+    return _ref(tok["source"], "tokenizer.source", error), pad
 
 
 def _input_dtype(value: Any, what: str, error: Callable | None = None) -> str:

@@ -112,8 +112,37 @@ def build_report(plan, stats: dict[str, dict], files: dict[str, dict]) -> dict:
                    "input_passes": input_passes(plan, stats)},
         "tensors": {name: {k: v for k, v in s.items()} for name, s in stats.items()},
         "tensor_parameters": deviations(plan),  # per-tensor values that differ from "parameters"/"models"
+        **_vocab_and_layout(plan),
         "files": files,
     }
+
+
+def _vocab_and_layout(plan) -> dict:
+    """How the inputs' tensors were matched, when it was not name for name (io/layout.py):
+    `layout` (the head each model contributed, ignored tensors, the output's tying) and, with
+    a tokenizer source, `vocabulary` (io/vocab.py). Models by public name; the notes say why."""
+    names = [public_name(model_ref(m)) for m in plan.inputs]
+    out = {}
+    vocab = getattr(plan, "vocab", None)
+    if vocab is not None:
+        src = plan.recipe.tokenizer_source
+        out["vocabulary"] = {
+            "source": src if src in ("base", "union") else names[vocab.source_index],
+            "tokens": vocab.n_tokens, "rows": vocab.size,
+            "models": [{"name": name, "rows": vocab.in_rows[i], "lacks": len(vocab.missing(i)),
+                        "remapped": not vocab.identity(i)} for i, name in enumerate(names)]}
+    layout = getattr(plan, "tensor_map", None)
+    if layout is None:
+        return out
+    renamed = {t.name: t.inputs for t in layout.tensors
+               if t.copy_from is None and any(n != t.name for n in t.inputs)}
+    if layout.ignored or renamed or layout.tie_word_embeddings is not None:
+        record = {"tie_word_embeddings": layout.tie_word_embeddings,
+                  "ignored": [{"model": names[i], "tensor": t} for i, t in layout.ignored]}
+        for name, inputs in renamed.items():
+            record.setdefault("inputs", {})[name] = dict(zip(names, inputs))
+        out["layout"] = record
+    return out
 
 
 def _nonfinite_notes(stats: dict[str, dict]) -> list[str]:

@@ -90,6 +90,38 @@ def bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype.itemsize == 2 else a.view(np.uint32)
 
 
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _vocabulary(data: dict, base_ref: str | None, model):
+    """With tokenizer_source (or tokenizer: {source, pad_to_multiple_of}): (model ref, tensor name)
+    -> that tensor's float32 rows in output-vocabulary order (tests/reference.py, mergekit's
+    rules); None without. Inputs in npmerge's order: the base, then the other models."""
+    block = data.get("tokenizer") or {}
+    source = data.get("tokenizer_source") or (block.get("source", "union") if block else None)
+    if source is None:
+        return None
+    merged = [m["model"] for m in data.get("models") or [] if m["model"] != base_ref]
+    if not merged:
+        merged = list(dict.fromkeys(s["model"] for sl in data["slices"] for s in sl["sources"] if s["model"] != base_ref))
+    refs = ([base_ref] if base_ref else []) + merged
+    vocabs: list[dict] = []
+    for r in refs:
+        rows = model(r).raw[VOCAB_TENSORS[0]].shape[0]
+        vocabs.append(ref.read_vocabulary(model(r).path, rows, vocabs[0] if vocabs else None))
+    which = source if source in ("base", "union") else refs.index(source)
+    names, n_tokens, size = ref.output_vocabulary(which, vocabs, 0, block.get("pad_to_multiple_of"))
+    cache: dict = {}
+
+    def rows_of(r: str, name: str) -> np.ndarray:
+        if name not in cache:  # a tied model (no lm_head) uses its embeddings as its head
+            full = [model(x).f32(name if name in model(x).raw else VOCAB_TENSORS[0]) for x in refs]
+            cache[name] = [ref.permuted_rows(names, n_tokens, size, vocabs, 0, j, full) for j in range(len(refs))]
+        return cache[name][refs.index(r)]
+
+    return rows_of
+
+
 def expected(recipe_path: Path, cwd: Path) -> tuple[dict[str, tuple[str, np.ndarray]], int]:
     """{output name: (dtype code, raw bits)} and the output's layer count."""
     data = _numbers(yaml.safe_load(Path(recipe_path).read_text(encoding="utf-8")))
@@ -116,6 +148,11 @@ def expected(recipe_path: Path, cwd: Path) -> tuple[dict[str, tuple[str, np.ndar
         slices = data["slices"]
     dtype = USER_DTYPE.get(data.get("dtype"))
     out_dtype = USER_DTYPE.get(data.get("out_dtype")) or dtype
+    rows_of = _vocabulary(data, base_ref, model)
+
+    def values(r: str, n: str) -> np.ndarray:
+        """A model's tensor as merged: in output-vocabulary row order under a tokenizer source."""
+        return rows_of(r, n) if rows_of and n in VOCAB_TENSORS else model(r).f32(n)
 
     def merge(out_name: str, t: float, sl: dict, in_names: list[str]):
         sp = sl.get("parameters") or {}
@@ -127,7 +164,7 @@ def expected(recipe_path: Path, cwd: Path) -> tuple[dict[str, tuple[str, np.ndar
                 for k, d in model_defaults.items()} for s, n in merged]
         stored = model((base or merged)[0][0]["model"]).code((base or merged)[0][1])
         out = out_dtype or stored
-        xs = [_round(model(s["model"]).f32(n), dtype) for s, n in merged]
+        xs = [_round(values(s["model"], n), dtype) for s, n in merged]
         if method == "passthrough":
             (s, n), = merged
             if per[0]["scale"] is None:
@@ -138,7 +175,7 @@ def expected(recipe_path: Path, cwd: Path) -> tuple[dict[str, tuple[str, np.ndar
         w = [float(p["weight"]) for p in per]
         if method == "linear":
             return out, encode(ref.linear(xs, w, normalize=bool(g["normalize"])), out)
-        b = _round(model(base[0][0]["model"]).f32(base[0][1]), dtype)
+        b = _round(values(base[0][0]["model"], base[0][1]), dtype)
         if method == "task_arithmetic":
             y = ref.task_arithmetic(b, xs, w, lam=float(g["lambda"]), normalize=bool(g["normalize"]))
         else:

@@ -21,8 +21,8 @@ issue 5 adds (unknown method, recipe YAML errors, budget). Where each §5 case i
          `section()`; plus REFUSED s05-corrupt-shard-header, s15-truncated-shard (in a sharded
          model), s07-f4-unsupported, s18-empty-name, s18-tensor-named-metadata
   §21-26 paths, directories, index: REFUSED s21-* .. s26-*; ACCEPTED s22-hf-cache-symlinks
-  §27-32 models: REFUSED s27-* .. s32-*; ACCEPTED s30-mixed-dtypes, s31-integer-tensors-copied,
-         s32-allow-nonfinite
+  §27-32 models: REFUSED s27-* .. s32-*; ACCEPTED s29-tied-lm-head (tied, untied and a dead head copy),
+         s30-mixed-dtypes, s31-integer-tensors-copied, s32-allow-nonfinite
   §33-34 parameters, same model twice: REFUSED s33-*, s34-*; ACCEPTED s33-negative-weight,
          s34-base-listed-in-models
   §35-38 output location, free space: REFUSED s35-* .. s38-*; ACCEPTED s36-force
@@ -289,8 +289,24 @@ def _vocab_rows(t, mp):
     return ["linear", FA, edited(t, grow, config={"vocab_size": 300})]
 
 
-def _tied_lm_head(t, mp):
-    return ["linear", FA, edited(t, lambda ts: ts.pop("lm_head.weight"), config={"tie_word_embeddings": True})]
+def _tied_lm_head(t):
+    """A tied model (no lm_head, tie_word_embeddings) and its tied twin with a dead lm_head copy, after an
+    untied one: the output is untied, the tied models' embeddings are their heads."""
+    tied = edited(t, lambda ts: ts.pop("lm_head.weight"), "tied", config={"tie_word_embeddings": True})
+    dead = edited(t, setitem("lm_head.weight", np.zeros_like), "dead", src=FB, config={"tie_word_embeddings": True})
+    return ["linear", tied, FA, dead]
+
+
+def _tied_heads_merged(t, out):
+    """lm_head = the linear mean of the tied models' embeddings and FA's own head (the reference)."""
+    import reference as ref
+
+    got, fa, fb = load_model(out), load_model(FA), load_model(FB)
+    tied = load_model(t / "tied")
+    want = ref.linear([tied["model.embed_tokens.weight"], fa["lm_head.weight"], fb["model.embed_tokens.weight"]],
+                      [1.0, 1.0, 1.0])
+    assert np.array_equal(got["lm_head.weight"].view(np.uint32), want.view(np.uint32))
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 def _input_changed(t, mp):
@@ -480,7 +496,6 @@ REFUSED = [
          4, ("vocabulary sizes differ in config.json", "has 256 tokens", "'{tmp}/m' has 320"), "tokenizer"),
     Case("s29-missing-tensor", lambda t, mp: ["linear", FA, edited(t, lambda ts: ts.pop(UP))],
          4, (f"model 2 '{{tmp}}/m' does not match model 1 '{FA}'", f"missing 1 tensor(s): {UP}"), "same tensors"),
-    Case("s29-tied-lm-head", _tied_lm_head, 4, ("missing 1 tensor(s): lm_head.weight",), "tie_word_embeddings"),
     Case("s29-different-architectures", cli("ties", BASE, INT / "ft-a"),
          4, ("different architectures (LlamaForCausalLM vs TinyIntModel)",), "one architecture"),
 
@@ -731,6 +746,9 @@ ACCEPTED = [
     Accepted("s34-base-listed-in-models", _base_in_models,
              f"parameters of the base model '{BASE}' are ignored (weight): the base contributes no task vector"),
     Accepted("s36-force", _force, None, _old_output_replaced),
+    Accepted("s29-tied-lm-head", _tied_lm_head, "'lm_head.weight' is merged, with the embeddings "
+             "'model.embed_tokens.weight' as the head of tied, dead; config.json gets "
+             "tie_word_embeddings: false", _tied_heads_merged),
 ]
 
 

@@ -176,7 +176,15 @@ def test_notes_for_harmless_habits():
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\ntokenizer_source: base\ntokenizer: {source: base}\n",
      "either tokenizer_source or tokenizer"),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\ntokenizer: {source: union, tokens: {x: {}}}\n",
-     "tokenizer.tokens is not supported yet"),
+     "tokenizer.tokens (per-token embedding choices) is not supported"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\ntokenizer: {source: base, pad_to_multiple_of: 0}\n",
+     "tokenizer.pad_to_multiple_of must be a positive integer, got 0"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\ntokenizer: {pad_to_multiple_of: 8.5}\n",
+     "must be a positive integer, got 8.5"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\ntokenizer_source: c\n",
+     "tokenizer source 'c' is not one of the merged models"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\ntokenizer: {source: [a]}\n",
+     "tokenizer.source must be a path string"),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}]\n",
      "either 'models' or 'slices'"),
     ("merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [2, 2]}]}]\n",
@@ -223,6 +231,24 @@ def test_cli_per_model_values():
     assert r.uniform_values()[1] == [{"weight": 0.3, "density": 0.1}, {"weight": 0.3, "density": 0.2}]
     with pytest.raises(RecipeError, match="3 --weight values for 2 models"):
         Recipe.from_cli("ties", "b", ["x", "y"], per_model={"weight": [1, 2, 3]})
+
+
+def test_tokenizer_settings_round_trip():
+    """tokenizer_source and tokenizer: {source, pad_to_multiple_of} survive to_yaml; a block
+    without source means union (mergekit's default); the CLI's source must be a merged model."""
+    r = Recipe.from_yaml("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\n"
+                         "tokenizer: {pad_to_multiple_of: 64}\n")
+    assert (r.tokenizer_source, r.pad_to_multiple_of) == ("union", 64)
+    assert any("source: union (mergekit's default)" in n for n in r.notes)
+    again = Recipe.from_yaml(r.to_yaml())
+    assert (again.tokenizer_source, again.pad_to_multiple_of) == ("union", 64)
+    r = Recipe.from_yaml("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\ntokenizer: {source: ./a}\n")
+    assert r.tokenizer_source == "./a" and "tokenizer_source: ./a" in r.to_yaml()
+    cli = Recipe.from_cli("ties", "b", ["x", "y"], tokenizer_source="y/")
+    assert cli.tokenizer_source == "y/" and Recipe.from_cli("ties", "b", ["x"], tokenizer_source="b").pad_to_multiple_of is None
+    with pytest.raises(RecipeError) as err:
+        Recipe.from_cli("ties", "b", ["x", "y"], tokenizer_source="z")
+    assert str(err.value) == "--tokenizer-source 'z' is not one of the merged models" and "union" in err.value.hint
 
 
 # ---------------------------------------------------------- values vs reference

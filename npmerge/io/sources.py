@@ -45,11 +45,25 @@ class TensorSource:
         """out[:n] = float32 values of elements start .. start+n-1 (flat, row-major)."""
         raise NotImplementedError
 
+    def work_bytes(self, n: int) -> int:
+        """Scratch memory one read() of n elements allocates (the plan's budget asks)."""
+        return 0
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory that would let this computed source compute its values once for all
+        passes (0: nothing to gain). The plan calls enable_cache() when the budget allows."""
+        return 0
+
+    def enable_cache(self, chunk: int) -> None:
+        """Compute all values once (at most `chunk` elements per step) and keep them until
+        release(), exposed by raw() as float32 storage (see cache_bytes)."""
+
     def prefetch(self) -> None:
         """Hint that the tensor will be read soon (e.g. start readahead)."""
 
     def release(self) -> None:
-        """The tensor is done: its pages may be dropped."""
+        """The tensor is done: its pages (and any cache) may be dropped."""
 
 
 class MappedSource(TensorSource):
