@@ -436,3 +436,38 @@ def test_resume_fingerprint_covers_the_row_maps(wide, tmp_path):
         plan.close()
     assert plans[0]["inputs"] == plans[1]["inputs"] and plans[0]["recipe_sha256"] == plans[1]["recipe_sha256"]
     assert plans[0]["vocabulary"] != plans[1]["vocabulary"]
+
+
+def test_remapped_rows_keep_memory_within_the_budget(tmp_path):
+    """A union (with padding rows) of 8M-element vocabulary tensors under --max-memory 24MiB:
+    the peak anonymous memory grows by about the budget over a tiny merge's, far below one
+    float32 copy of a tensor (32 MiB), let alone the three a whole-tensor permutation holds."""
+    from helpers import LLAMA
+    from test_memory import peak_anon
+
+    rows, hidden = 16384, 512
+    rng = np.random.default_rng(5)
+    specials, words = ["<unk>", "<s>", "</s>"], [f"w{i}" for i in range(rows - 3)]
+    base = {n: rng.standard_normal((rows, hidden), dtype=np.float32) * np.float32(0.02) for n in (EMBED, HEAD)}
+    for name, added in (("base", []), ("ft-x", ["<a>", "<b>"]), ("ft-y", ["<b>", "<c>"])):
+        d = tmp_path / name
+        d.mkdir()
+        tensors = {}
+        for n, b in base.items():
+            x = b if name == "base" else b + rng.standard_normal(b.shape, dtype=np.float32) * np.float32(1e-3)
+            extra = rng.standard_normal((len(added), hidden), dtype=np.float32) * np.float32(0.02)
+            tensors[n] = np.concatenate([x, extra]).astype(ml_dtypes.bfloat16)
+        save_file(tensors, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({"vocab_size": rows + len(added), "tie_word_embeddings": False}))
+        for f, text in _tokenizer_files(words, specials, added, None).items():
+            (d / f).write_text(text)
+    (tmp_path / "r.yml").write_text(f"merge_method: ties\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+                                    f"  - model: {tmp_path / 'ft-x'}\n  - model: {tmp_path / 'ft-y'}\n"
+                                    "parameters: {density: 0.3}\ntokenizer: {source: union, pad_to_multiple_of: 1024}\n")
+    budget = 24 * 2**20
+    common = ["--max-memory", str(budget), "--quiet"]
+    _, tiny = peak_anon(["ties", LLAMA / "base", LLAMA / "ft-a", LLAMA / "ft-b", "-d", "0.3", "-o", tmp_path / "t",
+                         *common])
+    _, big = peak_anon(["run", tmp_path / "r.yml", "-o", tmp_path / "out", *common])
+    assert big - tiny <= budget + 8 * 2**20, (big, tiny)
+    assert load_model(tmp_path / "out")[EMBED].shape == (17408, hidden)
