@@ -56,8 +56,9 @@ def job_bytes(job, span: int, threads: int) -> int:
 
     driver = job.method.driver(context(job, threads))
     checks = len(job.models) * -(-job.numel // constants.BLOCK) * 8
+    sources = sum(s.work_bytes(span) for s in job.sources)  # computed sources' own scratch (LoRA B @ A)
     return (SpanInputs.buffer_bytes(job.base, job.models, span) + driver.work_bytes(span)
-            + kernel_bytes(len(job.models), threads) + checks)
+            + kernel_bytes(len(job.models), threads) + checks + sources)
 
 
 def choose_span(jobs: list, budget: int, threads: int) -> tuple[int, int]:
@@ -80,6 +81,24 @@ def choose_span(jobs: list, budget: int, threads: int) -> tuple[int, int]:
                           hint=f"allow at least {math.ceil(need / 2**20)} MiB")
     return span, need
 
+
+def cache_computed(jobs: list, budget: int, threads: int, span: int) -> int:
+    """Let computed sources keep their values across passes where the budget has room
+    (a LoRA source then computes B @ A once, not once per pass); return the bytes
+    allocated at the worst tensor, caches included. `span`: the plan's (the shared output
+    buffer's); jobs carry their own."""
+    worst = 0
+    for job in jobs:
+        if job.copy:
+            continue
+        need = 8 * span + job_bytes(job, job.span, threads)
+        if job.passes > 1:
+            for src in job.sources:
+                if 0 < src.cache_bytes <= budget - need:
+                    src.enable_cache()
+                    need += src.cache_bytes
+        worst = max(worst, need)
+    return worst
 
 
 def context(job, threads: int) -> TensorContext:

@@ -169,14 +169,27 @@ def run(
 
 @app.command()
 def info(
-    path: str = typer.Argument(..., help="A model directory or .safetensors file."),
+    path: str = typer.Argument(..., help="A model directory, .safetensors file or LoRA adapter directory."),
     json_out: bool = JSON,
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
 ):
-    """Show a checkpoint's tensors, dtypes, parameter count and shards (validates every header)."""
+    """Show a checkpoint's tensors, dtypes, parameter count and shards (validates every header);
+    for a LoRA adapter directory, the adapter: rank, alpha, scale, target modules, base."""
     def body():
         from .io.checkpoint import Checkpoint
+        from .io.lora import LoraAdapter, is_lora_adapter
 
+        if is_lora_adapter(path):
+            adapter = LoraAdapter(path)
+            data = {"path": str(path), "adapter": adapter.summary()}
+            adapter.close()
+            if json_out:
+                typer.echo(json.dumps(data, indent=2))
+                return
+            from . import render
+
+            render.adapter_info(data)
+            return
         ckpt = Checkpoint(path)
         dtypes: dict[str, int] = {}
         for ref in ckpt.tensors.values():

@@ -161,11 +161,13 @@ class Recipe:
         """A re-runnable recipe (`npmerge run`) with absolute paths and every parameter explicit."""
         import yaml
 
+        from .io.models import absolute_ref
+
         method, global_params, model_params = self.resolved()
         data: dict[str, Any] = {"merge_method": method.name}
         if self.base:
-            data["base_model"] = os.path.abspath(self.base)
-        data["models"] = [{"model": os.path.abspath(m.path), "parameters": p}
+            data["base_model"] = absolute_ref(self.base)
+        data["models"] = [{"model": absolute_ref(m.path), "parameters": p}
                           for m, p in zip(self.models, model_params)]
         if global_params:
             data["parameters"] = global_params

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 from . import __version__
+from .io.models import absolute_ref
 
 
 def totals(method, stats: dict[str, dict], n_models: int) -> dict:
@@ -50,8 +50,8 @@ def build_report(plan, stats: dict[str, dict], files: dict[str, dict]) -> dict:
     return {
         "npmerge_version": __version__,
         "method": method.name,
-        "base": os.path.abspath(plan.recipe.base) if plan.recipe.base else None,
-        "models": [{"path": os.path.abspath(e.path), "parameters": p}
+        "base": absolute_ref(plan.recipe.base) if plan.recipe.base else None,
+        "models": [{"path": absolute_ref(e.path), "parameters": p}
                    for e, p in zip(plan.recipe.models, plan.model_params)],
         "parameters": plan.global_params,
         "out_dtype": plan.recipe.out_dtype,
@@ -85,18 +85,18 @@ def model_card(plan, recipe_yaml: str) -> str:
     base = plan.recipe.base
     lines = ["---"]
     if base:
-        lines.append(f"base_model: {json.dumps(os.path.abspath(base))}")
+        lines.append(f"base_model: {json.dumps(absolute_ref(base))}")
     lines += ["base_model_relation: merge", "library_name: transformers", "tags:", "- merge", "- npmerge", "---", ""]
     lines += ["# Merged model", "",
               f"This model was made with [npmerge](https://pypi.org/project/npmerge/) {__version__} using "
               f"**{method.title}**" + (f" ([paper]({method.paper}))" if method.paper else "") + f": {method.summary}.",
               ""]
     if base:
-        lines += [f"Base model: `{os.path.abspath(base)}`", ""]
+        lines += [f"Base model: `{absolute_ref(base)}`", ""]
     lines += ["| model | parameters |", "| --- | --- |"]
     for e, p in zip(plan.recipe.models, plan.model_params):
         params = ", ".join(f"{k}={v}" for k, v in p.items())
-        lines.append(f"| `{os.path.abspath(e.path)}` | {params} |")
+        lines.append(f"| `{absolute_ref(e.path)}` | {params} |")
     lines += ["", "All arithmetic ran in float32 and was rounded once to the output dtype; "
               "the statistics of the merge are in `merge_report.json`.", "",
               "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
