@@ -223,6 +223,20 @@ def test_model_plus_adapter_references(tmp_path):
     assert_outputs(tmp_path / "linear", {n: ref.linear([values[n], ft[n]], [0.75, 0.25]) for n in base}, "F32")
 
 
+def test_adapted_model_as_the_base(tmp_path):
+    """base_model BASE+ADAPTER: the base's values are B + tau (float32), fine-tunes' task
+    vectors are taken against them, and a bare adapter is applied to that base."""
+    base, ft = f32_model(LLAMA_BASE), f32_model(LLAMA / "ft-a")
+    tau_qv = {n: t[0] for n, t in peft_taus(QV, base).items()}
+    tau_rs = {n: t[0] for n, t in peft_taus(RSLORA, base).items()}
+    adapted = {n: b + tau_qv[n] if n in tau_qv else b for n, b in base.items()}
+    merge("ties", f"{LLAMA_BASE}+{QV}", LLAMA / "ft-a", RSLORA, "--density", "0.4", "--out-dtype", "float32",
+          "-o", tmp_path / "out")
+    expected = {n: v + ref.ties(np.zeros_like(v), [ft[n] - v, tau_rs.get(n, np.zeros_like(v))], [1.0, 1.0],
+                                [0.4, 0.4]) for n, v in adapted.items()}
+    assert_outputs(tmp_path / "out", expected, "F32")
+
+
 def test_base_plus_adapter_in_a_recipe(tmp_path, monkeypatch):
     monkeypatch.chdir(FIXTURES.parent)  # relative paths, as people write recipes
     rel = lambda p: str(Path(p).relative_to(FIXTURES.parent))  # noqa: E731
@@ -486,3 +500,33 @@ def test_refused_through_the_cli(tmp_path, case):
     assert_error(res, code, *(p.replace("{tmp}", str(work)) for p in phrases))
     assert hint in res.err.split("\nHint: ", 1)[1], res.err
     assert_clean(work, before)
+
+
+def test_peak_anonymous_memory_follows_the_budget(tmp_path):
+    """Adapters on a 16M-element tensor (float32 tau: 64 MiB per adapter, more per pass
+    if it were held) merged in 24 MiB: computed spans, scratch and caches stay in it."""
+    import ml_dtypes
+
+    from test_memory import BUDGET, peak_anon
+
+    rows, cols, r = 4096, 4096, 16
+    rng = np.random.default_rng(3)
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"big.weight": (0.02 * rng.standard_normal((rows, cols), np.float32)).astype(ml_dtypes.bfloat16),
+               "small.weight": np.ones((64, 64), ml_dtypes.bfloat16)}, str(base / "model.safetensors"),
+              metadata={"format": "pt"})
+    adapters = []
+    for i in range(2):
+        d = tmp_path / f"lora{i}"
+        d.mkdir()
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": r}))
+        save_file({f"{PREFIX}big.lora_A.weight": rng.standard_normal((r, cols), np.float32),
+                   f"{PREFIX}big.lora_B.weight": 1e-3 * rng.standard_normal((rows, r), np.float32)},
+                  str(d / "adapter_model.safetensors"))
+        adapters.append(d)
+    common = ["--density", "0.3", "--max-memory", str(BUDGET), "--quiet"]
+    _, tiny = peak_anon(["ties", LLAMA_BASE, QV, "-o", tmp_path / "tiny", *common])
+    _, big = peak_anon(["ties", base, *adapters, "-o", tmp_path / "out", *common])
+    assert big - tiny <= BUDGET + 8 * 2**20, (big, tiny)
+    assert big - tiny < 2 * 4 * rows * cols  # far below two float32 task vectors
