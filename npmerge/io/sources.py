@@ -94,7 +94,8 @@ class MappedSource(TensorSource):
 
 class ZeroSource(TensorSource):
     """A task vector of zeros: a tensor an adapter does not touch. Reads nothing; the
-    engine's span buffer is filled with +0.0, so M - B = 0 exactly and B + 0 = B."""
+    engine's span buffer is filled with +0.0 once (kernels only read it, span after
+    span), so M - B = 0 exactly and B + 0 = B."""
 
     is_delta = True
     dtype = "F32"
@@ -103,13 +104,19 @@ class ZeroSource(TensorSource):
         self.name = name
         self.shape = tuple(shape)
         self.label = label
+        self._zeroed: np.ndarray | None = None  # the buffer already all zeros
 
     @property
     def nbytes(self) -> int:
         return 0
 
     def read(self, start: int, n: int, out: np.ndarray) -> None:
-        out[:n] = 0.0
+        if out is not self._zeroed:
+            out[...] = 0.0
+            self._zeroed = out
+
+    def release(self) -> None:
+        self._zeroed = None
 
 
 class ArraySource(TensorSource):
