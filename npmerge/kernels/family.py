@@ -25,7 +25,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .span import load_rows, store
+from .span import check_block, load_rows, store
 
 HI_SHIFT = 16
 HI_BUCKETS = 1 << 15  # magnitude bits 30..16
@@ -41,13 +41,14 @@ CONSENSUS_COUNT = 2
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def hist_hi(addrs, modes, luts, rnd, has_base, lo, hi, block, active, hist):
+def hist_hi(addrs, modes, luts, rnd, has_base, lo, hi, block, check, sums, bad, active, hist):
     """hist[t, i, 2 * (mag >> 16) + (mag & 0xFFFF != 0)] += 1 over the task vectors of
     the active models, elements lo..hi (t: the thread's slot).
 
     The split of each bucket by zero/non-zero low bits lets the caller skip the
     low-bits pass when the k-th largest is one of the bucket's low-zero elements, which
-    all equal the bucket's floor (usual for BF16 models)."""
+    all equal the bucket's floor (usual for BF16 models). With `check`, also the
+    engine's first-pass checks (span.check_block)."""
     nm = addrs.shape[0] - 1
     nb = (hi - lo + block - 1) // block
     for b in prange(nb):
@@ -56,6 +57,8 @@ def hist_hi(addrs, modes, luts, rnd, has_base, lo, hi, block, active, hist):
         rows = np.empty((nm, n), np.float32)
         base = np.empty(n, np.float32)
         load_rows(addrs, modes, luts, rnd, has_base, True, s, n, rows, base)
+        if check:
+            check_block(rows, base, n, has_base, sums, s // block, bad[b])
         t = numba.get_thread_id()
         for i in range(nm):
             if active[i]:
@@ -142,10 +145,36 @@ def _thin_ties(x, n, t, q, m, rem, w, u):
 
 
 @njit(cache=True, nogil=True)
+def _weighted_sum(rows, base, n, has_base, weights, normalize, eps, lam, o):
+    """No trim, no election (task arithmetic, linear): o = B + lam * (sum w_i x_i) / D with
+    D the float32 sum of all weights (|D| < eps -> 1), in the reference's operation order."""
+    delta = np.zeros(n, np.float32)
+    for i in range(rows.shape[0]):
+        w = weights[i]
+        x = rows[i]
+        for e in range(n):
+            delta[e] += w * x[e]
+    if normalize:
+        dd = np.float32(0.0)
+        for i in range(rows.shape[0]):
+            dd += weights[i]
+        if dd == 0 or abs(np.float64(dd)) < eps:
+            dd = np.float32(1.0)
+        for e in range(n):
+            delta[e] = delta[e] / dd
+    for e in range(n):
+        d = lam * delta[e]
+        o[e] = (base[e] + d) if has_base else d
+
+
+@njit(cache=True, nogil=True)
 def _merge_block(rows, base, n, has_base, weights, tbits, tq, tm, thin, rem, consensus, normalize, eps, lam,
                  o, cnt):
     """Trim and weight each model, elect, disjoint sum, normalise, add the base: o[:n]."""
     nm = rows.shape[0]
+    if consensus == CONSENSUS_NONE and (tbits < 0).all():
+        _weighted_sum(rows, base, n, has_base, weights, normalize, eps, lam, o)
+        return
     u = np.empty((nm, n), np.float32)
     for i in range(nm):
         _trim_weight(rows[i], n, tbits[i], tq[i] > 0, weights[i], u[i])
@@ -209,8 +238,8 @@ def _merge_block(rows, base, n, has_base, weights, tbits, tq, tm, thin, rem, con
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def merge(addrs, modes, luts, rnd, has_base, lo, hi, block, weights, tbits, tq, tm, tie_pos, consensus,
-          normalize, eps, lam, out_addr, out_mode, counts):
+def merge(addrs, modes, luts, rnd, has_base, lo, hi, block, check, sums, bad, weights, tbits, tq, tm, tie_pos,
+          consensus, normalize, eps, lam, out_addr, out_mode, counts):
     """Merge elements lo..hi into the output buffer (element lo at its start); return
     how many encoded results are Inf/NaN.
 
@@ -222,22 +251,28 @@ def merge(addrs, modes, luts, rnd, has_base, lo, hi, block, weights, tbits, tq, 
     normalize            divide by the sum of agreeing weights D (|D| < eps or 0 -> 1)
     lam      float32     scales the merged delta
     counts   int64[1 + 2*nm] += [sign conflicts, per model: kept nonzero, excluded]
-    Rows are task vectors when has_base, else the models (linear)."""
+    Rows are task vectors when has_base, else the models (linear). With `check`, also
+    the engine's first-pass checks (span.check_block)."""
     nm = addrs.shape[0] - 1
     nb = (hi - lo + block - 1) // block
     thin = (tq > 0) & (tq < tm)
     start = np.zeros((nb, nm), np.int64)
     if thin.any():  # per-block tie counts, prefix-summed into each block's first ordinal
         ties = np.zeros((nb, nm), np.int64)
+        sel = np.flatnonzero(thin)  # decode only the base and the models whose ties are thinned
+        sub_addrs = np.empty(1 + sel.size, np.int64)
+        sub_modes = np.empty(1 + sel.size, np.int64)
+        sub_addrs[0], sub_modes[0] = addrs[0], modes[0]
+        for j in range(sel.size):
+            sub_addrs[1 + j], sub_modes[1 + j] = addrs[1 + sel[j]], modes[1 + sel[j]]
         for b in prange(nb):
             s = lo + b * block
             n = min(block, hi - s)
-            rows = np.empty((nm, n), np.float32)
+            rows = np.empty((sel.size, n), np.float32)
             base = np.empty(n, np.float32)
-            load_rows(addrs, modes, luts, rnd, has_base, has_base, s, n, rows, base)
-            for i in range(nm):
-                if thin[i]:
-                    ties[b, i] = _count_ties(rows[i], n, tbits[i])
+            load_rows(sub_addrs, sub_modes, luts, rnd, has_base, has_base, s, n, rows, base)
+            for j in range(sel.size):
+                ties[b, sel[j]] = _count_ties(rows[j], n, tbits[sel[j]])
         for i in range(nm):
             j = tie_pos[i]
             for b in range(nb):
@@ -252,6 +287,8 @@ def merge(addrs, modes, luts, rnd, has_base, lo, hi, block, weights, tbits, tq, 
         rows = np.empty((nm, n), np.float32)
         base = np.empty(n, np.float32)
         load_rows(addrs, modes, luts, rnd, has_base, has_base, s, n, rows, base)
+        if check:
+            check_block(rows, base, n, has_base, sums, s // block, bad[b])
         rem = np.zeros(nm, np.int64)
         for i in range(nm):
             if thin[i]:

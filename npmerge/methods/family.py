@@ -18,6 +18,8 @@ from ..errors import RecipeError
 from .protocol import Driver, Span, Stat, TensorContext
 
 _CONSENSUS = {None: 0, "sum": 1, "count": 2}
+_NO_SUMS = np.zeros((0, 0), np.float64)
+_NO_BAD = np.zeros((0, 0), np.int64)
 KEEP_ALL = -1
 KEEP_NONE = 1 << 31
 
@@ -62,6 +64,14 @@ class FamilyDriver(Driver):
         self._above = np.zeros(nm, np.int64)
         self._bucket = np.full(nm, -1, np.int64)
 
+    fused_check = True  # the first pass (hist_hi or merge) runs the engine's checks
+
+    @staticmethod
+    def _checks(span: Span) -> tuple:
+        if span.check:
+            return span.checks
+        return False, _NO_SUMS, _NO_BAD
+
     def work_bytes(self, span: int) -> int:
         """Per-thread radix histograms of the exact selection (the larger, low-bits one)."""
         return self.ctx.threads * self.ctx.n_models * (1 << 16) * 8 if self.selecting.any() else 0
@@ -70,13 +80,13 @@ class FamilyDriver(Driver):
     def feed(self, pass_name: str, span: Span) -> int:
         k = kernels.load("family")
         if pass_name == "merge":
-            return k.merge(*span.inputs, span.lo, span.hi, span.block, self.weights, self.tbits, self.tq, self.tm,
-                           self.tie_pos, self.consensus, self.normalize, self.eps, self.lam, span.out_addr,
-                           span.out_mode, self.counts)
+            return k.merge(*span.inputs, span.lo, span.hi, span.block, *self._checks(span), self.weights,
+                           self.tbits, self.tq, self.tm, self.tie_pos, self.consensus, self.normalize, self.eps,
+                           self.lam, span.out_addr, span.out_mode, self.counts)
         if pass_name == "hist_hi":
             if self._hist is None:
                 self._hist = np.zeros((self.ctx.threads, self.ctx.n_models, 2 * k.HI_BUCKETS), np.int64)
-            k.hist_hi(*span.inputs, span.lo, span.hi, span.block, self.selecting, self._hist)
+            k.hist_hi(*span.inputs, span.lo, span.hi, span.block, *self._checks(span), self.selecting, self._hist)
         else:
             if self._hist is None:
                 self._hist = np.zeros((self.ctx.threads, self.ctx.n_models, k.LO_BUCKETS), np.int64)
