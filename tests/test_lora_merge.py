@@ -305,14 +305,14 @@ def test_cached_and_recomputed_products_give_the_same_bytes(tmp_path, monkeypatc
                         or read_delta(t, start, n, *a))
     from npmerge.recipe import Recipe
 
-    from npmerge.budget import job_bytes
+    from npmerge.budget import job_bytes, output_bytes
     from npmerge.constants import BLOCK
 
     base_dir, adapters = big_pair(tmp_path)  # layer.weight: 60000 elements, 4 blocks
     recipe = Recipe.from_cli("ties", str(base_dir), [str(a) for a in adapters], per_model={"density": [0.3]})
     plan = api.plan_merge(recipe, max_memory="64MiB", threads=2)
     job = next(j for j in plan.jobs if j.name == "layer.weight")
-    need = {k: 8 * k * BLOCK + job_bytes(job, k * BLOCK, 2) for k in (1, 2, 4)}
+    need = {k: output_bytes(k * BLOCK) + job_bytes(job, k * BLOCK, 2) for k in (1, 2, 4)}
     caches = sum(s.cache_bytes for s in job.models)
     plan.close()
     budgets = {"one-span": need[4] + caches, "spans-cached": need[2] + caches,
