@@ -13,7 +13,7 @@ import os
 
 from ..errors import InvalidCheckpoint, RecipeError
 from .adapted import AdaptedModel
-from .checkpoint import Checkpoint
+from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from .lora import LoraAdapter, is_lora_adapter
 from .sources import MappedSource, TensorSource
 from .staging import file_fingerprint
@@ -46,7 +46,7 @@ def open_model(ref: str, base=None, *, role: str = "model"):
     model_ref, adapter_ref = split_ref(ref)
     if adapter_ref is not None:
         return _model_plus_adapter(ref, model_ref, adapter_ref, base)
-    if is_lora_adapter(ref):
+    if _is_adapter(ref):
         if base is None:
             raise _needs_base(ref, role)
         return _adapted(ref, LoraAdapter(ref), lambda: base, base)
@@ -57,7 +57,7 @@ def _model_plus_adapter(ref: str, model_ref: str, adapter_ref: str, base):
     if not os.path.exists(adapter_ref):
         raise InvalidCheckpoint(f"adapter path '{adapter_ref}' (of '{ref}') does not exist",
                                 hint="check the path; " + _PLUS_HINT)
-    if is_lora_adapter(model_ref):
+    if _is_adapter(model_ref):
         raise RecipeError(f"model reference '{ref}' applies an adapter to an adapter", hint=_PLUS_HINT)
 
     def model():
@@ -83,6 +83,11 @@ def _adapted(ref: str, adapter: LoraAdapter, open_on, base) -> AdaptedModel:
         if on is not None and on is not base:
             on.close()
         raise
+
+
+def _is_adapter(ref: str) -> bool:
+    """A PEFT adapter directory; one that also holds full model weights is a model."""
+    return is_lora_adapter(ref) and not any(os.path.lexists(os.path.join(ref, n)) for n in (SINGLE_NAME, INDEX_NAME))
 
 
 def _needs_base(ref: str, role: str) -> RecipeError:
