@@ -88,9 +88,10 @@ def choose_span(jobs: list, budget: int, threads: int) -> tuple[int, int]:
 
 
 def cache_computed(jobs: list, budget: int, threads: int, span: int) -> int:
-    """Let computed sources of a tensor in several spans keep their values across passes
-    where the budget has room (a LoRA source then computes B @ A once, not once per
-    pass; a tensor in one span stays in the engine's buffer anyway); return the bytes
+    """Let computed sources of a tensor in several spans compute it whole, once, where the
+    budget has room (a LoRA source then computes B @ A once, not once per pass, and the
+    engine reads it in place; a tensor in one span stays in the engine's buffer anyway).
+    Return the bytes
     allocated at the worst tensor, caches included. `span`: the plan's (the shared output
     buffer's); jobs carry their own."""
     worst = 0
@@ -101,7 +102,7 @@ def cache_computed(jobs: list, budget: int, threads: int, span: int) -> int:
         if job.passes > 1 and job.span < job.numel:  # one span: the engine keeps it (SpanInputs)
             for src in job.sources:
                 if 0 < src.cache_bytes <= budget - need:
-                    src.enable_cache()
+                    src.enable_cache(job.span)
                     need += src.cache_bytes
         worst = max(worst, need)
     return worst

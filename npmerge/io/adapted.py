@@ -145,9 +145,9 @@ class LoraSource(TensorSource):
 
     delta=True: the values are tau (LoraTarget.read_delta), against `on`'s values
     where the target needs them. delta=False: model values fl32(X + tau), X read from
-    `on`. With enable_cache() the values of the first pass are kept for the later ones
-    (the first pass reads the spans in order; a later read of a range already computed
-    copies it), so a multi-pass method computes B @ A once."""
+    `on`. After enable_cache(chunk) (the plan's budget had room for the whole tensor in
+    float32), raw() computes every element once, `chunk` elements at a time, and the
+    engine reads that in place in every pass: a multi-pass method computes B @ A once."""
 
     def __init__(self, target: LoraTarget, on: TensorSource, *, delta: bool, label: str):
         self.target = target
@@ -158,9 +158,8 @@ class LoraSource(TensorSource):
         self.shape = tuple(target.shape)
         self.dtype = "F32"
         self._needs_on = target.needs_base or not delta
-        self._cache_on = False
+        self._chunk: int | None = None  # set by enable_cache
         self._cache: np.ndarray | None = None
-        self._cached = 0  # elements [0, _cached) of the cache hold values
 
     @property
     def nbytes(self) -> int:
@@ -175,12 +174,24 @@ class LoraSource(TensorSource):
     def cache_bytes(self) -> int:
         return 4 * self.numel
 
-    def enable_cache(self) -> None:
-        self._cache_on = True
+    def enable_cache(self, chunk: int) -> None:
+        self._chunk = max(1, chunk)
+
+    def raw(self) -> np.ndarray | None:
+        if self._chunk is None:
+            return None
+        if self._cache is None:
+            cache = np.empty(self.numel, np.float32)
+            for start in range(0, self.numel, self._chunk):
+                n = min(self._chunk, self.numel - start)
+                self.read(start, n, cache[start:start + n])
+            cache.flags.writeable = False
+            self._cache = cache
+        return self._cache
 
     def read(self, start: int, n: int, out: np.ndarray) -> None:
         dst = out[:n]
-        if self._cache is not None and start + n <= self._cached:
+        if self._cache is not None:
             dst[...] = self._cache[start:start + n]
             return
         on = None
@@ -190,16 +201,11 @@ class LoraSource(TensorSource):
         self.target.read_delta(start, n, dst, on if self.target.needs_base else None)
         if not self.is_delta:
             dst += on  # fl32(tau + X) = fl32(X + tau): one rounding
-        if self._cache_on and start == self._cached:
-            if self._cache is None:
-                self._cache = np.empty(self.numel, np.float32)
-            self._cache[start:start + n] = dst
-            self._cached = start + n
 
     def prefetch(self) -> None:
         if self._needs_on:
             self.on.prefetch()
 
     def release(self) -> None:
-        self._cache, self._cached = None, 0
+        self._cache = None
         self.on.release()

@@ -51,12 +51,13 @@ class TensorSource:
 
     @property
     def cache_bytes(self) -> int:
-        """Memory that would let this source compute its values once for all passes (0:
-        nothing to gain). The plan calls enable_cache() when the budget allows it."""
+        """Memory that would let this computed source compute its values once for all
+        passes (0: nothing to gain). The plan calls enable_cache() when the budget allows."""
         return 0
 
-    def enable_cache(self) -> None:
-        """Keep computed values until release() (see cache_bytes)."""
+    def enable_cache(self, chunk: int) -> None:
+        """Compute all values once (at most `chunk` elements per step) and keep them until
+        release(), exposed by raw() as float32 storage (see cache_bytes)."""
 
     def prefetch(self) -> None:
         """Hint that the tensor will be read soon (e.g. start readahead)."""
