@@ -30,7 +30,6 @@ import os
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

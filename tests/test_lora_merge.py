@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -344,11 +345,12 @@ def test_cached_and_recomputed_products_give_the_same_bytes(tmp_path, monkeypatc
 
 def test_budget_counts_the_lora_scratch(tmp_path):
     """A computed source's float32 span buffer and its own scratch are in the plan's working memory."""
+    from dataclasses import replace
+
     from npmerge import api
     from npmerge.budget import job_bytes
     from npmerge.io.sources import ZeroSource
     from npmerge.recipe import Recipe
-    from dataclasses import replace
 
     base_dir, adapters = big_pair(tmp_path, n_adapters=1)
     plan = api.plan_merge(Recipe.from_cli("ties", str(base_dir), [str(adapters[0])]), max_memory="64MiB", threads=2)
@@ -497,7 +499,7 @@ def test_refused_through_the_cli(tmp_path, case):
     work = tmp_path / "w"
     work.mkdir()
     args = build(work)
-    before = set(__import__("os").listdir(work))
+    before = set(os.listdir(work))
     res = run(*args, "-o", work / "out")
     assert_error(res, code, *(p.replace("{tmp}", str(work)) for p in phrases))
     assert hint in res.err.split("\nHint: ", 1)[1], res.err
