@@ -22,15 +22,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import __version__, constants
-from .budget import choose_span, context, default_budget, parse_size
 from . import layers, values
+from .budget import cache_computed, choose_span, context, default_budget, parse_size
 from .compat import check_distinct, check_equal_data, check_inputs, label
 from .dtypes import DECODABLE, DTYPES, ENCODABLE
 from .errors import IncompatibleModels, InvalidCheckpoint, RecipeError
 from .io.checkpoint import Checkpoint, TensorRef
-from .io.models import open_model, source
+from .io.models import fingerprints, open_model, source
 from .io.sources import TensorSource
-from .io.staging import file_fingerprint
 from .io.writer import OutputCheck, OutputTensor, ShardLayout, plan_shards
 from .methods import registry
 from .methods.registry import Method
@@ -118,7 +117,7 @@ class Plan:
         return {
             "npmerge_version": __version__,
             "recipe_sha256": hashlib.sha256(self.recipe.to_yaml().encode()).hexdigest(),
-            "inputs": [file_fingerprint(p) for ckpt in self.inputs for p in ckpt.files],
+            "inputs": [e for model in self.inputs for e in fingerprints(model)],
         }
 
     def close(self) -> None:
@@ -147,23 +146,26 @@ def build_plan(recipe: Recipe, *, max_memory=None, threads: int | None = None,
         span, work = choose_span(jobs, budget, threads)
         jobs = [replace(j, span=min(span, -(-j.numel // constants.BLOCK) * constants.BLOCK) or constants.BLOCK)
                 for j in jobs]
+        work = max(work, cache_computed(jobs, budget, threads, span))
     except BaseException:
         for c in opened:
             c.close()
         raise
     global_params, model_params = headline(jobs, len(models))
+    adapter_notes = [n for m in opened for n in getattr(m, "notes", ())]
     return Plan(recipe, method, global_params, model_params, base, models, jobs, layout, span, budget,
-                work, threads, list(recipe.notes) + notes, config_updates, tokenizer_dir)
+                work, threads, list(recipe.notes) + adapter_notes + notes, config_updates, tokenizer_dir)
 
 
 def _open_models(recipe: Recipe, opened: list) -> tuple[Checkpoint | None, list[Checkpoint]]:
-    """Open (and validate) the base and every merged model; `opened` collects them for cleanup."""
-    base = open_model(recipe.base) if recipe.base else None
+    """Open (and validate) the base and every merged model; `opened` collects them for cleanup.
+    A LoRA adapter is applied to the base (io/models.py), its shapes checked on the way."""
+    base = open_model(recipe.base, role="base") if recipe.base else None
     if base:
         opened.append(base)
     models = []
-    for entry in recipe.models:
-        models.append(open_model(entry.path))
+    for i, entry in enumerate(recipe.models):
+        models.append(open_model(entry.path, base, role=f"model {i + 1}"))
         opened.append(models[-1])
     return base, models
 
