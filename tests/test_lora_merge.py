@@ -414,8 +414,8 @@ def test_info_shows_the_adapter():
     res = run("info", CONV1D)
     assert res.code == 0, res.err
     for phrase in ("PEFT LoRA adapter", "fan_in_fan_out", "modules_to_save", "ln_f", "c_attn", "bias"):
-        assert phrase in res.err, phrase
-    assert "transformer.h.0" not in res.err  # a summary, not the raw tensors
+        assert phrase in res.out, phrase  # results go to stdout
+    assert "transformer.h.0" not in res.out  # a summary, not the raw tensors
 
 
 # ------------------------------------------------------------------- refusals
