@@ -210,14 +210,28 @@ def run(
 
 @app.command(cls=_Command, epilog="Example: npmerge info meta-llama/Llama-3.2-1B --tensors | less")
 def info(
-    path: str = typer.Argument(..., metavar="MODEL", help=f"The model: {MODEL_REF}.", rich_help_panel=_INPUTS),
+    path: str = typer.Argument(..., metavar="MODEL", help=f"The model: {MODEL_REF}; or a LoRA adapter directory.",
+                               rich_help_panel=_INPUTS),
     json_out: bool = typer.Option(False, "--json", help="Print the facts as JSON on stdout.", rich_help_panel=_OUTPUT),
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor.", rich_help_panel=_OUTPUT),
 ):
-    """Show a checkpoint's tensors, dtypes, parameter count and shards (validates every header)."""
+    """Show a checkpoint's tensors, dtypes, parameter count and shards (validates every header);
+    for a LoRA adapter directory, the adapter: rank, alpha, scale, target modules, base."""
     def body():
-        from .io.models import open_model
+        from .io.lora import LoraAdapter
+        from .io.models import is_adapter, open_model
 
+        if is_adapter(path):
+            adapter = LoraAdapter(path)
+            data = {"path": str(path), "adapter": adapter.summary()}
+            adapter.close()
+            if json_out:
+                typer.echo(json.dumps(data, indent=2))
+                return
+            from . import render
+
+            render.adapter_info(data)
+            return
         ckpt = open_model(path)
         model = ckpt.ref
         dtypes: dict[str, int] = {}

@@ -29,7 +29,9 @@ _NO_SUMS = np.empty((0, 0), np.float64)
 class SpanInputs:
     """A merged tensor's sources as span kernel inputs: slot 0 the base (if any), then
     the models. Raw storage is decoded in place; other sources fill a float32 buffer per
-    span, addressed so that element indices stay absolute."""
+    span, addressed so that element indices stay absolute. Kernels only read the
+    buffers and a source's values depend only on the range, so a buffer that already
+    holds a span's range (the next pass over a one-span tensor) is not filled again."""
 
     def __init__(self, base: TensorSource | None, models: tuple[TensorSource, ...], span: int, rnd: str | None,
                  block: int = BLOCK):
@@ -59,6 +61,7 @@ class SpanInputs:
                 self.modes[slot] = SPAN_KIND["F32"]
             if src.is_delta:
                 self.modes[slot] |= SPAN_DELTA
+        self._filled: list[tuple[int, int] | None] = [None] * len(self._computed)  # range each buffer holds
 
     @staticmethod
     def buffer_bytes(base: TensorSource | None, models, span: int) -> int:
@@ -66,8 +69,10 @@ class SpanInputs:
         return 4 * span * sum(1 for s in [base, *models] if s is not None and s.raw() is None)
 
     def span(self, lo: int, hi: int) -> Span:
-        for slot, src, buf in self._computed:
-            src.read(lo, hi - lo, buf)
+        for i, (slot, src, buf) in enumerate(self._computed):
+            if self._filled[i] != (lo, hi):  # a tensor in one span is computed once, not once per pass
+                src.read(lo, hi - lo, buf)
+                self._filled[i] = (lo, hi)
             self.addrs[slot] = buf.ctypes.data - 4 * lo
         return Span(lo, hi, self.block, self.addrs, self.modes, self.luts, self.rnd, self.has_base)
 

@@ -29,16 +29,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import __version__, constants
-from .budget import choose_span, context, default_budget, parse_size
 from . import layers, values
+from .budget import cache_computed, choose_span, context, default_budget, parse_size
 from .compat import check_distinct, check_equal_data, check_inputs, check_names, label
 from .dtypes import DECODABLE, DTYPES, ENCODABLE
 from .errors import IncompatibleModels, InvalidCheckpoint, RecipeError
 from .io.checkpoint import Checkpoint, TensorRef
 from .io.layout import LayoutPlan, ModelLayout, config_changes, embedding_name, is_vocab_tensor, plan_layout
-from .io.models import open_model, source
+from .io.models import fingerprints, open_model, source
 from .io.sources import TensorSource
-from .io.staging import file_fingerprint
 from .io.vocab import OutputVocab, VocabRowsSource, build_output_vocab, compare_vocabs, read_tokenizer, \
     write_tokenizer_files
 from .io.writer import OutputCheck, OutputTensor, ShardLayout, plan_shards
@@ -130,7 +129,7 @@ class Plan:
         out = {
             "npmerge_version": __version__,
             "recipe_sha256": hashlib.sha256(self.recipe.to_yaml().encode()).hexdigest(),
-            "inputs": [file_fingerprint(p) for ckpt in self.inputs for p in ckpt.files],
+            "inputs": [e for model in self.inputs for e in fingerprints(model)],
         }
         if self.vocab is not None:  # the row maps (built from tokenizer files the inputs above do not cover)
             h = hashlib.sha256()
@@ -165,23 +164,27 @@ def build_plan(recipe: Recipe, *, max_memory=None, threads: int | None = None,
         span, work = choose_span(jobs, budget, threads)
         jobs = [replace(j, span=min(span, -(-j.numel // constants.BLOCK) * constants.BLOCK) or constants.BLOCK)
                 for j in jobs]
+        work = max(work, cache_computed(jobs, budget, threads, span))
     except BaseException:
         for c in opened:
             c.close()
         raise
     global_params, model_params = headline(jobs, len(models))
+    adapter_notes = [n for m in opened for n in getattr(m, "notes", ())]
     return Plan(recipe, method, global_params, model_params, base, models, jobs, layout, span, budget,
-                work, threads, list(recipe.notes) + notes, config_updates, vocab, tokenizer_files, tensor_map)
+                work, threads, list(recipe.notes) + adapter_notes + notes, config_updates, vocab, tokenizer_files,
+                tensor_map)
 
 
 def _open_models(recipe: Recipe, opened: list) -> tuple[Checkpoint | None, list[Checkpoint]]:
-    """Open (and validate) the base and every merged model; `opened` collects them for cleanup."""
-    base = open_model(recipe.base) if recipe.base else None
+    """Open (and validate) the base and every merged model; `opened` collects them for cleanup.
+    A LoRA adapter is applied to the base (io/models.py), its shapes checked on the way."""
+    base = open_model(recipe.base, role="base") if recipe.base else None
     if base:
         opened.append(base)
     models = []
-    for entry in recipe.models:
-        models.append(open_model(entry.path))
+    for i, entry in enumerate(recipe.models):
+        models.append(open_model(entry.path, base, role=f"model {i + 1}"))
         opened.append(models[-1])
     return base, models
 

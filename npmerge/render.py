@@ -60,6 +60,29 @@ def info(data: dict, tensors: bool) -> None:
         c.print(t)
 
 
+def adapter_info(data: dict) -> None:
+    """`npmerge info ADAPTER`: what the adapter does, not its raw tensors."""
+    a = data["adapter"]
+    t = Table(title=escape(f"{data['path']} (PEFT LoRA adapter)"), show_header=False)
+    t.add_row("type", a["type"] + (", fan_in_fan_out" if a["fan_in_fan_out"] else ""))
+    t.add_row("base model", str(a["base_model_name_or_path"] or "-"))
+    t.add_row("r", f"{a['r']}" + (f" (per module: {', '.join(map(str, a['ranks']))})" if a["ranks"] != [a["r"]] else ""))
+    t.add_row("lora_alpha", f"{a['lora_alpha']:g}")
+    t.add_row("scale", ", ".join(f"{s:.6g}" for s in a["scales"]) or f"{a['scale']:.6g}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if a[key]:
+            t.add_row(key, ", ".join(f"{k}: {v}" for k, v in a[key].items()))
+    targets = a["target_modules"]
+    t.add_row("target modules", targets if isinstance(targets, str) else ", ".join(targets or []) or "-")
+    t.add_row("adapted modules", f"{len(a['adapted_modules'])}")
+    t.add_row("modules_to_save", ", ".join(a["modules_to_save"] or []) or "-")
+    if a["replaced_tensors"]:
+        t.add_row("replaced tensors", f"{len(a['replaced_tensors'])}")
+    t.add_row("bias", a["bias"] + (", lora_bias" if a["lora_bias"] else ""))
+    t.add_row("stored", f"{a['tensors']:,} tensors, {a['parameters']:,} parameters, {', '.join(a['dtypes'])}")
+    stdout().print(t)
+
+
 # -- the plan (--dry-run) ------------------------------------------------------------------
 def _tensor_rows(plan) -> list[dict]:
     return [{"name": j.name, "shape": list(j.shape), "in_dtypes": [s.dtype for s in j.sources], "out_dtype": j.out_dtype,

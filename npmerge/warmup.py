@@ -11,8 +11,8 @@ from .dtypes import DECODABLE, DTYPES, ENCODABLE, count_nonfinite, decode, encod
 
 
 def compile_all() -> float:
-    """Run every method on a tiny tensor through the engine's own code path, and the
-    stand-alone conversion kernels: after this, a merge compiles nothing."""
+    """Run every method on a tiny tensor through the engine's own code path, the
+    stand-alone conversion kernels and the LoRA product: after this, a merge compiles nothing."""
     started = time.perf_counter()
     threads = kernels.set_threads(None)
     n = 8
@@ -38,4 +38,7 @@ def compile_all() -> float:
                          if p.default is not None}] * count
         run_arrays(method.name, models[0] if method.base != "none" else None, models[1:1 + count], params,
                    model_params, threads=threads)
+    # LoRA adapters' B @ A (io/lora_target.py passes C-contiguous float32 factors)
+    kernels.load("lora").lowrank_rows(np.ones((2, 3), np.float32), np.ones((3, 4), np.float32), 1.0, 1,
+                                      np.empty(7, np.float32))
     return time.perf_counter() - started

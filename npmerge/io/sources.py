@@ -93,6 +93,33 @@ class MappedSource(TensorSource):
         self.ref.file.advise(self.name, "dontneed")
 
 
+class ZeroSource(TensorSource):
+    """A task vector of zeros: a tensor an adapter does not touch. Reads nothing; the
+    engine's span buffer is filled with +0.0 once (kernels only read it, span after
+    span), so M - B = 0 exactly and B + 0 = B."""
+
+    is_delta = True
+    dtype = "F32"
+
+    def __init__(self, name: str, shape: tuple[int, ...], label: str):
+        self.name = name
+        self.shape = tuple(shape)
+        self.label = label
+        self._zeroed: np.ndarray | None = None  # the buffer already all zeros
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+    def read(self, start: int, n: int, out: np.ndarray) -> None:
+        if out is not self._zeroed:
+            out[...] = 0.0
+            self._zeroed = out
+
+    def release(self) -> None:
+        self._zeroed = None
+
+
 class ArraySource(TensorSource):
     """An in-memory array in raw storage form (tests, small computed tensors)."""
 
