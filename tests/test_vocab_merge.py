@@ -471,3 +471,21 @@ def test_remapped_rows_keep_memory_within_the_budget(tmp_path):
     _, big = peak_anon(["run", tmp_path / "r.yml", "-o", tmp_path / "out", *common])
     assert big - tiny <= budget + 8 * 2**20, (big, tiny)
     assert load_model(tmp_path / "out")[EMBED].shape == (17408, hidden)
+
+
+def test_computed_sources_cannot_be_remapped():
+    """A LoRA adapter's tensor is computed per span (a task vector or B @ A on top): its rows
+    cannot be permuted, so the plan refuses it clearly instead of failing mid-merge."""
+    from npmerge.errors import IncompatibleModels
+    from npmerge.io.checkpoint import Checkpoint
+    from npmerge.io.models import source
+    from npmerge.io.sources import ZeroSource
+    from npmerge.io.vocab import VocabRowsSource, build_output_vocab, read_tokenizer
+
+    ckpts = [Checkpoint(VOCAB / m) for m in ("base", "ft-chat")]
+    vocab = build_output_vocab("union", [(c.label, read_tokenizer(c.root)) for c in ckpts], 0)
+    inputs = [source(ckpts[0], EMBED), ZeroSource(EMBED, (82, 32), "adapter")]
+    with pytest.raises(IncompatibleModels, match="'model.embed_tokens.weight' of adapter is computed, not stored"):
+        VocabRowsSource(vocab, 0, inputs, "base")  # ft-chat (the adapter here) is a donor of the base's rows
+    for c in ckpts:
+        c.close()
