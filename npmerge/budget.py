@@ -56,7 +56,7 @@ def job_bytes(job, span: int, threads: int) -> int:
 
     driver = job.method.driver(context(job, threads))
     checks = len(job.models) * -(-job.numel // constants.BLOCK) * 8
-    return (SpanInputs.buffer_bytes(job.base, job.models, span) + driver.work_bytes(span)
+    return (SpanInputs.buffer_bytes(job.base, job.models, span, driver.whole_rows) + driver.work_bytes(span)
             + kernel_bytes(len(job.models), threads) + checks)
 
 

@@ -57,7 +57,10 @@ class Recipe:
                               if self.models else "no models to merge")
         if method.max_models is not None and len(self.models) > method.max_models:
             raise RecipeError(f"{method.name} merges at most {method.max_models} model(s), got {len(self.models)}")
-        method.resolve(self.params, [m.params for m in self.models], [m.path for m in self.models])  # validates early
+        notes: list[str] = []
+        method.resolve(self.params, [m.params for m in self.models], [m.path for m in self.models],
+                       notes=notes)  # validates early
+        object.__setattr__(self, "notes", tuple(self.notes) + tuple(n for n in notes if n not in self.notes))
 
     def resolved(self):
         """(Method, global params, per-model params) with defaults filled in."""

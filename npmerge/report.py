@@ -16,7 +16,8 @@ from . import __version__
 
 def totals(method, stats: dict[str, dict], n_models: int) -> dict:
     """Model-level figures over all tensors, as each of the method's statistics declares
-    (element-weighted mean, or a ratio of summed counts); and the task-vector norms."""
+    (element-weighted mean, or a ratio of summed counts; over the tensors that report it,
+    and absent where none does); and the task-vector norms."""
     tensors = list(stats.values())
     numel = sum(s["numel"] for s in tensors) or 1
 
@@ -30,10 +31,12 @@ def totals(method, stats: dict[str, dict], n_models: int) -> dict:
     models = []
     for i in range(n_models):
         entries = [(s["models"][i], s) for s in tensors]
-        m = {spec.key: total(spec, entries) for spec in method.stats if spec.per_model}
+        m = {spec.key: total(spec, entries) for spec in method.stats
+             if spec.per_model and any(spec.key in e for e, _ in entries)}
         m["l2"] = math.sqrt(math.fsum(e["l2"] ** 2 for e, _ in entries))
         models.append(m)
-    out = {spec.key: total(spec, [(s, s) for s in tensors]) for spec in method.stats if not spec.per_model}
+    out = {spec.key: total(spec, [(s, s) for s in tensors]) for spec in method.stats
+           if not spec.per_model and any(spec.key in s for s in tensors)}
     out["models"] = models
     out["numel"] = numel
     return out

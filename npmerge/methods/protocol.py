@@ -87,6 +87,10 @@ class Driver:
 
     ctx: TensorContext
     passes: list[str] = field(default_factory=lambda: ["merge"])
+    # Row length (along the last axis) whose whole rows the kernels read around each span,
+    # e.g. to rank an element within its row; 0: only the span. Computed sources are then
+    # materialised for every row the span touches.
+    whole_rows = 0
 
     def writes(self, pass_name: str) -> bool:
         """Whether this pass produces the output (every element exactly once)."""
