@@ -181,30 +181,59 @@ def _thin(x, n, t, q, m, rem, keep):
 
 
 @njit(cache=True, nogil=True)
+def _ascending(mags, order, tmp, count):
+    """order[:C] = indices of mags (31-bit magnitudes, uint32) in ascending order, equal
+    values by index: a stable LSD radix sort, 8 bits per pass (a pass whose digit is the
+    same for every element is skipped)."""
+    C = mags.shape[0]
+    for c in range(C):
+        order[c] = c
+    for shift in range(0, 32, 8):
+        count[:] = 0
+        for c in range(C):
+            count[(mags[c] >> shift) & 0xFF] += 1
+        if count.max() == C:
+            continue
+        total = 0
+        for d in range(256):
+            total, count[d] = total + count[d], total
+        for c in range(C):
+            k = order[c]
+            d = (mags[k] >> shift) & 0xFF
+            tmp[count[d]] = k
+            count[d] += 1
+        order[:] = tmp
+
+
+@njit(cache=True, nogil=True)
 def _della_p(addrs, modes, luts, rnd, i, e0, n, C, pa, pb, p):
     """p[t] = DELLA's keep probability of element e0 + t of model i: rows of C elements
     along the last axis, r = 1 + position in the ascending order of |tau| within the row
     (equal values by index), p = pa + (pb * (r - 1)) / (C - 1) in float64. Reads every
     row the range touches whole (rows may extend beyond the span)."""
-    base = np.empty(C, np.float32)
-    row = np.empty(C, np.float32)
-    keys = np.empty(C, np.int64)
+    vals = np.empty((2, C), np.float32)  # the model's row, the base's row
+    mags = np.empty(C, np.uint32)
+    order = np.empty(C, np.int64)
+    tmp = np.empty(C, np.int64)
+    count = np.empty(256, np.int64)
     delta = (modes[1 + i] & DELTA) != 0
     for r in range(e0 // C, (e0 + n - 1) // C + 1):
         start = r * C
-        load(addrs[1 + i], modes[1 + i], luts, rnd, start, C, row)
+        for k in range(1 if delta else 2):  # one call site of the (large) decoder
+            slot = 1 + i if k == 0 else 0
+            load(addrs[slot], modes[slot], luts, rnd, start, C, vals[k])
+        row = vals[0]
         if not delta:
-            load(addrs[0], modes[0], luts, rnd, start, C, base)
             for c in range(C):
-                row[c] = row[c] - base[c]
+                row[c] = row[c] - vals[1, c]
         bits = row.view(np.uint32)
         for c in range(C):
-            keys[c] = (np.int64(bits[c] & MAG_MASK) << 32) | c
-        keys.sort()  # ascending |tau|, then index
+            mags[c] = bits[c] & MAG_MASK
+        _ascending(mags, order, tmp, count)
         first = max(e0 - start, 0)
         last = min(e0 + n - start, C)
         for pos in range(C):
-            c = keys[pos] & 0xFFFFFFFF
+            c = order[pos]
             if first <= c < last:
                 p[start + c - e0] = pa + ((pb * np.float64(pos)) / np.float64(C - 1))
 
@@ -331,6 +360,87 @@ def _combine(u, base, n, has_base, weights, consensus, normalize, eps, lam, o, c
 # ------------------------------------------------------------------ the span kernel
 
 
+@njit(cache=True, nogil=True)
+def _add_abs(x, n, e0, lanes):
+    """lanes[(e0 + e) % 8] += |x[e]| (float64) for e < n in increasing e: the reduction
+    rule's lanes (SEMANTICS-2 A), kept in registers over aligned groups of 8."""
+    head = min(n, (8 - (e0 & 7)) & 7)
+    for e in range(head):
+        lanes[(e0 + e) & 7] += abs(np.float64(x[e]))
+    a0, a1, a2, a3, a4, a5, a6, a7 = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7]
+    main = head + (n - head) // 8 * 8
+    for e in range(head, main, 8):  # x[e] is lane 0 here
+        a0 += abs(np.float64(x[e]))
+        a1 += abs(np.float64(x[e + 1]))
+        a2 += abs(np.float64(x[e + 2]))
+        a3 += abs(np.float64(x[e + 3]))
+        a4 += abs(np.float64(x[e + 4]))
+        a5 += abs(np.float64(x[e + 5]))
+        a6 += abs(np.float64(x[e + 6]))
+        a7 += abs(np.float64(x[e + 7]))
+    lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7] = a0, a1, a2, a3, a4, a5, a6, a7
+    for e in range(main, n):
+        lanes[(e0 + e) & 7] += abs(np.float64(x[e]))
+
+
+@njit(cache=True, nogil=True)
+def _piece_ties(addrs, modes, luts, rnd, has_base, a, z, block, sel, thin, ties):
+    """ties[i, side] = elements of model i equal to its boundary value in a..z."""
+    nm = addrs.shape[0] - 1
+    rows = np.empty((nm, block), np.float32)
+    base = np.empty(block, np.float32)
+    for s in range(a, z, block):
+        n = min(block, z - s)
+        load_rows(addrs, modes, luts, rnd, has_base, has_base, s, n, rows, base)
+        for i in range(nm):
+            if thin[i, 0]:
+                ties[i, 0] += _count_ties(rows[i], n, sel[i].t_hi)
+            if thin[i, 1]:
+                ties[i, 1] += _count_ties(rows[i], n, sel[i].t_lo)
+
+
+@njit(cache=True, nogil=True)
+def _piece(addrs, modes, luts, rnd, has_base, lo, a, z, grid, block, sel, thin, start, seed, weights, consensus,
+           normalize, eps, lam, sums, lanes, out_addr, out_mode, cnt):
+    """Elements a..z (one piece, in sub-blocks of `block`) of the span starting at lo;
+    start[i, side]: the piece's first tie ordinals. See `run`."""
+    nm = addrs.shape[0] - 1
+    rem = np.zeros((nm, 2), np.int64)
+    for i in range(nm):
+        if thin[i, 0]:
+            rem[i, 0] = _mulmod(start[i, 0], sel[i].q_hi, sel[i].m_hi)
+        if thin[i, 1]:
+            rem[i, 1] = _mulmod(start[i, 1], sel[i].q_lo, sel[i].m_lo)
+    rows = np.empty((nm, block), np.float32)
+    base = np.empty(block, np.float32)
+    u = np.empty((nm, block), np.float32)
+    keep = np.empty(block, np.bool_)
+    u24 = np.empty(block, np.uint32)
+    prob = np.empty(block, np.float64)
+    o = np.empty(block, np.float32)
+    for s in range(a, z, block):
+        n = min(block, z - s)
+        load_rows(addrs, modes, luts, rnd, has_base, has_base, s, n, rows, base)
+        for i in range(nm):
+            if sums and not sel[i].l1:
+                continue
+            cnt[1 + 3 * i] += _sparsify(addrs, modes, luts, rnd, sel, i, seed, rows[i], n, s, rem, keep, u24, prob,
+                                        u[i])
+        if sums:
+            for i in range(nm):
+                if sel[i].l1:
+                    _add_abs(rows[i], n, s, lanes[0, i, s // grid])
+                    _add_abs(u[i], n, s, lanes[1, i, s // grid])
+        else:
+            for i in range(nm):
+                w = weights[i]
+                ui = u[i]
+                for e in range(n):
+                    ui[e] = w * ui[e]
+            _combine(u, base, n, has_base, weights, consensus, normalize, eps, lam, o, cnt)
+            cnt[1 + 3 * nm] += store(o, n, out_addr, out_mode, s - lo)
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def run(addrs, modes, luts, rnd, has_base, lo, hi, grid, block, sel, seed, weights, consensus, normalize, eps,
         lam, sums, lanes, out_addr, out_mode, counts):
@@ -362,18 +472,8 @@ def run(addrs, modes, luts, rnd, has_base, lo, hi, grid, block, sel, seed, weigh
     if thin.any():  # per-piece tie counts, prefix-summed into each piece's first ordinal
         ties = np.zeros((nu, nm, 2), np.int64)
         for p in prange(nu):
-            a = max(lo, (first + p) * grid)
-            z = min(hi, (first + p + 1) * grid)
-            rows = np.empty((nm, block), np.float32)
-            base = np.empty(block, np.float32)
-            for s in range(a, z, block):
-                n = min(block, z - s)
-                load_rows(addrs, modes, luts, rnd, has_base, has_base, s, n, rows, base)
-                for i in range(nm):
-                    if thin[i, 0]:
-                        ties[p, i, 0] += _count_ties(rows[i], n, sel[i].t_hi)
-                    if thin[i, 1]:
-                        ties[p, i, 1] += _count_ties(rows[i], n, sel[i].t_lo)
+            _piece_ties(addrs, modes, luts, rnd, has_base, max(lo, (first + p) * grid),
+                        min(hi, (first + p + 1) * grid), block, sel, thin, ties[p])
         for i in range(nm):
             j_hi, j_lo = sel[i].j_hi, sel[i].j_lo
             for p in range(nu):
@@ -386,49 +486,9 @@ def run(addrs, modes, luts, rnd, has_base, lo, hi, grid, block, sel, seed, weigh
 
     per_piece = np.zeros((nu, 2 + 3 * nm), np.int64)  # [.., overflow] per piece
     for p in prange(nu):
-        a = max(lo, (first + p) * grid)
-        z = min(hi, (first + p + 1) * grid)
-        rem = np.zeros((nm, 2), np.int64)
-        for i in range(nm):
-            if thin[i, 0]:
-                rem[i, 0] = _mulmod(start[p, i, 0], sel[i].q_hi, sel[i].m_hi)
-            if thin[i, 1]:
-                rem[i, 1] = _mulmod(start[p, i, 1], sel[i].q_lo, sel[i].m_lo)
-        rows = np.empty((nm, block), np.float32)
-        base = np.empty(block, np.float32)
-        u = np.empty((nm, block), np.float32)
-        keep = np.empty(block, np.bool_)
-        u24 = np.empty(block, np.uint32)
-        prob = np.empty(block, np.float64)
-        o = np.empty(block, np.float32)
-        cnt = per_piece[p]
-        for s in range(a, z, block):
-            n = min(block, z - s)
-            load_rows(addrs, modes, luts, rnd, has_base, has_base, s, n, rows, base)
-            for i in range(nm):
-                if sums and not sel[i].l1:
-                    continue
-                cnt[1 + 3 * i] += _sparsify(addrs, modes, luts, rnd, sel, i, seed, rows[i], n, s, rem, keep, u24,
-                                            prob, u[i])
-            if sums:
-                for i in range(nm):
-                    if sel[i].l1:
-                        acc = lanes[0, i, s // grid]
-                        kept = lanes[1, i, s // grid]
-                        x = rows[i]
-                        ui = u[i]
-                        for e in range(n):
-                            lane = (s + e) & 7
-                            acc[lane] += abs(np.float64(x[e]))
-                            kept[lane] += abs(np.float64(ui[e]))
-            else:
-                for i in range(nm):
-                    w = weights[i]
-                    ui = u[i]
-                    for e in range(n):
-                        ui[e] = w * ui[e]
-                _combine(u, base, n, has_base, weights, consensus, normalize, eps, lam, o, cnt)
-                cnt[1 + 3 * nm] += store(o, n, out_addr, out_mode, s - lo)
+        _piece(addrs, modes, luts, rnd, has_base, lo, max(lo, (first + p) * grid), min(hi, (first + p + 1) * grid),
+               grid, block, sel, thin, start[p], seed, weights, consensus, normalize, eps, lam, sums, lanes, out_addr,
+               out_mode, per_piece[p])
     overflow = 0
     if not sums:
         for p in range(nu):
