@@ -156,6 +156,12 @@ def test_parameter_of_another_method_is_a_warning(tmp_path):
     assert "gamma" in res.stderr
     got, want = load_model(tmp_path / "extra"), load_model(tmp_path / "plain")
     assert all(np.array_equal(got[k].view(np.uint16), want[k].view(np.uint16)) for k in want)
+    # mergekit's README TIES example carries int8_mask (a parameter of the sparsifier family)
+    (tmp_path / "ties.yml").write_text(f"merge_method: ties\nbase_model: {BASE}\nmodels:\n  - model: {FTS[0]}\n"
+                                       "    parameters: {density: 0.5}\nparameters: {int8_mask: true}\n")
+    npmerge("run", tmp_path / "ties.yml", "-o", tmp_path / "ties")
+    notes = json.loads((tmp_path / "ties" / "merge_report.json").read_text())["notes"]
+    assert any("'int8_mask' ignored: ties has no such parameter" in n for n in notes), notes
 
 
 def _yaml(method, model_params="{weight: 1, density: 0.5}", params=""):

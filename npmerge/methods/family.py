@@ -155,8 +155,8 @@ class FamilyDriver(Driver):
             need += 2 * nm * -(-self.ctx.numel // constants.BLOCK) * 8 * 8
         if any(p.kind in ("random", "della") for p in self.plans):
             need += t * constants.BLOCK * (1 + 4 + 8)
-        if self.whole_rows:
-            need += t * self.whole_rows * (4 + 4 + 8)
+        if self.whole_rows:  # a row of the model and of the base, magnitudes, order and its copy
+            need += t * self.whole_rows * (4 + 4 + 4 + 8 + 8)
         return need
 
     # -- passes ----------------------------------------------------------------
