@@ -68,8 +68,8 @@ def choose_span(jobs: list, budget: int, threads: int) -> tuple[int, int]:
     largest = max((j.numel for j in merged), default=1)
     span = min(constants.MAX_SPAN_ELEMENTS, -(-max(largest, 1) // block) * block)
     while True:
-        need = max((8 * span + job_bytes(j, min(span, -(-j.numel // block) * block), threads) for j in merged),
-                   default=8 * span)
+        need = max((16 * span + job_bytes(j, min(span, -(-j.numel // block) * block), threads) for j in merged),
+                   default=16 * span)
         if need <= budget or span <= block:
             break
         span = max(block, (span // 2) // block * block)

@@ -76,6 +76,42 @@ class SpanInputs:
         return Span(lo, hi, self.block, self.addrs, self.modes, self.luts, self.rnd, self.has_base)
 
 
+class WritePipe:
+    """Hands output to the writer on a background thread (pwrite and the running sha256
+    release the GIL), so writing span i overlaps computing span i+1. Two output
+    buffers alternate; at most one write is in flight, so the writer still sees the
+    bytes of a shard in order. Errors (a full disk) surface at the next call."""
+
+    def __init__(self, writer, nbytes: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.writer = writer
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="npmerge-write")
+        self._buffers = [np.empty(nbytes, np.uint8), np.empty(nbytes, np.uint8)]
+        self._next = 0
+        self._pending = None
+
+    def buffer(self) -> np.ndarray:
+        """The output buffer to fill next (not the one a write may still be reading)."""
+        return self._buffers[self._next]
+
+    def write(self, name: str, offset: int, data) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self.writer.write, name, offset, data)
+        self._next ^= 1
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 class Engine:
     def __init__(self, plan, writer, progress: Progress | None = None):
         self.jobs = plan.jobs
@@ -84,35 +120,55 @@ class Engine:
         self.writer = writer
         self.progress = progress or (lambda advance, name: None)
         self.threads = kernels.set_threads(plan.threads)
-        self._out = np.empty(max(plan.span, 1) * 8, np.uint8)
+        self.pipe = WritePipe(writer, max(plan.span, 1) * 8)
         self.stats: dict[str, dict] = {}
+
+    @staticmethod
+    def _prefetch(job) -> None:
+        """Ask the kernel to read the job's inputs ahead (madvise WILLNEED submits the reads
+        and may block while the device queue is full: run on its own thread)."""
+        for src in job.sources:
+            src.prefetch()
 
     def run(self) -> dict[str, dict]:
         """Shard by shard, in each shard's data order: output is written sequentially and
         each shard is final (fsynced) as soon as its last tensor is done."""
         jobs = {job.name: job for job in self.jobs}
-        for i, shard in enumerate(self.layout.shards):
-            resumed = self.writer.resumed_stats(i)
-            if resumed is not None:  # completed by an interrupted run, verified by the writer
-                self.stats.update(resumed)
-                self.progress(sum(jobs[n].read_bytes * jobs[n].passes for n in shard.tensors), "resumed")
-                continue
-            for name in shard.tensors:
-                job = jobs[name]
-                if job.copy:
-                    self._copy(job)
-                else:
-                    self.stats[name] = self.merge(job)
-                for src in job.sources:
-                    src.release()  # resident memory must not grow with the model
-            self.writer.finish_shard(i, {n: self.stats[n] for n in shard.tensors if n in self.stats})
+        todo = [(i, jobs[n]) for i, shard in enumerate(self.layout.shards) if self.writer.resumed_stats(i) is None
+                for n in shard.tensors]
+        upcoming = iter(todo[1:] + [(None, None)])
+        from concurrent.futures import ThreadPoolExecutor
+
+        prefetcher = ThreadPoolExecutor(1, thread_name_prefix="npmerge-prefetch")
+        try:
+            for i, shard in enumerate(self.layout.shards):
+                resumed = self.writer.resumed_stats(i)
+                if resumed is not None:  # completed by an interrupted run, verified by the writer
+                    self.stats.update(resumed)
+                    self.progress(sum(jobs[n].read_bytes * jobs[n].passes for n in shard.tensors), "resumed")
+                    continue
+                for name in shard.tensors:
+                    job, (_, after) = jobs[name], next(upcoming)
+                    if after is not None:  # start reading the next tensor while this one computes
+                        prefetcher.submit(self._prefetch, after)
+                    if job.copy:
+                        self._copy(job)
+                    else:
+                        self.stats[name] = self.merge(job)
+                    self.pipe.wait()
+                    for src in job.sources:
+                        src.release()  # resident memory must not grow with the model
+                self.writer.finish_shard(i, {n: self.stats[n] for n in shard.tensors if n in self.stats})
+        finally:
+            self.pipe.close()
+            prefetcher.shutdown(wait=True)
         return self.stats
 
     def _copy(self, job) -> None:
         src = job.models[0].raw().view(np.uint8)
-        piece = self._out.size
+        piece = self.pipe.buffer().size
         for start in range(0, src.size, piece):
-            self.writer.write(job.name, start, src[start:start + piece])
+            self.pipe.write(job.name, start, src[start:start + piece])
         self.progress(job.read_bytes, job.name)
 
     # -- one merged tensor ---------------------------------------------------------
@@ -141,17 +197,25 @@ class Engine:
                 hi = min(n, lo + job.span)
                 span = inputs.span(lo, hi)
                 if done == 0:
-                    check(*span.inputs, job.base is not None, lo, hi, block, sums, nonfinite)
+                    span.check, span.sums = True, sums
+                    span.bad = np.zeros((-(-(hi - lo) // block), nm + 1), np.int64)
+                    if not driver.fused_check:
+                        check(*span.inputs, lo, hi, block, sums, span.bad)
+                        span.check = False
                 if writes:
-                    span.out_addr, span.out_mode = self._out.ctypes.data, out_mode
+                    out = self.pipe.buffer()
+                    span.out_addr, span.out_mode = out.ctypes.data, out_mode
                 overflow += driver.feed(pass_name, span)
+                if done == 0:
+                    nonfinite += span.bad.sum(axis=0)
                 if writes:
-                    self.writer.write(job.name, lo * itemsize, self._out[:(hi - lo) * itemsize])
+                    self.pipe.write(job.name, lo * itemsize, out[:(hi - lo) * itemsize])
                 self.progress(job.read_bytes * (hi - lo) // max(n, 1), job.name)
             driver.end_pass(pass_name)
             if done == 0:
                 self._refuse_nonfinite(job, nonfinite)
             done += 1
+        self.pipe.wait()
         if overflow and not self.allow_nonfinite:  # inputs are finite here: the merge overflowed
             raise IncompatibleModels(
                 f"merged tensor '{job.name}' has {overflow} value(s) beyond the range of {job.out_dtype}: "
@@ -220,6 +284,10 @@ def run_arrays(method: str, base, models, params: dict, model_params: list[dict]
                     input_round=input_round, stream_index=tuple(range(len(srcs))))
     writer = _Collect(numel * ITEMSIZE[out_dtype])
     plan = SimpleNamespace(jobs=[job], layout=None, allow_nonfinite=allow_nonfinite, threads=threads, span=span)
-    drv, stats = Engine(plan, writer).run_driver(job, block)
+    engine = Engine(plan, writer)
+    try:
+        drv, stats = engine.run_driver(job, block)
+    finally:
+        engine.pipe.close()
     out = writer.data.view(DTYPES[out_dtype].storage).reshape(shape)
     return (out, stats, drv) if driver else (out, stats)

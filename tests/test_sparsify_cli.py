@@ -126,8 +126,8 @@ def test_breadcrumbs_and_della_from_the_cli(tmp_path):
     assert_matches_reference(tmp_path / "d", "della", [1.0] * 3, [0.4] * 3, epsilons=[0.2] * 3, seed=11, lam=1.5)
 
 
-@pytest.mark.parametrize("args,budget", [(("dare-ties", "-d", "0.3", "--seed", "5"), "2100KiB"),
-                                         (("della-linear", "-d", "0.6", "--epsilon", "0.3"), "2100KiB"),
+@pytest.mark.parametrize("args,budget", [(("dare-ties", "-d", "0.3", "--seed", "5"), "2500KiB"),
+                                         (("della-linear", "-d", "0.6", "--epsilon", "0.3"), "2500KiB"),
                                          (("breadcrumbs-ties", "-d", "0.5", "--gamma", "0.02",
                                            "--rescale", "true"), "8MiB")])
 def test_same_bytes_for_threads_and_budgets(args, budget, tmp_path):
@@ -143,25 +143,20 @@ def test_same_bytes_for_threads_and_budgets(args, budget, tmp_path):
 
 
 def test_parameter_of_another_method_is_a_warning(tmp_path):
-    """SEMANTICS-2 D: `gamma` in dare_ties (breadcrumbs' parameter) is ignored with a note."""
+    """SEMANTICS-2 D: `gamma` in dare_ties (breadcrumbs' parameter) is ignored with a note;
+    `int8_mask` is accepted and changes nothing."""
     body = f"merge_method: dare_ties\nbase_model: {BASE}\nmodels:\n  - model: {FTS[0]}\n    parameters: " \
            "{{weight: 1, density: 0.5{}}}\nparameters: {{seed: 1{}}}\n"
     (tmp_path / "plain.yml").write_text(body.format("", ""))
-    (tmp_path / "extra.yml").write_text(body.format(", gamma: 0.1", ", epsilon: 0.2"))
+    (tmp_path / "extra.yml").write_text(body.format(", gamma: 0.1", ", epsilon: 0.2, int8_mask: true"))
     npmerge("run", tmp_path / "plain.yml", "-o", tmp_path / "plain")
     res = npmerge("run", tmp_path / "extra.yml", "-o", tmp_path / "extra")
     notes = json.loads((tmp_path / "extra" / "merge_report.json").read_text())["notes"]
-    assert any("'gamma' of model 1" in n and "ignored" in n and "breadcrumbs" in n for n in notes), notes
-    assert any("'epsilon' ignored" in n and "della" in n for n in notes), notes
+    assert any("'gamma' is not a parameter of dare_ties" in n and "breadcrumbs" in n for n in notes), notes
+    assert any("'epsilon' is not a parameter of dare_ties" in n and "della" in n for n in notes), notes
     assert "gamma" in res.stderr
     got, want = load_model(tmp_path / "extra"), load_model(tmp_path / "plain")
     assert all(np.array_equal(got[k].view(np.uint16), want[k].view(np.uint16)) for k in want)
-    # mergekit's README TIES example carries int8_mask (a parameter of the sparsifier family)
-    (tmp_path / "ties.yml").write_text(f"merge_method: ties\nbase_model: {BASE}\nmodels:\n  - model: {FTS[0]}\n"
-                                       "    parameters: {density: 0.5}\nparameters: {int8_mask: true}\n")
-    npmerge("run", tmp_path / "ties.yml", "-o", tmp_path / "ties")
-    notes = json.loads((tmp_path / "ties" / "merge_report.json").read_text())["notes"]
-    assert any("'int8_mask' ignored: ties has no such parameter" in n for n in notes), notes
 
 
 def _yaml(method, model_params="{weight: 1, density: 0.5}", params=""):
@@ -188,7 +183,10 @@ BAD = [
     (_yaml("breadcrumbs", "{weight: 1, density: 0.5, gamma: 2}"), "'gamma' of model 1", "outliers"),
     (_yaml("della_linear", "{weight: 1, density: 0.2, epsilon: 0.3}"), "DELLA needs density - epsilon > 0",
      "choose epsilon < 0.2"),
-    (_yaml("dare_linear", "{weight: 1, density: 0.5, lambda: 2}"), "unknown parameter(s) lambda", "known"),
+    (_yaml("dare_linear", "{weight: 1, density: 0.5, lambda: 2}"), "'lambda' is a global parameter of dare_linear",
+     "top-level"),
+    (_yaml("della", "{weight: 1, density: 0.5, seed: 2}"), "'seed' is a global parameter of della", "top-level"),
+    (_yaml("breadcrumbs", "{weight: 1, density: 0.5, gama: 0.1}"), "unknown parameter 'gama'", "gamma"),
 ]
 
 

@@ -55,12 +55,14 @@ def _load_config(path: Path) -> dict:
     return config
 
 
-def updated_config(path: Path, out_dtype: str) -> bytes:
+def updated_config(path: Path, out_dtype: str, updates: dict | None = None) -> bytes:
     """config.json with its dtype key(s) naming `out_dtype`, key order kept.
 
     Sets `torch_dtype` and/or `dtype`, whichever are present (adds `torch_dtype`
     when neither is). Sub-configs (text_config, vision_config, ...) that already
     carry a dtype key get it updated too, so they never contradict the weights.
+    `updates`: key path (a tuple) -> value, e.g. ("num_hidden_layers",) -> 48 after
+    a recipe's slices changed the layer count.
     """
     code = out_dtype if out_dtype in TORCH_NAMES else parse_user_dtype(out_dtype)
     torch_name = TORCH_NAMES[code]
@@ -73,13 +75,21 @@ def updated_config(path: Path, out_dtype: str) -> bytes:
             for key in DTYPE_KEYS:
                 if isinstance(value.get(key), str):
                     value[key] = torch_name
+    for keys, value in (updates or {}).items():
+        scope = config
+        for key in keys[:-1]:
+            scope = scope[key]
+        scope[keys[-1]] = value
     return (json.dumps(config, indent=2) + "\n").encode("utf-8")
 
 
-def write_companions(writer: OutputWriter, source_dir: Path | None, out_dtype: str) -> list[str]:
+def write_companions(writer: OutputWriter, source_dir: Path | None, out_dtype: str, config_updates: dict | None = None,
+                     tokenizer_dir: Path | None = None) -> list[str]:
     """Write config.json (dtype updated) and copy the other companion files; return their names.
 
     `source_dir` is the base model's directory, None for a single-file base (nothing to copy).
+    `config_updates`: see updated_config. `tokenizer_dir`: the model whose tokenizer files
+    are copied instead of `source_dir`'s (a recipe's tokenizer_source).
     """
     if source_dir is None:
         return []
@@ -87,14 +97,25 @@ def write_companions(writer: OutputWriter, source_dir: Path | None, out_dtype: s
     written = []
     config = source_dir / "config.json"
     if config.is_file():
-        writer.add_bytes("config.json", updated_config(config, out_dtype))
+        writer.add_bytes("config.json", updated_config(config, out_dtype, config_updates))
         written.append("config.json")
+    if tokenizer_dir is not None and Path(tokenizer_dir) != source_dir:
+        from .vocab import TOKENIZER_FILES
+
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                writer.copy_file(name, Path(tokenizer_dir) / name)
+                written.append(name)
+        tokenizer_names = set(TOKENIZER_FILES)
+    else:
+        tokenizer_names = set()
     try:
         names = sorted(os.listdir(source_dir))
     except OSError as e:
         raise InvalidCheckpoint(f"cannot list the base model directory {source_dir}: {e.strerror or e}") from e
     for name in names:
-        if name == "config.json" or not any(fnmatch.fnmatchcase(name, p) for p in COPIED_FILES):
+        if name == "config.json" or name in tokenizer_names or not any(fnmatch.fnmatchcase(name, p)
+                                                                          for p in COPIED_FILES):
             continue
         path = source_dir / name
         if path.is_file():  # follows symlinks, as in the Hugging Face cache

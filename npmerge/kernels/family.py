@@ -36,7 +36,7 @@ import numpy as np
 from numba import njit, prange
 
 from .philox import uniform24
-from .span import DELTA, load, load_rows, store
+from .span import DELTA, check_block, load, load_rows, store
 
 HI_SHIFT = 16
 HI_BUCKETS = 1 << 15  # magnitude bits 30..16
@@ -82,13 +82,14 @@ SELECT = np.dtype([
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def hist_hi(addrs, modes, luts, rnd, has_base, lo, hi, block, active, hist):
+def hist_hi(addrs, modes, luts, rnd, has_base, lo, hi, block, check, sq, bad, active, hist):
     """hist[t, i, 2 * (mag >> 16) + (mag & 0xFFFF != 0)] += 1 over the task vectors of
     the active models, elements lo..hi (t: the thread's slot).
 
     The split of each bucket by zero/non-zero low bits lets the caller skip the
     low-bits pass when a boundary is one of the bucket's low-zero elements, which all
-    equal the bucket's floor (usual for BF16 models)."""
+    equal the bucket's floor (usual for BF16 models). With `check`, also the engine's
+    first-pass checks (span.check_block)."""
     nm = addrs.shape[0] - 1
     nb = (hi - lo + block - 1) // block
     for b in prange(nb):
@@ -97,6 +98,8 @@ def hist_hi(addrs, modes, luts, rnd, has_base, lo, hi, block, active, hist):
         rows = np.empty((nm, n), np.float32)
         base = np.empty(n, np.float32)
         load_rows(addrs, modes, luts, rnd, has_base, True, s, n, rows, base)
+        if check:
+            check_block(rows, base, n, has_base, sq, s // block, bad[b])
         t = numba.get_thread_id()
         for i in range(nm):
             if active[i]:
@@ -297,6 +300,29 @@ def _sparsify(addrs, modes, luts, rnd, sel, i, seed, x, n, e0, rem, keep, u24, p
 
 
 @njit(cache=True, nogil=True)
+def _weighted_sum(rows, base, n, has_base, weights, normalize, eps, lam, o):
+    """No sparsifier, no election (task arithmetic, linear): o = B + lam * (sum w_i x_i) / D
+    with D the float32 sum of all weights (|D| < eps -> 1), in the reference's operation order."""
+    delta = np.zeros(n, np.float32)
+    for i in range(rows.shape[0]):
+        w = weights[i]
+        x = rows[i]
+        for e in range(n):
+            delta[e] += w * x[e]
+    if normalize:
+        dd = np.float32(0.0)
+        for i in range(rows.shape[0]):
+            dd += weights[i]
+        if dd == 0 or abs(np.float64(dd)) < eps:
+            dd = np.float32(1.0)
+        for e in range(n):
+            delta[e] = delta[e] / dd
+    for e in range(n):
+        d = lam * delta[e]
+        o[e] = (base[e] + d) if has_base else d
+
+
+@njit(cache=True, nogil=True)
 def _combine(u, base, n, has_base, weights, consensus, normalize, eps, lam, o, cnt):
     """From the weighted sparsified deltas u[i, :n]: elect, disjoint sum, normalise,
     scale, add the base: o[:n]. cnt += [sign conflicts, per model: -, nonzero, excluded]."""
@@ -384,29 +410,32 @@ def _add_abs(x, n, e0, lanes):
 
 
 @njit(cache=True, nogil=True)
-def _piece_ties(addrs, modes, luts, rnd, has_base, a, z, block, sel, thin, ties):
-    """ties[i, side] = elements of model i equal to its boundary value in a..z."""
-    nm = addrs.shape[0] - 1
-    rows = np.empty((nm, block), np.float32)
+def _piece_ties(addrs, modes, luts, rnd, has_base, a, z, block, sel, thin, which, ties):
+    """ties[i, side] = elements a..z of model i equal to its boundary value, for the models
+    `which` (addrs holds the base and just those models: only they are decoded)."""
+    rows = np.empty((which.size, block), np.float32)
     base = np.empty(block, np.float32)
     for s in range(a, z, block):
         n = min(block, z - s)
         load_rows(addrs, modes, luts, rnd, has_base, has_base, s, n, rows, base)
-        for i in range(nm):
+        for j in range(which.size):
+            i = which[j]
             if thin[i, 0]:
-                ties[i, 0] += _count_ties(rows[i], n, sel[i].t_hi)
+                ties[i, 0] += _count_ties(rows[j], n, sel[i].t_hi)
             if thin[i, 1]:
-                ties[i, 1] += _count_ties(rows[i], n, sel[i].t_lo)
+                ties[i, 1] += _count_ties(rows[j], n, sel[i].t_lo)
 
 
 @njit(cache=True, nogil=True)
-def _piece(addrs, modes, luts, rnd, has_base, lo, a, z, grid, block, sel, thin, start, seed, weights, consensus,
-           normalize, eps, lam, sums, lanes, out_addr, out_mode, cnt):
+def _piece(addrs, modes, luts, rnd, has_base, lo, a, z, grid, block, check, sq, bad, sel, thin, start, seed, weights,
+           consensus, normalize, eps, lam, l1, lanes, out_addr, out_mode, cnt):
     """Elements a..z (one piece, in sub-blocks of `block`) of the span starting at lo;
     start[i, side]: the piece's first tie ordinals. See `run`."""
     nm = addrs.shape[0] - 1
     rem = np.zeros((nm, 2), np.int64)
+    plain = consensus == CONSENSUS_NONE and not l1
     for i in range(nm):
+        plain &= sel[i].kind == KEEP_ALL
         if thin[i, 0]:
             rem[i, 0] = _mulmod(start[i, 0], sel[i].q_hi, sel[i].m_hi)
         if thin[i, 1]:
@@ -421,12 +450,20 @@ def _piece(addrs, modes, luts, rnd, has_base, lo, a, z, grid, block, sel, thin, 
     for s in range(a, z, block):
         n = min(block, z - s)
         load_rows(addrs, modes, luts, rnd, has_base, has_base, s, n, rows, base)
+        if check:
+            check_block(rows, base, n, has_base, sq, s // block, bad[(s - lo) // block])
+        if plain:  # task arithmetic, linear: a weighted sum
+            for i in range(nm):
+                cnt[1 + 3 * i] += n
+            _weighted_sum(rows, base, n, has_base, weights, normalize, eps, lam, o)
+            cnt[1 + 3 * nm] += store(o, n, out_addr, out_mode, s - lo)
+            continue
         for i in range(nm):
-            if sums and not sel[i].l1:
+            if l1 and not sel[i].l1:
                 continue
             cnt[1 + 3 * i] += _sparsify(addrs, modes, luts, rnd, sel, i, seed, rows[i], n, s, rem, keep, u24, prob,
                                         u[i])
-        if sums:
+        if l1:
             for i in range(nm):
                 if sel[i].l1:
                     _add_abs(rows[i], n, s, lanes[0, i, s // grid])
@@ -442,18 +479,20 @@ def _piece(addrs, modes, luts, rnd, has_base, lo, a, z, grid, block, sel, thin, 
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def run(addrs, modes, luts, rnd, has_base, lo, hi, grid, block, sel, seed, weights, consensus, normalize, eps,
-        lam, sums, lanes, out_addr, out_mode, counts):
+def run(addrs, modes, luts, rnd, has_base, lo, hi, grid, block, check, sq, bad, sel, seed, weights, consensus,
+        normalize, eps, lam, l1, lanes, out_addr, out_mode, counts):
     """One span, elements lo..hi, in pieces cut at multiples of `grid` (each piece one
-    thread, in sub-blocks of `block`); return how many encoded results are Inf/NaN.
+    thread, in sub-blocks of `block`, which `grid` is a multiple of); return how many
+    encoded results are Inf/NaN.
 
+    check    also the engine's first-pass checks (span.check_block) into sq and bad
     sel      SELECT[nm]  each model's sparsifier (tie ordinals j_* advanced)
     seed     uint64      the Philox key
     weights  float32[nm]
     consensus            0 none (every model agrees), 1 sum, 2 count
     normalize            divide by the sum of agreeing weights D (|D| < eps or 0 -> 1)
     lam      float32     scales the merged delta
-    sums     True: no output; for the models with sel.l1, add |x| and |kept x| of each
+    l1       True: no output; for the models with sel.l1, add |x| and |kept x| of each
              element e to lanes[0 / 1, i, e // grid, e % 8] (in increasing e: `grid`
              must be the reduction block)
     counts   int64[1 + 3*nm] += [sign conflicts, per model: kept, kept nonzero, excluded]
@@ -463,17 +502,23 @@ def run(addrs, modes, luts, rnd, has_base, lo, hi, grid, block, sel, seed, weigh
     nu = (hi - 1) // grid - first + 1
     thin = np.zeros((nm, 2), np.bool_)
     for i in range(nm):
-        if sums and not sel[i].l1:
+        if l1 and not sel[i].l1:
             continue  # a model the sums pass skips
         upper, lower = _thins(sel[i])
         thin[i, 0] = upper
         thin[i, 1] = lower
     start = np.zeros((nu, nm, 2), np.int64)
     if thin.any():  # per-piece tie counts, prefix-summed into each piece's first ordinal
+        which = np.flatnonzero(thin[:, 0] | thin[:, 1])  # decode only the base and these models
+        sub_addrs = np.empty(1 + which.size, np.int64)
+        sub_modes = np.empty(1 + which.size, np.int64)
+        sub_addrs[0], sub_modes[0] = addrs[0], modes[0]
+        for j in range(which.size):
+            sub_addrs[1 + j], sub_modes[1 + j] = addrs[1 + which[j]], modes[1 + which[j]]
         ties = np.zeros((nu, nm, 2), np.int64)
         for p in prange(nu):
-            _piece_ties(addrs, modes, luts, rnd, has_base, max(lo, (first + p) * grid),
-                        min(hi, (first + p + 1) * grid), block, sel, thin, ties[p])
+            _piece_ties(sub_addrs, sub_modes, luts, rnd, has_base, max(lo, (first + p) * grid),
+                        min(hi, (first + p + 1) * grid), block, sel, thin, which, ties[p])
         for i in range(nm):
             j_hi, j_lo = sel[i].j_hi, sel[i].j_lo
             for p in range(nu):
@@ -487,10 +532,10 @@ def run(addrs, modes, luts, rnd, has_base, lo, hi, grid, block, sel, seed, weigh
     per_piece = np.zeros((nu, 2 + 3 * nm), np.int64)  # [.., overflow] per piece
     for p in prange(nu):
         _piece(addrs, modes, luts, rnd, has_base, lo, max(lo, (first + p) * grid), min(hi, (first + p + 1) * grid),
-               grid, block, sel, thin, start[p], seed, weights, consensus, normalize, eps, lam, sums, lanes, out_addr,
-               out_mode, per_piece[p])
+               grid, block, check, sq, bad, sel, thin, start[p], seed, weights, consensus, normalize, eps, lam, l1,
+               lanes, out_addr, out_mode, per_piece[p])
     overflow = 0
-    if not sums:
+    if not l1:
         for p in range(nu):
             for j in range(1 + 3 * nm):
                 counts[j] += per_piece[p, j]

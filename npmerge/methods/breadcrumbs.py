@@ -6,7 +6,7 @@ from typing import Any
 
 from ..errors import RecipeError
 from . import family
-from .registry import DENSITY, INT8_MASK, LAMBDA, WEIGHT, Method, Param, register
+from .registry import DENSITY, LAMBDA, WEIGHT, Method, Param, register
 
 PAPER = "https://arxiv.org/abs/2312.06795"
 
@@ -28,7 +28,7 @@ register(Method(
             "density fraction; add the weighted sum to the base",
     base="required",
     model_params=(WEIGHT, DENSITY, GAMMA),
-    global_params=(family.normalize_param(False), LAMBDA, family.rescale_param(False, inverse=False), INT8_MASK),
+    global_params=(family.normalize_param(False), LAMBDA, family.rescale_param(False, inverse=False)),
     driver=family.driver(sparsifier="outliers", consensus=None),
     stats=family.KEPT_STATS + (family.RESCALE_STAT,),
     check=family.check_weight_sum,
@@ -44,7 +44,7 @@ register(Method(
     base="required",
     model_params=(WEIGHT, DENSITY, GAMMA),
     global_params=(family.normalize_param(False), LAMBDA, family.rescale_param(False, inverse=False),
-                   family.CONSENSUS, INT8_MASK),
+                   family.CONSENSUS),
     driver=family.driver(sparsifier="outliers", consensus="sum"),
     stats=family.TIES_STATS + (family.RESCALE_STAT,),
     check=family.check_nonzero_weights,

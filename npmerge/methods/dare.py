@@ -3,7 +3,7 @@ with or without TIES's sign election. Masks are counter-based (SEMANTICS-2 A): t
 depend only on the seed, the tensor, the model and the element."""
 
 from . import family
-from .registry import DENSITY, INT8_MASK, LAMBDA, SEED, WEIGHT, Method, register
+from .registry import DENSITY, LAMBDA, SEED, WEIGHT, Method, register
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 
@@ -16,7 +16,7 @@ register(Method(
     base="required",
     model_params=(WEIGHT, DENSITY),
     global_params=(family.normalize_param(False), LAMBDA, family.rescale_param(True, inverse=True),
-                   family.CONSENSUS, SEED, INT8_MASK),
+                   family.CONSENSUS, SEED),
     driver=family.driver(sparsifier="random", consensus="sum"),
     stats=family.TIES_STATS + (family.RESCALE_STAT,),
     check=family.check_nonzero_weights,
@@ -31,8 +31,7 @@ register(Method(
             "and add the weighted sum to the base",
     base="required",
     model_params=(WEIGHT, DENSITY),
-    global_params=(family.normalize_param(False), LAMBDA, family.rescale_param(True, inverse=True), SEED,
-                   INT8_MASK),
+    global_params=(family.normalize_param(False), LAMBDA, family.rescale_param(True, inverse=True), SEED),
     driver=family.driver(sparsifier="random", consensus=None),
     stats=family.KEPT_STATS + (family.RESCALE_STAT,),
     check=family.check_weight_sum,

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import RecipeError
 from . import family
-from .registry import DENSITY, INT8_MASK, LAMBDA, SEED, WEIGHT, Method, Param, register
+from .registry import DENSITY, LAMBDA, SEED, WEIGHT, Method, Param, register
 
 PAPER = "https://arxiv.org/abs/2406.11617"
 
@@ -42,7 +42,7 @@ register(Method(
     base="required",
     model_params=(WEIGHT, DENSITY, EPSILON),
     global_params=(family.normalize_param(True), LAMBDA, family.rescale_param(True, inverse=True),
-                   family.CONSENSUS, SEED, INT8_MASK),
+                   family.CONSENSUS, SEED),
     driver=family.driver(sparsifier="della", consensus="sum"),
     stats=family.TIES_STATS + (family.RESCALE_STAT,),
     check=family.checks(check_bounds, family.check_nonzero_weights),
@@ -57,8 +57,7 @@ register(Method(
             "often, rescale the rest and add the weighted sum to the base",
     base="required",
     model_params=(WEIGHT, DENSITY, EPSILON),
-    global_params=(family.normalize_param(False), LAMBDA, family.rescale_param(True, inverse=True), SEED,
-                   INT8_MASK),
+    global_params=(family.normalize_param(False), LAMBDA, family.rescale_param(True, inverse=True), SEED),
     driver=family.driver(sparsifier="della", consensus=None),
     stats=family.KEPT_STATS + (family.RESCALE_STAT,),
     check=family.checks(check_bounds, family.check_weight_sum),

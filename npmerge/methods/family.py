@@ -26,6 +26,8 @@ from .registry import Param, boolean, choice
 
 _CONSENSUS = {None: 0, "sum": 1, "count": 2}
 SPARSIFIERS = (None, "magnitude", "outliers", "random", "della")
+_NO_SUMS = np.zeros((0, 0), np.float64)
+_NO_BAD = np.zeros((0, 0), np.int64)
 
 TIES_STATS = (
     Stat("kept", "kept"),
@@ -142,6 +144,8 @@ class FamilyDriver(Driver):
     tq = property(lambda self: self.sel["q_lo"])
     tm = property(lambda self: self.sel["m_lo"])
 
+    fused_check = True  # the first pass's kernels run the engine's checks
+
     def work_bytes(self, span: int) -> int:
         """Per-thread radix histograms of the exact selection (the larger, low-bits one),
         the l1 rescale's lane sums per reduction block, per-thread random-mask and DELLA
@@ -184,25 +188,35 @@ class FamilyDriver(Driver):
         sel = self._table(k)
         nm = self.ctx.n_models
         if pass_name in ("merge", "sums"):
-            sums = pass_name == "sums"
-            if sums and self._lanes is None:
+            l1 = pass_name == "sums"
+            if l1 and self._lanes is None:
                 self._lanes = np.zeros((2, nm, -(-self.ctx.numel // constants.BLOCK), 8), np.float64)
             # the sums pass runs on the reduction grid (SEMANTICS-2 A), the merge pass on blocks
-            grid = constants.BLOCK if sums else span.block
-            return k.run(*span.inputs, span.lo, span.hi, grid, span.block, sel, self.seed, self.weights,
-                         self.consensus, self.normalize, self.eps, self.lam, sums,
-                         self._lanes if sums else _NO_LANES, span.out_addr, span.out_mode, self.counts)
+            grid = constants.BLOCK if l1 else span.block
+            if span.check and grid % span.block:  # check blocks that do not nest in the grid (tests)
+                kernels.load("span").check(*span.inputs, span.lo, span.hi, span.block, span.sums, span.bad)
+                span.check = False
+            return k.run(*span.inputs, span.lo, span.hi, grid, span.block, *self._checks(span), sel, self.seed,
+                         self.weights, self.consensus, self.normalize, self.eps, self.lam, l1,
+                         self._lanes if l1 else _NO_LANES, span.out_addr, span.out_mode, self.counts)
         if pass_name == "hist_hi":
             if self._hist is None:
                 self._hist = np.zeros((self.ctx.threads, nm, 2 * k.HI_BUCKETS), np.int64)
             active = np.array([bool(b) for b in self.bounds], np.bool_)
-            k.hist_hi(*span.inputs, span.lo, span.hi, span.block, active, self._hist)
+            k.hist_hi(*span.inputs, span.lo, span.hi, span.block, *self._checks(span), active, self._hist)
         else:
             if self._hist is None:
                 self._hist = np.zeros((self.ctx.threads, len(self._slots), k.LO_BUCKETS), np.int64)
             models, buckets = (np.array(c, np.int64) for c in zip(*self._slots))
             k.hist_lo(*span.inputs, span.lo, span.hi, span.block, models, buckets, self._hist)
         return 0
+
+    @staticmethod
+    def _checks(span: Span) -> tuple:
+        """The fused kernels' check arguments: the engine's first-pass checks, or none."""
+        if span.check:
+            return span.checks
+        return False, _NO_SUMS, _NO_BAD
 
     def end_pass(self, pass_name: str) -> None:
         """hist_hi: each boundary's value, or the bucket the low-bits pass must resolve;

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from ..errors import RecipeError
 from .protocol import Driver, Stat, TensorContext
 
-_MODULES = ("ties", "task_arithmetic", "linear", "dare", "breadcrumbs", "della")
+_MODULES = ("ties", "task_arithmetic", "linear", "dare", "breadcrumbs", "della", "passthrough")
 
 
 # A check gets the parameter's display name, e.g. "'density' of model 2 'ft-b'", and the value.
@@ -86,9 +86,10 @@ def choice(*options: str) -> Callable[[str, Any], str]:
 @dataclass(frozen=True)
 class Param:
     name: str
-    default: Any  # None: required
+    default: Any  # None: required (unless optional)
     check: Callable[[str, Any], Any]
     help: str
+    optional: bool = False  # default None means "not given" (left out of the resolved values), not required
 
     @property
     def kind(self) -> str:
@@ -123,47 +124,24 @@ class Method:
     check: Callable[[dict, list[dict], list[str]], None] | None = None  # cross-parameter validation
     l2_label: str = "‖Δ‖₂"  # what the engine's per-model norm measures (task vectors by default)
     warmup_params: dict | None = None  # global parameters `npmerge warmup` runs it with (required ones)
+    copies: Callable[[dict, list[dict]], bool] | None = None  # (global, per-model values) -> the output is
+    # model 1's input unchanged, so the plan may copy the stored bytes (passthrough without a scale)
 
     @property
     def cli_name(self) -> str:
         return self.name.replace("_", "-")
 
     def resolve(self, global_params: dict, model_params: list[dict], labels: list[str] | None = None,
-                cross_check: bool = True, notes: list[str] | None = None) -> tuple[dict, list[dict]]:
+                cross_check: bool = True) -> tuple[dict, list[dict]]:
         """Validate and fill defaults; unknown parameter names are errors. `labels` (model
         names) make messages name the model, e.g. "'density' of model 2 'ft-b' must be ...".
-        `cross_check=False` skips the method's checks across parameters (kernel tests).
-
-        A parameter only other methods have (`gamma` in dare_ties, `density` in
-        task_arithmetic) is a warning, not an error (SEMANTICS-2 D: common in published
-        recipes): it is ignored, with a line added to `notes` if given."""
+        `cross_check=False` skips the method's checks across parameters (kernel tests)."""
         models = [f"model {i + 1}" + (f" '{labels[i]}'" if labels else "") for i in range(len(model_params))]
-        global_params = self._drop_foreign(global_params, "", notes)
-        model_params = [self._drop_foreign(p, f" of {who}", notes) for p, who in zip(model_params, models)]
         g = _fill(self.global_params, global_params, f"{self.name} parameters", "")
         m = [_fill(self.model_params, p, f"parameters of {who}", f" of {who}") for p, who in zip(model_params, models)]
         if self.check is not None and cross_check:
             self.check(g, m, models)
         return g, m
-
-
-    def _drop_foreign(self, given: dict, of: str, notes: list[str] | None) -> dict:
-        """`given` without the parameters this method lacks and other methods have."""
-        own = {p.name for p in self.model_params + self.global_params}
-        owners: dict[str, list[str]] = {}
-        for other in all_methods().values():
-            for p in other.model_params + other.global_params:
-                if p.name not in own:
-                    owners.setdefault(p.name, []).append(other.name)
-        kept = {}
-        for key, value in given.items():
-            if key in owners:
-                if notes is not None:
-                    notes.append(f"parameter '{key}'{of} ignored: {self.name} has no such parameter "
-                                 f"(it belongs to {', '.join(owners[key])})")
-            else:
-                kept[key] = value
-        return kept
 
 
 def _fill(schema: tuple[Param, ...], given: dict, where: str, of: str) -> dict:
@@ -177,8 +155,10 @@ def _fill(schema: tuple[Param, ...], given: dict, where: str, of: str) -> dict:
         label = f"'{p.name}'{of}" if of else f"parameter '{p.name}'"
         if p.name in given:
             out[p.name] = p.check(label, given[p.name])
-        elif p.default is None:
+        elif p.default is None and not p.optional:
             raise RecipeError(f"missing {label}", hint=f"{p.name}: {p.help}")
+        elif p.default is None:
+            continue
         else:
             out[p.name] = p.default
     return out
@@ -214,4 +194,3 @@ WEIGHT = Param("weight", 1.0, number, "weight of the model's contribution")
 DENSITY = Param("density", 1.0, density, "fraction of the task vector kept (1 keeps all)")
 LAMBDA = Param("lambda", 1.0, number, "scale of the merged task vector")
 SEED = Param("seed", 0, seed, "seed of the random masks (an integer in [0, 2**64))")
-INT8_MASK = Param("int8_mask", False, boolean, "accepted for mergekit recipes; no effect")
