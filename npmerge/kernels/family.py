@@ -387,26 +387,25 @@ def _combine(u, base, n, has_base, weights, consensus, normalize, eps, lam, o, c
 
 
 @njit(cache=True, nogil=True)
-def _add_abs(x, n, e0, lanes):
-    """lanes[(e0 + e) % 8] += |x[e]| (float64) for e < n in increasing e: the reduction
-    rule's lanes (SEMANTICS-2 A), kept in registers over aligned groups of 8."""
+def _add_abs(x, y, n, e0, x_lanes, y_lanes):
+    """x_lanes[(e0 + e) % 8] += |x[e]| and y_lanes[...] += |y[e]| (float64) for e < n in
+    increasing e: the reduction rule's lanes (SEMANTICS-2 A), both sums in one loop."""
     head = min(n, (8 - (e0 & 7)) & 7)
     for e in range(head):
-        lanes[(e0 + e) & 7] += abs(np.float64(x[e]))
-    a0, a1, a2, a3, a4, a5, a6, a7 = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7]
+        x_lanes[(e0 + e) & 7] += abs(np.float64(x[e]))
+        y_lanes[(e0 + e) & 7] += abs(np.float64(y[e]))
+    a = x_lanes.copy()
+    b = y_lanes.copy()
     main = head + (n - head) // 8 * 8
     for e in range(head, main, 8):  # x[e] is lane 0 here
-        a0 += abs(np.float64(x[e]))
-        a1 += abs(np.float64(x[e + 1]))
-        a2 += abs(np.float64(x[e + 2]))
-        a3 += abs(np.float64(x[e + 3]))
-        a4 += abs(np.float64(x[e + 4]))
-        a5 += abs(np.float64(x[e + 5]))
-        a6 += abs(np.float64(x[e + 6]))
-        a7 += abs(np.float64(x[e + 7]))
-    lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7] = a0, a1, a2, a3, a4, a5, a6, a7
+        for lane in range(8):
+            a[lane] += abs(np.float64(x[e + lane]))
+            b[lane] += abs(np.float64(y[e + lane]))
+    x_lanes[:] = a
+    y_lanes[:] = b
     for e in range(main, n):
-        lanes[(e0 + e) & 7] += abs(np.float64(x[e]))
+        x_lanes[(e0 + e) & 7] += abs(np.float64(x[e]))
+        y_lanes[(e0 + e) & 7] += abs(np.float64(y[e]))
 
 
 @njit(cache=True, nogil=True)
@@ -466,8 +465,7 @@ def _piece(addrs, modes, luts, rnd, has_base, lo, a, z, grid, block, check, sq, 
         if l1:
             for i in range(nm):
                 if sel[i].l1:
-                    _add_abs(rows[i], n, s, lanes[0, i, s // grid])
-                    _add_abs(u[i], n, s, lanes[1, i, s // grid])
+                    _add_abs(rows[i], u[i], n, s, lanes[0, i, s // grid], lanes[1, i, s // grid])
         else:
             for i in range(nm):
                 w = weights[i]
