@@ -61,8 +61,9 @@ def job_bytes(job, span: int, threads: int) -> int:
 
     driver = job.method.driver(context(job, threads))
     checks = len(job.models) * -(-job.numel // constants.BLOCK) * 8
-    sources = sum(s.work_bytes(span) for s in job.sources)  # computed sources' own scratch (LoRA B @ A)
-    return (SpanInputs.buffer_bytes(job.base, job.models, span) + driver.work_bytes(span)
+    # computed sources' own scratch (LoRA B @ A) over the whole rows a span touches
+    sources = sum(s.work_bytes(span + 2 * driver.whole_rows) for s in job.sources)
+    return (SpanInputs.buffer_bytes(job.base, job.models, span, driver.whole_rows) + driver.work_bytes(span)
             + kernel_bytes(len(job.models), threads) + checks + sources)
 
 

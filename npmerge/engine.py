@@ -34,8 +34,9 @@ class SpanInputs:
     holds a span's range (the next pass over a one-span tensor) is not filled again."""
 
     def __init__(self, base: TensorSource | None, models: tuple[TensorSource, ...], span: int, rnd: str | None,
-                 block: int = BLOCK):
+                 block: int = BLOCK, rows: int = 0):
         self.block = block
+        self.rows = rows  # computed sources fill whole rows of this length around each span (0: the span)
         self.sources = [base] + list(models)
         self.has_base = base is not None
         n = len(self.sources)
@@ -55,7 +56,7 @@ class SpanInputs:
                 self.modes[slot] = SPAN_KIND[src.dtype]
                 self._keep.append(raw)
             else:
-                buf = np.empty(max(span, 1), np.float32)
+                buf = np.empty(max(span + 2 * rows, 1), np.float32)
                 self._computed.append((slot, src, buf))
                 self._keep.append(buf)
                 self.modes[slot] = SPAN_KIND["F32"]
@@ -64,16 +65,19 @@ class SpanInputs:
         self._filled: list[tuple[int, int] | None] = [None] * len(self._computed)  # range each buffer holds
 
     @staticmethod
-    def buffer_bytes(base: TensorSource | None, models, span: int) -> int:
+    def buffer_bytes(base: TensorSource | None, models, span: int, rows: int = 0) -> int:
         """Float32 span buffers for the sources that are not decoded in place."""
-        return 4 * span * sum(1 for s in [base, *models] if s is not None and s.raw() is None)
+        return 4 * (span + 2 * rows) * sum(1 for s in [base, *models] if s is not None and s.raw() is None)
 
     def span(self, lo: int, hi: int) -> Span:
         for i, (slot, src, buf) in enumerate(self._computed):
-            if self._filled[i] != (lo, hi):  # a tensor in one span is computed once, not once per pass
-                src.read(lo, hi - lo, buf)
-                self._filled[i] = (lo, hi)
-            self.addrs[slot] = buf.ctypes.data - 4 * lo
+            a, b = lo, hi
+            if self.rows:  # the whole rows the span touches
+                a, b = lo - lo % self.rows, min(src.numel, hi + (-hi) % self.rows)
+            if self._filled[i] != (a, b):  # a tensor in one span is computed once, not once per pass
+                src.read(a, b - a, buf)
+                self._filled[i] = (a, b)
+            self.addrs[slot] = buf.ctypes.data - 4 * a
         return Span(lo, hi, self.block, self.addrs, self.modes, self.luts, self.rnd, self.has_base)
 
 
@@ -184,7 +188,7 @@ class Engine:
         ctx = TensorContext(job.name, job.shape, n, job.params, job.model_params, job.base is not None,
                             self.threads, job.stream_index)
         driver = job.method.driver(ctx)
-        inputs = SpanInputs(job.base, job.models, job.span, job.input_round, block)
+        inputs = SpanInputs(job.base, job.models, job.span, job.input_round, block, driver.whole_rows)
         check = kernels.load("span").check
         sums = np.zeros((nm, -(-n // block)), np.float64)
         nonfinite = np.zeros(nm + 1, np.int64)

@@ -207,14 +207,15 @@ def summary(plan, report: dict, out, elapsed: float) -> None:
     c = stdout()
     tot = report["totals"]
     method = plan.method
-    per_model = [s for s in method.stats if s.per_model]
+    per_model = [s for s in method.stats if s.per_model and any(s.key in m for m in tot["models"])]
     t = Table("model", *(s.label for s in per_model), method.l2_label, title=escape(f"{method.title} -> {out}"))
     for model, m in zip(plan.models, tot["models"]):
-        t.add_row(escape(model.label), *(_fmt(s, m[s.key]) for s in per_model), f"{m['l2']:.4g}")
+        t.add_row(escape(model.label), *(_fmt(s, m[s.key]) if s.key in m else "-" for s in per_model),
+                  f"{m['l2']:.4g}")
     c.print(t)
     size = sum(f["size"] for f in report["files"].values())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    facts = [f"{s.label}: {_fmt(s, tot[s.key])}" for s in method.stats if not s.per_model]
+    facts = [f"{s.label}: {_fmt(s, tot[s.key])}" for s in method.stats if not s.per_model and s.key in tot]
     facts += [f"{report['tensors_merged']} tensors merged, {report['tensors_copied']} copied",
               f"{human_bytes(size)} written in {elapsed:.1f} s ({human_bytes(plan.read_bytes / max(elapsed, 1e-9))}/s "
               f"of input)", f"peak RSS {human_bytes(rss, True)}"]

@@ -19,7 +19,8 @@ from .plan_params import deviations
 
 def totals(method, stats: dict[str, dict], n_models: int, members: dict[str, tuple] | None = None) -> dict:
     """Model-level figures over all tensors, as each of the method's statistics declares
-    (element-weighted mean, or a ratio of summed counts); and the task-vector norms.
+    (element-weighted mean, or a ratio of summed counts; over the tensors that report it,
+    and absent where none does); and the task-vector norms.
     `members`: tensor name -> the plan's model index of each of its models, where a
     tensor merges only some of them (slices of a frankenmerge)."""
     tensors = list(stats.values())
@@ -37,10 +38,12 @@ def totals(method, stats: dict[str, dict], n_models: int, members: dict[str, tup
     for i in range(n_models):
         entries = [(s["models"][list(members.get(name, range(n_models))).index(i)], s)
                    for name, s in stats.items() if i in members.get(name, range(n_models))]
-        m = {spec.key: total(spec, entries) for spec in method.stats if spec.per_model}
+        m = {spec.key: total(spec, entries) for spec in method.stats
+             if spec.per_model and any(spec.key in e for e, _ in entries)}
         m["l2"] = math.sqrt(math.fsum(e["l2"] ** 2 for e, _ in entries))
         models.append(m)
-    out = {spec.key: total(spec, [(s, s) for s in tensors]) for spec in method.stats if not spec.per_model}
+    out = {spec.key: total(spec, [(s, s) for s in tensors]) for spec in method.stats
+           if not spec.per_model and any(spec.key in s for s in tensors)}
     out["models"] = models
     out["numel"] = numel
     return out

@@ -537,7 +537,7 @@ REFUSED = [
 
     # issue 5: unknown method, recipe YAML errors, missing base, bad option values
     Case("i5-unknown-method-cli", cli("dare", BASE, FA), 2, ("No such command 'dare'",), "npmerge --help"),
-    Case("i5-unknown-method-yaml", recipe(ties_yaml().replace("ties", "dare_ties")), 2, ("unknown merge method 'dare_ties'",), "ties"),
+    Case("i5-unknown-method-yaml", recipe(ties_yaml().replace("ties", "karcher")), 2, ("unknown merge method 'karcher'",), "ties"),
     Case("i5-yaml-unknown-key", recipe(ties_yaml(extra="foo: 1\n")), 2, ("recipe.yml: unknown key 'foo'",), "known keys"),
     Case("i5-yaml-unknown-model-key", recipe(ties_yaml().replace(f"  - model: {FB}\n", f"  - model: {FB}\n    wieght: 1\n")),
          2, ("unknown key 'models[1].wieght'",), "parameters"),

@@ -98,6 +98,10 @@ class Driver:
     # True if the first pass's kernels run kernels/span.py check_block themselves (one
     # decode less); else the engine runs its own check kernel over each span first.
     fused_check = False
+    # Row length (along the last axis) whose whole rows the kernels read around each span,
+    # e.g. to rank an element within its row; 0: only the span. Computed sources are then
+    # materialised for every row the span touches.
+    whole_rows = 0
 
     def writes(self, pass_name: str) -> bool:
         """Whether this pass produces the output (every element exactly once)."""

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from ..errors import RecipeError
 from .protocol import Driver, Stat, TensorContext
 
-_MODULES = ("ties", "task_arithmetic", "linear", "passthrough")
+_MODULES = ("ties", "task_arithmetic", "linear", "dare", "breadcrumbs", "della", "passthrough")
 
 
 # A check gets the parameter's display name, e.g. "'density' of model 2 'ft-b'", and the value.
@@ -53,6 +53,17 @@ def fraction(name: str, value: Any) -> float:
     if not 0.0 <= value <= 1.0:
         raise RecipeError(f"{name} must be in [0, 1], got {value}")
     return value
+
+
+def seed(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RecipeError(f"{name} must be an integer, got {value!r}", hint="a seed is an integer in [0, 2**64)")
+    if not 0 <= value < 2**64:
+        raise RecipeError(f"{name} must be in [0, 2**64), got {value}", hint="a seed is an integer in [0, 2**64)")
+    return int(value)
+
+
+seed.kind = "int"
 
 
 def boolean(name: str, value: Any) -> bool:
@@ -182,3 +193,4 @@ def all_methods() -> dict[str, Method]:
 WEIGHT = Param("weight", 1.0, number, "weight of the model's contribution")
 DENSITY = Param("density", 1.0, density, "fraction of the task vector kept (1 keeps all)")
 LAMBDA = Param("lambda", 1.0, number, "scale of the merged task vector")
+SEED = Param("seed", 0, seed, "seed of the random masks (an integer in [0, 2**64))")
