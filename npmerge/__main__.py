@@ -1,3 +1,6 @@
+"""`python -m npmerge`: the same command line as the `npmerge` script."""
+
 from .cli import main
 
-main()
+if __name__ == "__main__":
+    main()

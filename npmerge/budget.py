@@ -50,14 +50,21 @@ def kernel_bytes(n_models: int, threads: int) -> int:
     return threads * (2 * n_models + 6) * constants.BLOCK * 4
 
 
+def output_bytes(span: int) -> int:
+    """The engine's output buffers, shared by all tensors (two, up to 8 bytes per element)."""
+    return 16 * span
+
+
 def job_bytes(job, span: int, threads: int) -> int:
     """Working memory of one merged tensor at this span size, beyond the shared output buffer."""
     from .engine import SpanInputs
 
     driver = job.method.driver(context(job, threads))
     checks = len(job.models) * -(-job.numel // constants.BLOCK) * 8
-    return (SpanInputs.buffer_bytes(job.base, job.models, span) + driver.work_bytes(span)
-            + kernel_bytes(len(job.models), threads) + checks)
+    # computed sources' own scratch (LoRA B @ A) over the whole rows a span touches
+    sources = sum(s.work_bytes(span + 2 * driver.whole_rows) for s in job.sources)
+    return (SpanInputs.buffer_bytes(job.base, job.models, span, driver.whole_rows) + driver.work_bytes(span)
+            + kernel_bytes(len(job.models), threads) + checks + sources)
 
 
 def choose_span(jobs: list, budget: int, threads: int) -> tuple[int, int]:
@@ -68,8 +75,8 @@ def choose_span(jobs: list, budget: int, threads: int) -> tuple[int, int]:
     largest = max((j.numel for j in merged), default=1)
     span = min(constants.MAX_SPAN_ELEMENTS, -(-max(largest, 1) // block) * block)
     while True:
-        need = max((8 * span + job_bytes(j, min(span, -(-j.numel // block) * block), threads) for j in merged),
-                   default=8 * span)
+        need = max((output_bytes(span) + job_bytes(j, min(span, -(-j.numel // block) * block), threads)
+                    for j in merged), default=output_bytes(span))
         if need <= budget or span <= block:
             break
         span = max(block, (span // 2) // block * block)
@@ -80,6 +87,26 @@ def choose_span(jobs: list, budget: int, threads: int) -> tuple[int, int]:
                           hint=f"allow at least {math.ceil(need / 2**20)} MiB")
     return span, need
 
+
+def cache_computed(jobs: list, budget: int, threads: int, span: int) -> int:
+    """Let computed sources of a tensor in several spans compute it whole, once, where the
+    budget has room (a LoRA source then computes B @ A once, not once per pass, and the
+    engine reads it in place; a tensor in one span stays in the engine's buffer anyway).
+    Return the bytes
+    allocated at the worst tensor, caches included. `span`: the plan's (the shared output
+    buffer's); jobs carry their own."""
+    worst = 0
+    for job in jobs:
+        if job.copy:
+            continue
+        need = output_bytes(span) + job_bytes(job, job.span, threads)
+        if job.passes > 1 and job.span < job.numel:  # one span: the engine keeps it (SpanInputs)
+            for src in job.sources:
+                if 0 < src.cache_bytes <= budget - need:
+                    src.enable_cache(job.span)
+                    need += src.cache_bytes
+        worst = max(worst, need)
+    return worst
 
 
 def context(job, threads: int) -> TensorContext:

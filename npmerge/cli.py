@@ -1,10 +1,11 @@
 """The `npmerge` command line: parse flags into a Recipe, call the API, render.
 
-Thin on purpose: no business logic here. Progress and tables go to stderr (rich),
-`--json` output to stdout. Errors, usage errors included, print `Error:` and `Hint:`
-lines and exit with the error's code (FORMAT-AND-SAFETY.md §5); Ctrl-C exits 130,
-SIGTERM 143 and SIGHUP 129, never leaving an output directory (finished shards stay in
-staging for --resume). NPMERGE_DEBUG=1 shows tracebacks.
+Thin on purpose: no business logic here. Results go to stdout (`info`, the `--dry-run`
+plan, the final summary, `--json`), progress and diagnostics (notes, `Error:`/`Hint:`)
+to stderr. Errors, usage errors included, print `Error:` and `Hint:` lines and exit with
+the error's code (FORMAT-AND-SAFETY.md §5); Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129,
+never leaving an output directory (finished shards stay in staging for --resume).
+NPMERGE_DEBUG=1 shows tracebacks. Models are named by path or Hub id (io/hub.py).
 """
 
 from __future__ import annotations
@@ -20,16 +21,46 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-from . import __version__
-from .errors import NpmergeError
+from .errors import NpmergeError, RecipeError
+
+EXIT_CODES = ((0, "done"), (2, "usage or recipe error"), (3, "invalid input file"), (4, "incompatible models"),
+              (5, "output not writable, disk full or locked"), (130, "interrupted (Ctrl-C)"),
+              (143, "terminated (SIGTERM)"), (129, "hung up (SIGHUP)"),
+              (1, "a bug in npmerge (NPMERGE_DEBUG=1 shows the traceback)"))
+MODEL_REF = ("a model directory, a .safetensors file, or a Hub id (org/name or org/name@revision) from the Hugging "
+             "Face cache")
+
+
+class _FlagsAsFlags:
+    """Help shows a flag as a flag, without a type (Typer 0.2x prints `<bool>`, which invites
+    `--dry-run true`)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Command(_FlagsAsFlags, TyperCommand):
+    pass
+
+
+class _Group(_FlagsAsFlags, TyperGroup):
+    pass
+
 
 app = typer.Typer(
     name="npmerge",
+    cls=_Group,
     help="Merge fine-tuned safetensors checkpoints (TIES and its family) exactly, "
          "in bounded memory, on CPU. No PyTorch.",
+    epilog=f"Models are {MODEL_REF}. Example: npmerge ties BASE FT1 FT2 --density 0.2 -o OUT\n\n"
+           "Exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES) + ".",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -37,36 +68,46 @@ app = typer.Typer(
 
 def _version(value: bool):
     if value:
-        typer.echo(f"npmerge {__version__}")
+        from .versions import describe_versions
+
+        typer.echo(describe_versions())
         raise typer.Exit()
 
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Show the version and exit.")):
+                                       help="Show the versions of npmerge, Python and its libraries, and exit.")):
     """Merge fine-tuned safetensors checkpoints exactly, in bounded memory, without PyTorch."""
 
 
 # -- shared options -------------------------------------------------------------------
-_OUTPUT, _RESOURCES, _SAFETY = "Output", "Resources", "Safety"
-OUT = typer.Option(..., "-o", "--out", help="Output model directory (created atomically).", rich_help_panel=_OUTPUT)
-OUT_DTYPE = typer.Option(None, "--out-dtype", help="Output dtype: bfloat16, float16, float32 (default: the base's).",
-                         rich_help_panel=_OUTPUT)
-SHARD = typer.Option(None, "--shard-size", help="Max tensor bytes per output shard, e.g. 5GB (default 5GB).",
-                     rich_help_panel=_OUTPUT)
-MEM = typer.Option(None, "--max-memory", help="Working-memory budget, e.g. 512MiB, 4GiB (default: 1/4 of free RAM, "
-                   "max 4GiB).", rich_help_panel=_RESOURCES)
-THREADS = typer.Option(None, "--threads", help="Compute threads (default: all cores).", rich_help_panel=_RESOURCES)
-DRY = typer.Option(False, "--dry-run", help="Check inputs and print the plan; write nothing.", rich_help_panel=_OUTPUT)
-JSON = typer.Option(False, "--json", help="Print the merge report (or error) as JSON on stdout.",
+_METHOD, _INPUTS, _OUTPUT, _RESOURCES, _SAFETY = "Method", "Inputs", "Output", "Resources", "Safety"
+OUT = typer.Option(..., "-o", "--out", metavar="DIR", help="Output model directory (created atomically).",
+                   rich_help_panel=_OUTPUT)
+OUT_DTYPE = typer.Option(None, "--out-dtype", metavar="DTYPE",
+                         help="Output dtype: bfloat16, float16, float32 (default: the base's).", rich_help_panel=_OUTPUT)
+SHARD = typer.Option(None, "--shard-size", metavar="SIZE", help="Max tensor bytes per output shard, e.g. 5GB "
+                     "(default 5GB).", rich_help_panel=_OUTPUT)
+MEM = typer.Option(None, "--max-memory", metavar="SIZE", help="Working-memory budget, e.g. 512MiB, 4GiB (default: 1/4 "
+                   "of available RAM, at most 4GiB).", rich_help_panel=_RESOURCES)
+THREADS = typer.Option(None, "--threads", metavar="N", help="Compute threads (default: all cores).",
+                       rich_help_panel=_RESOURCES)
+DRY = typer.Option(False, "--dry-run", help="Run every check the merge makes (inputs, output location, free space, "
+                   "lock) and print the plan on stdout; write nothing.", rich_help_panel=_SAFETY)
+JSON = typer.Option(False, "--json", help="Print the merge report (or the plan, or the error) as JSON on stdout.",
                     rich_help_panel=_OUTPUT)
 FORCE = typer.Option(False, "--force", help="Replace an existing output directory.", rich_help_panel=_SAFETY)
 NONFINITE = typer.Option(False, "--allow-nonfinite", help="Merge even if a weight is NaN or Inf.",
                          rich_help_panel=_SAFETY)
-QUIET = typer.Option(False, "-q", "--quiet", help="No progress bar or summary.", rich_help_panel=_OUTPUT)
+QUIET = typer.Option(False, "-q", "--quiet", help="No progress bar, notes or summary.", rich_help_panel=_OUTPUT)
 RESUME = typer.Option(False, "--resume", help="Continue an interrupted merge into the same -o: its finished shards "
                       "are verified (sha256) and kept. Refused if the recipe or inputs changed.", rich_help_panel=_SAFETY)
-_SHARED = dict(out_dtype=(Optional[str], OUT_DTYPE), shard_size=(Optional[str], SHARD), max_memory=(Optional[str], MEM),
+TOKENIZER = typer.Option(None, "--tokenizer-source", metavar="SOURCE", help="Map embedding and head rows by token "
+                         "to an output vocabulary: base (the base's), union (every model's tokens) or one of the "
+                         "models; its tokenizer files are written (default: none, rows merged by position, the base's "
+                         "tokenizer copied).", rich_help_panel=_INPUTS)
+_SHARED = dict(tokenizer_source=(Optional[str], TOKENIZER),
+               out_dtype=(Optional[str], OUT_DTYPE), shard_size=(Optional[str], SHARD), max_memory=(Optional[str], MEM),
                threads=(Optional[int], THREADS), dry_run=(bool, DRY), json_out=(bool, JSON), force=(bool, FORCE),
                allow_nonfinite=(bool, NONFINITE), quiet=(bool, QUIET), resume=(bool, RESUME))
 _SHORT = {"weight": "-w", "density": "-d", "t": "-t"}
@@ -75,13 +116,14 @@ _SHORT = {"weight": "-w", "density": "-d", "t": "-t"}
 # -- one subcommand per registered method ----------------------------------------------
 def _option(param, per_model: bool):
     """The typer annotation and Option of one method parameter."""
-    default = "required" if param.default is None else f"default {param.default}"
+    default = ("not given" if param.optional else "required") if param.default is None else f"default {param.default}"
     flags = [param.cli_flag] + ([_SHORT[param.name]] if param.name in _SHORT else [])
-    panel = "Method"
+    panel = _METHOD
     if per_model:
         return (Optional[List[float]], typer.Option(
-            None, *flags, help=f"{param.help[0].upper()}{param.help[1:]}; repeat once per model, in order, or give "
-                               f"once for all ({default}).", rich_help_panel=panel))
+            None, *flags, metavar="FLOAT", help=f"{param.help[0].upper()}{param.help[1:]}; one value per option: "
+            f"repeat it once per model, in order ({flags[-1]} 0.5 {flags[-1]} 0.3), or give it once for all "
+            f"({default}).", rich_help_panel=panel))
     if param.kind == "bool":
         name = param.cli_flag[2:]
         return Optional[bool], typer.Option(None, f"--{name}/--no-{name}", help=f"{param.help[0].upper()}"
@@ -91,8 +133,8 @@ def _option(param, per_model: bool):
         return Optional[choices], typer.Option(None, *flags, help=f"{param.help[0].upper()}{param.help[1:]} "
                                                f"({default}).", rich_help_panel=panel)
     typ = Optional[int] if param.kind == "int" else Optional[float]
-    return typ, typer.Option(None, *flags, help=f"{param.help[0].upper()}{param.help[1:]} ({default}).",
-                             rich_help_panel=panel)
+    return typ, typer.Option(None, *flags, metavar="INT" if param.kind == "int" else "FLOAT",
+                             help=f"{param.help[0].upper()}{param.help[1:]} ({default}).", rich_help_panel=panel)
 
 
 def _add_method_command(method) -> None:
@@ -100,16 +142,18 @@ def _add_method_command(method) -> None:
     P = inspect.Parameter
     sig: list = []
     if method.base == "required":
-        sig.append(P("base", P.POSITIONAL_OR_KEYWORD, annotation=str,
-                     default=typer.Argument(..., help="Base model (directory or .safetensors file).")))
-    exact = {1: "The other model.", 2: "The two models to merge."}.get(
+        sig.append(P("base", P.POSITIONAL_OR_KEYWORD, annotation=str, default=typer.Argument(
+            ..., metavar="BASE", help=f"Base model: {MODEL_REF}.", rich_help_panel=_INPUTS)))
+    exact = {1: "The other model", 2: "The two models to merge"}.get(
         method.min_models if method.min_models == method.max_models else 0)
-    sig.append(P("models", P.POSITIONAL_OR_KEYWORD, annotation=List[str],
-                 default=typer.Argument(..., help=exact or ("Models to merge." if method.base == "none"
-                                                            else "Fine-tuned models to merge."))))
+    what = exact or ("Models to merge" if method.base == "none" else "Fine-tuned models to merge")
+    sig.append(P("models", P.POSITIONAL_OR_KEYWORD, annotation=List[str], default=typer.Argument(
+        ..., metavar="MODEL", help=what + (": a" if exact == "The other model" else ", each a")
+        + " directory, .safetensors file or Hub id.", rich_help_panel=_INPUTS)))
     if method.base == "optional":
         sig.append(P("base", P.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
-            None, "--base", help="Base model: merge task vectors against it (optional).", rich_help_panel="Inputs")))
+            None, "--base", metavar="BASE", help="Base model: merge task vectors against it (optional).",
+            rich_help_panel=_INPUTS)))
     sig.append(P("out", P.KEYWORD_ONLY, annotation=Path, default=OUT))
     per_model = {f"m_{p.name}": p for p in method.model_params}
     global_ = {f"g_{p.name}": p for p in method.global_params}
@@ -123,10 +167,12 @@ def _add_method_command(method) -> None:
         recipe_args = dict(
             per_model={p.name: kw[k] for k, p in per_model.items()},
             params={p.name: (kw[k].value if isinstance(kw[k], Enum) else kw[k]) for k, p in global_.items()},
-            out_dtype=kw["out_dtype"], allow_nonfinite=kw["allow_nonfinite"])
+            out_dtype=kw["out_dtype"], allow_nonfinite=kw["allow_nonfinite"],
+            tokenizer_source=kw["tokenizer_source"])
+        flags = [f for p in per_model.values() for f in (p.cli_flag, _SHORT.get(p.name)) if f]
         _merge_command(method.name, kw.get("base"), kw["models"], kw["out"], recipe_args, kw["shard_size"],
                        kw["max_memory"], kw["threads"], kw["dry_run"], kw["json_out"], kw["force"], kw["quiet"],
-                       kw["resume"])
+                       kw["resume"], flags)
 
     command.__signature__ = inspect.Signature(sig)
     command.__name__ = method.name
@@ -134,7 +180,7 @@ def _add_method_command(method) -> None:
     if method.paper:
         doc += f" Paper: {method.paper}"
     app.command(method.cli_name, help=doc, epilog=f"Example: {method.example}" if method.example else None,
-                rich_help_panel="Merge methods")(command)
+                rich_help_panel="Merge methods", cls=_Command)(command)
 
 
 def _add_method_commands() -> None:
@@ -147,9 +193,11 @@ def _add_method_commands() -> None:
 _add_method_commands()
 
 
-@app.command()
+@app.command(cls=_Command, epilog="Example: npmerge run merge.yml -o merged --dry-run")
 def run(
-    recipe: Path = typer.Argument(..., help="Recipe YAML in mergekit's layout (merge_method, base_model, models, parameters)."),
+    recipe: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML in mergekit's layout (merge_method, "
+                                  "base_model, models or slices, parameters, dtype, out_dtype); models by path or "
+                                  "Hub id.", rich_help_panel=_INPUTS),
     out: Path = OUT,
     shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS,
     dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE, quiet: bool = QUIET, resume: bool = RESUME,
@@ -158,32 +206,41 @@ def run(
     def build():
         from .recipe import Recipe
 
-        try:
-            text = recipe.read_text(encoding="utf-8")
-        except OSError as exc:
-            from .errors import RecipeError
-
-            raise RecipeError(f"cannot read recipe '{recipe}': {exc.strerror}") from None
-        return Recipe.from_yaml(text, str(recipe))
+        return Recipe.from_file(recipe)
 
     _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume)
 
 
-@app.command()
+@app.command(cls=_Command, epilog="Example: npmerge info meta-llama/Llama-3.2-1B --tensors | less")
 def info(
-    path: str = typer.Argument(..., help="A model directory or .safetensors file."),
-    json_out: bool = JSON,
-    tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
+    path: str = typer.Argument(..., metavar="MODEL", help=f"The model: {MODEL_REF}; or a LoRA adapter directory.",
+                               rich_help_panel=_INPUTS),
+    json_out: bool = typer.Option(False, "--json", help="Print the facts as JSON on stdout.", rich_help_panel=_OUTPUT),
+    tensors: bool = typer.Option(False, "--tensors", help="List every tensor.", rich_help_panel=_OUTPUT),
 ):
-    """Show a checkpoint's tensors, dtypes, parameter count and shards (validates every header)."""
+    """Show a checkpoint's tensors, dtypes, parameter count and shards (validates every header);
+    for a LoRA adapter directory, the adapter: rank, alpha, scale, target modules, base."""
     def body():
-        from .io.checkpoint import Checkpoint
+        from .io.lora import LoraAdapter
+        from .io.models import is_adapter, open_model
 
-        ckpt = Checkpoint(path)
+        if is_adapter(path):
+            adapter = LoraAdapter(path)
+            data = {"path": str(path), "adapter": adapter.summary()}
+            adapter.close()
+            if json_out:
+                typer.echo(json.dumps(data, indent=2))
+                return
+            from . import render
+
+            render.adapter_info(data)
+            return
+        ckpt = open_model(path)
+        model = ckpt.ref
         dtypes: dict[str, int] = {}
         for ref in ckpt.tensors.values():
             dtypes[ref.info.dtype.name] = dtypes.get(ref.info.dtype.name, 0) + ref.info.numel
-        data = {"path": str(path), "tensors": len(ckpt.tensors), "parameters": ckpt.total_params,
+        data = {"path": str(path), **model.as_record(), "tensors": len(ckpt.tensors), "parameters": ckpt.total_params,
                 "bytes": ckpt.total_bytes, "dtypes": dtypes,
                 "shards": [Path(p).name for p in ckpt.files],
                 "architecture": (ckpt.config or {}).get("architectures", [None])[0] if ckpt.config else None}
@@ -191,17 +248,18 @@ def info(
             data["tensor_list"] = [{"name": n, "dtype": r.info.dtype.name, "shape": list(r.info.shape),
                                     "file": Path(r.file.path).name} for n, r in ckpt.tensors.items()]
         ckpt.close()
+        from . import render
+
+        render.notes(model.notes)
         if json_out:
             typer.echo(json.dumps(data, indent=2))
             return
-        from . import render
-
         render.info(data, tensors)
 
     _guard(body, json_out)
 
 
-@app.command()
+@app.command(cls=_Command, epilog="Example: npmerge warmup")
 def warmup():
     """Compile and cache every kernel now (e.g. while building a container image)."""
     def body():
@@ -216,10 +274,12 @@ def warmup():
 
 # -- plumbing -------------------------------------------------------------------------
 def _merge_command(method, base, models, out, recipe_args, shard_size, max_memory, threads, dry_run,
-                   json_out, force, quiet, resume):
+                   json_out, force, quiet, resume, per_model_flags):
     def build():
         from .recipe import Recipe
 
+        for ref in ([base] if base else []) + list(models):
+            _refuse_option_value(ref, per_model_flags)
         return Recipe.from_cli(method, base, list(models), **recipe_args)
 
     _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume)
@@ -231,8 +291,11 @@ def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_o
 
         started = time.perf_counter()
         recipe = build_recipe()
-        plan = api.plan_merge(recipe, max_memory=max_memory, threads=threads, shard_size=shard_size)
+        plan = api.plan_merge(recipe, max_memory=max_memory, threads=threads, shard_size=shard_size, out=out,
+                              force=force, resume=resume)
         try:
+            if not quiet:
+                render.notes(plan.notes)
             if dry_run:
                 if json_out:
                     typer.echo(json.dumps(render.plan_dict(plan, out), indent=2))
@@ -244,12 +307,58 @@ def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_o
         finally:
             plan.close()
         elapsed = time.perf_counter() - started
+        if not quiet:
+            render.notes(report["notes"][len(plan.notes):])  # found while merging
         if json_out:
             typer.echo(json.dumps(report, indent=2))
         elif not quiet:
             render.summary(plan, report, out, elapsed)
 
     _guard(body, json_out)
+
+
+_ARGV: list[str] = []  # the command line main() parses, for hints that quote it
+_FLAG_WORDS = {"true", "false", "yes", "no", "on", "off"}
+
+
+def _refuse_option_value(ref: str, per_model_flags: list[str]) -> None:
+    """A model argument that does not exist and reads as a number or a yes/no word was meant
+    for an option (`--density 0.5 0.3`, `--dry-run true`): say so, instead of "model path
+    '0.3' does not exist"."""
+    if os.path.lexists(os.path.expanduser(ref)) or not (_is_number(ref) or ref.lower() in _FLAG_WORDS):
+        return
+    def is_option(word: str) -> bool:
+        return word.startswith("-") and not _is_number(word)
+
+    # where it stands: not right after an option that takes a value (that value is the option's)
+    at = next((i for i, word in enumerate(_ARGV) if word == ref and (ref.lower() in _FLAG_WORDS or i == 0
+                                                                     or not is_option(_ARGV[i - 1]))), -1)
+    values, k, j = [ref], at - 1, at + 1
+    while k >= 0 and _is_number(_ARGV[k]):
+        values.insert(0, _ARGV[k])
+        k -= 1
+    while 0 < j < len(_ARGV) and _is_number(_ARGV[j]) and not os.path.lexists(_ARGV[j]):
+        values.append(_ARGV[j])
+        j += 1
+    flag = _ARGV[k] if at >= 0 and k >= 0 and is_option(_ARGV[k]) else None
+    if flag in per_model_flags and _is_number(ref):
+        hint = f"{flag} takes one value: repeat it, once per model in order: " + " ".join(f"{flag} {v}" for v in values)
+    elif flag is not None and ref.lower() in _FLAG_WORDS and len(values) == 1:
+        hint = f"{flag} is a flag and takes no value: write just {flag}"
+    elif flag is not None and _is_number(ref):
+        hint = f"{flag} takes one value; '{ref}' was read as a model"
+    else:
+        example = f", e.g. {per_model_flags[0]} 0.5 {per_model_flags[0]} 0.3" if per_model_flags else ""
+        hint = f"an option takes one value: repeat the option for each value{example}"
+    raise RecipeError(f"model path '{ref}' does not exist; it looks like a value meant for an option", hint=hint)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 _SIGNALS = {signal.SIGTERM: (143, "terminated"), signal.SIGHUP: (129, "hung up")}
@@ -305,6 +414,7 @@ def _usage_error_class() -> type:
 
 def main(argv: list[str] | None = None) -> None:
     """The console entry point; usage errors get the same `Error:`/`Hint:` lines as the rest."""
+    _ARGV[:] = list(argv) if argv is not None else sys.argv[1:]
     try:
         code = app(args=argv, prog_name="npmerge", standalone_mode=False)
     except _usage_error_class() as exc:
@@ -314,6 +424,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             ctx = getattr(exc, "ctx", None)
             hints = [f"see '{ctx.command_path} --help'"] if ctx is not None else []
+            if _is_number(getattr(exc, "option_name", None) or "x"):  # `-w -0.5 -0.3`: "-0.3" read as an option
+                hints.insert(0, "an option takes one value: repeat the option for each value, e.g. -w -0.5 -w -0.3")
             try:
                 _fail(exc.exit_code, "usage", exc.format_message(), hints, "--json" in (argv or sys.argv[1:]))
             except typer.Exit as done:

@@ -1,6 +1,7 @@
 """Model compatibility checks, run at plan time before any tensor data is read (except
-integer tensors, which must be equal in every model): same tensors, shapes and
-vocabularies, no FP8-scaled checkpoints, no model given twice."""
+integer tensors, which must be equal in every model): same tensors (once io/layout.py has
+matched tied heads and buffers), shapes and vocabularies, no FP8-scaled checkpoints, no
+model given twice."""
 
 from __future__ import annotations
 
@@ -21,18 +22,24 @@ def check_distinct(base: Checkpoint | None, models: list[Checkpoint]) -> None:
             seen[ident] = (role, ckpt)
 
 
-def check_inputs(ref: Checkpoint, inputs) -> None:
-    """Same tensor names, shapes and vocabulary sizes in every input; no FP8-scaled weights.
-    `inputs`: (role, checkpoint) pairs, the reference first."""
-    _check_names(ref, inputs)
+def check_inputs(inputs, layout, vocab_tensors=frozenset(), remapped: bool = False) -> None:
+    """Same shapes (and vocabulary sizes) of the tensors feeding each output tensor; no
+    FP8-scaled weights. `inputs`: (role, checkpoint) pairs, the reference first; `layout`:
+    io/layout.py's plan over them (check_names has passed); `vocab_tensors`: the output
+    tensors with one row per token; `remapped`: a tokenizer source maps their rows, so only
+    their hidden axis must agree (and config.json vocab sizes may differ)."""
     problems = []
-    for name in ref.tensors:
-        shapes = {role: c.tensors[name].info.shape for role, c in inputs}
-        if len(set(shapes.values())) > 1:
-            problems.append((name, shapes))
+    for t in layout.tensors:
+        if t.copy_from is not None:
+            continue
+        shapes = {role: c.tensors[n].info.shape for (role, c), n in zip(inputs, t.inputs)}
+        keys = {s[1:] if remapped and t.name in vocab_tensors else s for s in shapes.values()}
+        if len(keys) > 1:
+            problems.append((t.name, shapes))
     if problems:
         _refuse_shapes(inputs, problems)
-    _check_vocab(inputs)
+    if not remapped:
+        _check_vocab(inputs)
     _refuse_fp8_scaled(inputs)
 
 
@@ -71,8 +78,8 @@ def _check_vocab(inputs) -> None:
                                      f"{sized[0][2]} tokens, {label(role, ckpt)} has {size}", hint=_VOCAB_HINT)
 
 
-_VOCAB_HINT = ("npmerge merges models that share a tokenizer; merging vocabularies (mergekit's tokenizer_source) "
-               "is not supported yet")
+_VOCAB_HINT = ("map the rows by token: --tokenizer-source base (the base's vocabulary), union (every model's tokens) "
+               "or a model, or tokenizer_source: in a recipe")
 
 
 def _refuse_shapes(inputs, problems) -> None:
@@ -90,34 +97,31 @@ def _refuse_shapes(inputs, problems) -> None:
                              hint="the models do not share an architecture; merge only fine-tunes of the same base")
 
 
-def _check_names(ref: Checkpoint, inputs) -> None:
-    ref_names = set(ref.tensors)
-    ref_role = inputs[0][0]
-    for role, ckpt in inputs:
-        missing = [n for n in ref.tensors if n not in ckpt.tensors]
-        extra = [n for n in ckpt.tensors if n not in ref_names]
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} tensor(s): " + ", ".join(missing[:5]))
-            if extra:
-                parts.append(f"has {len(extra)} extra tensor(s): " + ", ".join(extra[:5]))
-            hint = "all models must have the same tensors (same architecture)"
-            archs = [_architecture(c) for c in (ref, ckpt)]
-            other_arch = None not in archs and archs[0] != archs[1]
-            if other_arch:
-                parts.insert(0, f"different architectures ({archs[0]} vs {archs[1]})")
-                hint = "merge only models of one architecture (fine-tunes of the same base model)"
-            untied = next((c for c, names in ((ckpt, missing), (ref, extra))
-                           if any(n.startswith("lm_head") for n in names)), None)
-            if untied is not None and not other_arch:
-                holder = ref if untied is ckpt else ckpt
-                why = " (tie_word_embeddings: it reuses the input embeddings)" if (
-                    (untied.config or {}).get("tie_word_embeddings")) else ""
-                hint = (f"'{untied.label}' has no lm_head{why} while '{holder.label}' stores its own; "
-                        "untie it first (save lm_head.weight as a copy of the embeddings) to merge them")
-            raise IncompatibleModels(f"{label(role, ckpt)} does not match {label(ref_role, ref)}: "
-                                     + "; ".join(parts), hint=hint)
+def check_names(inputs, layout) -> None:
+    """Every output tensor has a feeding tensor in every model (io/layout.py resolves tied
+    heads, dead head copies and buffers first): else the models differ in architecture.
+    `inputs`: (role, checkpoint) pairs in the layout's order, the reference first."""
+    unresolved = layout.unresolved()
+    if not unresolved:
+        return
+    ref_role, ref = inputs[0]
+    for i, (role, ckpt) in enumerate(inputs[1:], 1):
+        missing = [n for n, j in unresolved if j == i]
+        extra = [n for n, j in unresolved if j == 0 and n in ckpt.tensors]
+        if not (missing or extra):
+            continue
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): " + ", ".join(missing[:5]))
+        if extra:
+            parts.append(f"has {len(extra)} extra tensor(s): " + ", ".join(extra[:5]))
+        hint = "all models must have the same tensors (same architecture)"
+        archs = [_architecture(c) for c in (ref, ckpt)]
+        if None not in archs and archs[0] != archs[1]:
+            parts.insert(0, f"different architectures ({archs[0]} vs {archs[1]})")
+            hint = "merge only models of one architecture (fine-tunes of the same base model)"
+        raise IncompatibleModels(f"{label(role, ckpt)} does not match {label(ref_role, ref)}: " + "; ".join(parts),
+                                 hint=hint)
 
 
 def check_equal_data(name: str, inputs) -> None:

@@ -29,11 +29,14 @@ _NO_SUMS = np.empty((0, 0), np.float64)
 class SpanInputs:
     """A merged tensor's sources as span kernel inputs: slot 0 the base (if any), then
     the models. Raw storage is decoded in place; other sources fill a float32 buffer per
-    span, addressed so that element indices stay absolute."""
+    span, addressed so that element indices stay absolute. Kernels only read the
+    buffers and a source's values depend only on the range, so a buffer that already
+    holds a span's range (the next pass over a one-span tensor) is not filled again."""
 
     def __init__(self, base: TensorSource | None, models: tuple[TensorSource, ...], span: int, rnd: str | None,
-                 block: int = BLOCK):
+                 block: int = BLOCK, rows: int = 0):
         self.block = block
+        self.rows = rows  # computed sources fill whole rows of this length around each span (0: the span)
         self.sources = [base] + list(models)
         self.has_base = base is not None
         n = len(self.sources)
@@ -53,23 +56,65 @@ class SpanInputs:
                 self.modes[slot] = SPAN_KIND[src.dtype]
                 self._keep.append(raw)
             else:
-                buf = np.empty(max(span, 1), np.float32)
+                buf = np.empty(max(span + 2 * rows, 1), np.float32)
                 self._computed.append((slot, src, buf))
                 self._keep.append(buf)
                 self.modes[slot] = SPAN_KIND["F32"]
             if src.is_delta:
                 self.modes[slot] |= SPAN_DELTA
+        self._filled: list[tuple[int, int] | None] = [None] * len(self._computed)  # range each buffer holds
 
     @staticmethod
-    def buffer_bytes(base: TensorSource | None, models, span: int) -> int:
+    def buffer_bytes(base: TensorSource | None, models, span: int, rows: int = 0) -> int:
         """Float32 span buffers for the sources that are not decoded in place."""
-        return 4 * span * sum(1 for s in [base, *models] if s is not None and s.raw() is None)
+        return 4 * (span + 2 * rows) * sum(1 for s in [base, *models] if s is not None and s.raw() is None)
 
     def span(self, lo: int, hi: int) -> Span:
-        for slot, src, buf in self._computed:
-            src.read(lo, hi - lo, buf)
-            self.addrs[slot] = buf.ctypes.data - 4 * lo
+        for i, (slot, src, buf) in enumerate(self._computed):
+            a, b = lo, hi
+            if self.rows:  # the whole rows the span touches
+                a, b = lo - lo % self.rows, min(src.numel, hi + (-hi) % self.rows)
+            if self._filled[i] != (a, b):  # a tensor in one span is computed once, not once per pass
+                src.read(a, b - a, buf)
+                self._filled[i] = (a, b)
+            self.addrs[slot] = buf.ctypes.data - 4 * a
         return Span(lo, hi, self.block, self.addrs, self.modes, self.luts, self.rnd, self.has_base)
+
+
+class WritePipe:
+    """Hands output to the writer on a background thread (pwrite and the running sha256
+    release the GIL), so writing span i overlaps computing span i+1. Two output
+    buffers alternate; at most one write is in flight, so the writer still sees the
+    bytes of a shard in order. Errors (a full disk) surface at the next call."""
+
+    def __init__(self, writer, nbytes: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.writer = writer
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="npmerge-write")
+        self._buffers = [np.empty(nbytes, np.uint8), np.empty(nbytes, np.uint8)]
+        self._next = 0
+        self._pending = None
+
+    def buffer(self) -> np.ndarray:
+        """The output buffer to fill next (not the one a write may still be reading)."""
+        return self._buffers[self._next]
+
+    def write(self, name: str, offset: int, data) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self.writer.write, name, offset, data)
+        self._next ^= 1
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 class Engine:
@@ -80,35 +125,55 @@ class Engine:
         self.writer = writer
         self.progress = progress or (lambda advance, name: None)
         self.threads = kernels.set_threads(plan.threads)
-        self._out = np.empty(max(plan.span, 1) * 8, np.uint8)
+        self.pipe = WritePipe(writer, max(plan.span, 1) * 8)
         self.stats: dict[str, dict] = {}
+
+    @staticmethod
+    def _prefetch(job) -> None:
+        """Ask the kernel to read the job's inputs ahead (madvise WILLNEED submits the reads
+        and may block while the device queue is full: run on its own thread)."""
+        for src in job.sources:
+            src.prefetch()
 
     def run(self) -> dict[str, dict]:
         """Shard by shard, in each shard's data order: output is written sequentially and
         each shard is final (fsynced) as soon as its last tensor is done."""
         jobs = {job.name: job for job in self.jobs}
-        for i, shard in enumerate(self.layout.shards):
-            resumed = self.writer.resumed_stats(i)
-            if resumed is not None:  # completed by an interrupted run, verified by the writer
-                self.stats.update(resumed)
-                self.progress(sum(jobs[n].read_bytes * jobs[n].passes for n in shard.tensors), "resumed")
-                continue
-            for name in shard.tensors:
-                job = jobs[name]
-                if job.copy:
-                    self._copy(job)
-                else:
-                    self.stats[name] = self.merge(job)
-                for src in job.sources:
-                    src.release()  # resident memory must not grow with the model
-            self.writer.finish_shard(i, {n: self.stats[n] for n in shard.tensors if n in self.stats})
+        todo = [(i, jobs[n]) for i, shard in enumerate(self.layout.shards) if self.writer.resumed_stats(i) is None
+                for n in shard.tensors]
+        upcoming = iter(todo[1:] + [(None, None)])
+        from concurrent.futures import ThreadPoolExecutor
+
+        prefetcher = ThreadPoolExecutor(1, thread_name_prefix="npmerge-prefetch")
+        try:
+            for i, shard in enumerate(self.layout.shards):
+                resumed = self.writer.resumed_stats(i)
+                if resumed is not None:  # completed by an interrupted run, verified by the writer
+                    self.stats.update(resumed)
+                    self.progress(sum(jobs[n].read_bytes * jobs[n].passes for n in shard.tensors), "resumed")
+                    continue
+                for name in shard.tensors:
+                    job, (_, after) = jobs[name], next(upcoming)
+                    if after is not None:  # start reading the next tensor while this one computes
+                        prefetcher.submit(self._prefetch, after)
+                    if job.copy:
+                        self._copy(job)
+                    else:
+                        self.stats[name] = self.merge(job)
+                    self.pipe.wait()
+                    for src in job.sources:
+                        src.release()  # resident memory must not grow with the model
+                self.writer.finish_shard(i, {n: self.stats[n] for n in shard.tensors if n in self.stats})
+        finally:
+            self.pipe.close()
+            prefetcher.shutdown(wait=True)
         return self.stats
 
     def _copy(self, job) -> None:
         src = job.models[0].raw().view(np.uint8)
-        piece = self._out.size
+        piece = self.pipe.buffer().size
         for start in range(0, src.size, piece):
-            self.writer.write(job.name, start, src[start:start + piece])
+            self.pipe.write(job.name, start, src[start:start + piece])
         self.progress(job.read_bytes, job.name)
 
     # -- one merged tensor ---------------------------------------------------------
@@ -123,7 +188,7 @@ class Engine:
         ctx = TensorContext(job.name, job.shape, n, job.params, job.model_params, job.base is not None,
                             self.threads, job.stream_index)
         driver = job.method.driver(ctx)
-        inputs = SpanInputs(job.base, job.models, job.span, job.input_round, block)
+        inputs = SpanInputs(job.base, job.models, job.span, job.input_round, block, driver.whole_rows)
         check = kernels.load("span").check
         sums = np.zeros((nm, -(-n // block)), np.float64)
         nonfinite = np.zeros(nm + 1, np.int64)
@@ -137,17 +202,25 @@ class Engine:
                 hi = min(n, lo + job.span)
                 span = inputs.span(lo, hi)
                 if done == 0:
-                    check(*span.inputs, job.base is not None, lo, hi, block, sums, nonfinite)
+                    span.check, span.sums = True, sums
+                    span.bad = np.zeros((-(-(hi - lo) // block), nm + 1), np.int64)
+                    if not driver.fused_check:
+                        check(*span.inputs, lo, hi, block, sums, span.bad)
+                        span.check = False
                 if writes:
-                    span.out_addr, span.out_mode = self._out.ctypes.data, out_mode
+                    out = self.pipe.buffer()
+                    span.out_addr, span.out_mode = out.ctypes.data, out_mode
                 overflow += driver.feed(pass_name, span)
+                if done == 0:
+                    nonfinite += span.bad.sum(axis=0)
                 if writes:
-                    self.writer.write(job.name, lo * itemsize, self._out[:(hi - lo) * itemsize])
+                    self.pipe.write(job.name, lo * itemsize, out[:(hi - lo) * itemsize])
                 self.progress(job.read_bytes * (hi - lo) // max(n, 1), job.name)
             if done == 0:  # before the driver draws conclusions from non-finite inputs
                 self._refuse_nonfinite(job, nonfinite)
             driver.end_pass(pass_name)
             done += 1
+        self.pipe.wait()
         if overflow and not self.allow_nonfinite:  # inputs are finite here: the merge overflowed
             raise IncompatibleModels(
                 f"merged tensor '{job.name}' has {overflow} value(s) beyond the range of {job.out_dtype}: "
@@ -216,6 +289,10 @@ def run_arrays(method: str, base, models, params: dict, model_params: list[dict]
                     input_round=input_round, stream_index=tuple(range(len(srcs))))
     writer = _Collect(numel * ITEMSIZE[out_dtype])
     plan = SimpleNamespace(jobs=[job], layout=None, allow_nonfinite=allow_nonfinite, threads=threads, span=span)
-    drv, stats = Engine(plan, writer).run_driver(job, block)
+    engine = Engine(plan, writer)
+    try:
+        drv, stats = engine.run_driver(job, block)
+    finally:
+        engine.pipe.close()
     out = writer.data.view(DTYPES[out_dtype].storage).reshape(shape)
     return (out, stats, drv) if driver else (out, stats)

@@ -1,31 +1,51 @@
-"""Human output of the CLI (rich, on stderr): plans, progress, summaries, info."""
+"""Human output of the CLI (rich). Results go to stdout, so they can be piped and paged
+(`npmerge info M | less`, `--dry-run > plan.txt`): info, the dry-run plan, the final
+summary. Progress and diagnostics (notes; `Error:`/`Hint:` lines, cli.py) go to stderr."""
 
 from __future__ import annotations
 
 import contextlib
 import resource
-from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
 
+from .plan_params import layer_table
+from .report import model_records
 from .units import human_bytes
 
-_console: Console | None = None
+_consoles: dict[bool, Console] = {}
+
+
+def _console(err: bool) -> Console:
+    if err not in _consoles:
+        _consoles[err] = Console(stderr=err, highlight=False)
+    return _consoles[err]
+
+
+def stdout() -> Console:
+    """Where results go."""
+    return _console(False)
 
 
 def stderr() -> Console:
-    global _console
-    if _console is None:
-        _console = Console(stderr=True)
-    return _console
+    """Where progress and diagnostics go."""
+    return _console(True)
+
+
+def notes(lines) -> None:
+    for line in lines:
+        stderr().print(f"note: {escape(line)}", soft_wrap=True)
 
 
 def info(data: dict, tensors: bool) -> None:
-    c = stderr()
-    table = Table(title=str(data["path"]), show_header=False)
+    c = stdout()
+    table = Table(title=escape(str(data["name"])), show_header=False)
+    if data.get("hub_id"):
+        table.add_row("commit", str(data["commit"]))
     table.add_row("architecture", str(data.get("architecture") or "-"))
     table.add_row("tensors", f"{data['tensors']:,}")
     table.add_row("parameters", f"{data['parameters']:,}")
@@ -36,51 +56,124 @@ def info(data: dict, tensors: bool) -> None:
     if tensors:
         t = Table("name", "dtype", "shape", "file")
         for row in data["tensor_list"]:
-            t.add_row(row["name"], row["dtype"], str(row["shape"]), row["file"])
+            t.add_row(escape(row["name"]), row["dtype"], str(row["shape"]), escape(row["file"]))
         c.print(t)
 
 
+def adapter_info(data: dict) -> None:
+    """`npmerge info ADAPTER`: what the adapter does, not its raw tensors."""
+    a = data["adapter"]
+    t = Table(title=escape(f"{data['path']} (PEFT LoRA adapter)"), show_header=False)
+    t.add_row("type", a["type"] + (", fan_in_fan_out" if a["fan_in_fan_out"] else ""))
+    t.add_row("base model", str(a["base_model_name_or_path"] or "-"))
+    t.add_row("r", f"{a['r']}" + (f" (per module: {', '.join(map(str, a['ranks']))})" if a["ranks"] != [a["r"]] else ""))
+    t.add_row("lora_alpha", f"{a['lora_alpha']:g}")
+    t.add_row("scale", ", ".join(f"{s:.6g}" for s in a["scales"]) or f"{a['scale']:.6g}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if a[key]:
+            t.add_row(key, ", ".join(f"{k}: {v}" for k, v in a[key].items()))
+    targets = a["target_modules"]
+    t.add_row("target modules", targets if isinstance(targets, str) else ", ".join(targets or []) or "-")
+    t.add_row("adapted modules", f"{len(a['adapted_modules'])}")
+    t.add_row("modules_to_save", ", ".join(a["modules_to_save"] or []) or "-")
+    if a["replaced_tensors"]:
+        t.add_row("replaced tensors", f"{len(a['replaced_tensors'])}")
+    t.add_row("bias", a["bias"] + (", lora_bias" if a["lora_bias"] else ""))
+    t.add_row("stored", f"{a['tensors']:,} tensors, {a['parameters']:,} parameters, {', '.join(a['dtypes'])}")
+    stdout().print(t)
+
+
+# -- the plan (--dry-run) ------------------------------------------------------------------
+def _tensor_rows(plan) -> list[dict]:
+    return [{"name": j.name, "shape": list(j.shape), "in_dtypes": [s.dtype for s in j.sources], "out_dtype": j.out_dtype,
+             "copy": j.copy, "passes": j.passes} for j in plan.jobs]
+
+
+def _dtypes(row: dict) -> str:
+    return "/".join(dict.fromkeys(row["in_dtypes"]))
+
+
 def plan_dict(plan, out) -> dict:
+    base, models = model_records(plan, public=False)
+    check = plan.output
+    read = plan.read_bytes
     return {
         "method": plan.method.name,
-        "base": plan.recipe.base,
-        "models": [{"path": e.path, "parameters": p} for e, p in zip(plan.recipe.models, plan.model_params)],
+        "base": base,
+        "models": models,
         "parameters": plan.global_params,
-        "out": str(out),
+        "out": str(check.out if check else out),
+        "output": None if check is None else {
+            "replaces": check.replaces, "resumed_shards": check.resumed, "shards": check.shards,
+            "space_needed": check.need, "space_free": check.free},
         "tensors_merged": sum(1 for j in plan.jobs if not j.copy),
         "tensors_copied": sum(1 for j in plan.jobs if j.copy),
+        "tensors": _tensor_rows(plan),
         "shards": [s.filename for s in plan.layout.shards],
-        "read_bytes": plan.read_bytes,
+        "read_bytes": read,
         "streamed_bytes": plan.total_work,
+        "input_passes": plan.total_work / read if read else 0.0,
         "write_bytes": sum(s.size for s in plan.layout.shards),
         "memory_budget": plan.budget,
         "working_memory": plan.work_bytes,
         "span_elements": plan.span,
         "threads": plan.threads,
         "notes": plan.notes,
+        "parameter_table": layer_table(plan),
     }
 
 
 def plan(plan, out) -> None:
+    """Every tensor (input and output dtypes, passes), then the plan's figures."""
     d = plan_dict(plan, out)
-    t = Table(title=f"npmerge plan: {d['method']} -> {out}", show_header=False)
+    c = stdout()
+    tensors = Table("tensor", "shape", "in", "out", "passes", title="tensors")
+    tensors.columns[0].overflow = "fold"
+    for row in d["tensors"]:
+        tensors.add_row(escape(row["name"]), "x".join(map(str, row["shape"])) or "scalar", _dtypes(row),
+                        row["out_dtype"], "copy" if row["copy"] else f"<= {row['passes']}")
+    c.print(tensors)
+
+    t = Table(title=escape(f"npmerge plan: {d['method']} -> {d['out']}"), show_header=False)
     if d["base"]:
-        t.add_row("base", d["base"])
+        t.add_row("base", escape(_named(d["base"])))
     for i, m in enumerate(d["models"]):
-        t.add_row(f"model {i + 1}", f"{m['path']}  " + ", ".join(f"{k}={v}" for k, v in m["parameters"].items()))
+        t.add_row(f"model {i + 1}", escape(_named(m)) + "  " + ", ".join(f"{k}={v}" for k, v in m["parameters"].items()))
     t.add_row("parameters", ", ".join(f"{k}={v}" for k, v in d["parameters"].items()) or "-")
-    t.add_row("tensors", f"{d['tensors_merged']} merged, {d['tensors_copied']} copied")
-    t.add_row("output", f"{len(d['shards'])} shard(s), {human_bytes(d['write_bytes'])}")
-    t.add_row("reads", f"{human_bytes(d['read_bytes'])} of input, at most {human_bytes(d['streamed_bytes'])} streamed over all passes")
+    groups: dict[str, int] = {}
+    for row in d["tensors"]:
+        key = f"{_dtypes(row)} copied" if row["copy"] else f"{_dtypes(row)} -> {row['out_dtype']}"
+        groups[key] = groups.get(key, 0) + 1
+    t.add_row("tensors", f"{d['tensors_merged']} merged, {d['tensors_copied']} copied; "
+                         + ", ".join(f"{k} ({n})" for k, n in groups.items()))
+    t.add_row("reads", f"{human_bytes(d['read_bytes'])} of input, at most {d['input_passes']:.2f} passes over it "
+                       f"({human_bytes(d['streamed_bytes'])} streamed)")
     t.add_row("memory", f"{human_bytes(d['working_memory'], True)} working buffers (budget "
-                        f"{human_bytes(d['memory_budget'], True)}), "
-                        f"spans of up to {d['span_elements']:,} elements")
+                        f"{human_bytes(d['memory_budget'], True)}), spans of up to {d['span_elements']:,} elements")
     t.add_row("threads", str(d["threads"]))
-    for note in d["notes"]:
-        t.add_row("note", note)
-    stderr().print(t)
+    t.add_row("output", f"{len(d['shards'])} shard(s), {human_bytes(d['write_bytes'])}")
+    check = d["output"]
+    if check is not None:
+        state = ("replaces the existing directory (--force)" if check["replaces"] else
+                 f"resumes: {check['resumed_shards']} of {check['shards']} shard(s) finished" if check["resumed_shards"]
+                 else "new")
+        t.add_row("output dir", escape(f"{d['out']} ({state})"))
+        free = "" if check["space_free"] is None else f", {human_bytes(check['space_free'])} free"
+        t.add_row("disk", f"needs {human_bytes(check['space_needed'])}{free}")
+    c.print(t)
+    if d["parameter_table"]:
+        rows = d["parameter_table"]
+        p = Table("tensors", *map(escape, rows[0]["values"]), title="parameters that vary per tensor")
+        for row in rows:
+            p.add_row(escape(row["tensors"]), *row["values"].values())
+        c.print(p)
 
 
+def _named(record: dict) -> str:
+    return record["name"] + (f" (commit {record['commit']})" if record.get("commit") else "")
+
+
+# -- a run ------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def progress(plan, disable: bool):
     # Only on a terminal: in a log or pipe a bar is noise, and `Error:` must stay the first line.
@@ -110,21 +203,20 @@ def _fmt(spec, value: float) -> str:
 
 def summary(plan, report: dict, out, elapsed: float) -> None:
     """The method's own per-model statistics (as its registry entry declares), the
-    norms, and one line of totals."""
-    c = stderr()
+    norms, and one line of totals; models by the names the user gave."""
+    c = stdout()
     tot = report["totals"]
     method = plan.method
-    per_model = [s for s in method.stats if s.per_model]
-    t = Table("model", *(s.label for s in per_model), method.l2_label, title=f"{method.title} -> {out}")
-    for e, m in zip(plan.recipe.models, tot["models"]):
-        t.add_row(Path(e.path).name or e.path, *(_fmt(s, m[s.key]) for s in per_model), f"{m['l2']:.4g}")
+    per_model = [s for s in method.stats if s.per_model and any(s.key in m for m in tot["models"])]
+    t = Table("model", *(s.label for s in per_model), method.l2_label, title=escape(f"{method.title} -> {out}"))
+    for model, m in zip(plan.models, tot["models"]):
+        t.add_row(escape(model.label), *(_fmt(s, m[s.key]) if s.key in m else "-" for s in per_model),
+                  f"{m['l2']:.4g}")
     c.print(t)
     size = sum(f["size"] for f in report["files"].values())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    facts = [f"{s.label}: {_fmt(s, tot[s.key])}" for s in method.stats if not s.per_model]
+    facts = [f"{s.label}: {_fmt(s, tot[s.key])}" for s in method.stats if not s.per_model and s.key in tot]
     facts += [f"{report['tensors_merged']} tensors merged, {report['tensors_copied']} copied",
               f"{human_bytes(size)} written in {elapsed:.1f} s ({human_bytes(plan.read_bytes / max(elapsed, 1e-9))}/s "
               f"of input)", f"peak RSS {human_bytes(rss, True)}"]
     c.print("; ".join(facts))
-    for note in report["notes"]:
-        c.print(f"note: {note}")

@@ -11,8 +11,8 @@ from .dtypes import DECODABLE, DTYPES, ENCODABLE, count_nonfinite, decode, encod
 
 
 def compile_all() -> float:
-    """Run every method on a tiny tensor through the engine's own code path, and the
-    stand-alone conversion kernels: after this, a merge compiles nothing."""
+    """Run every method on a tiny tensor through the engine's own code path, the
+    stand-alone conversion kernels and the LoRA product: after this, a merge compiles nothing."""
     started = time.perf_counter()
     threads = kernels.set_threads(None)
     n = 8
@@ -34,9 +34,12 @@ def compile_all() -> float:
     for method in registry.all_methods().values():
         count = min(2, method.max_models or 2)
         model_params = [{p.name: (0.5 if p.name == "density" or p.default is None else p.default)
-                         for p in method.model_params}] * count
+                         for p in method.model_params if p.default is not None or not p.optional}] * count
         for variant in ({}, *method.warmup_variants):
             params = {**(method.warmup_params or {}), **variant}
             run_arrays(method.name, models[0] if method.base != "none" else None, models[1:1 + count], params,
                        model_params, threads=threads, shape=(4, n))
+    # LoRA adapters' B @ A (io/lora_target.py passes C-contiguous float32 factors)
+    kernels.load("lora").lowrank_rows(np.ones((2, 3), np.float32), np.ones((3, 4), np.float32), 1.0, 1,
+                                      np.empty(7, np.float32))
     return time.perf_counter() - started

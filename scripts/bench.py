@@ -3,6 +3,8 @@
 
     python scripts/bench.py --params 1B                 # 1B set, all methods, 3 runs each
     python scripts/bench.py --params 100M --reference   # + the plain-NumPy reference TIES
+    python scripts/bench.py --params 1B --methods ties,task-arithmetic --busy 0 --busy 1   # quiet and busy
+    python scripts/bench.py --params 3B --methods ties  # inputs larger than RAM: cold, from disk
     python scripts/bench.py --params 1B --methods ties --max-memory 512MiB --max-memory 4GiB \\
         --threads 1 --threads 2 --json /tmp/bench.json
 
@@ -37,10 +39,18 @@ What it does, in one run and on the same files:
      into a reused buffer) plus (b) writing and fsyncing as many bytes as npmerge writes
      (in 16 MiB pieces, next to the merge outputs, then deleted);
    * a memory-bandwidth floor: ``np.add.reduce`` streaming over as many bytes as the input;
-   * ``npmerge ties --density 0.2``, ``task-arithmetic`` and ``linear`` over base +
-     fine-tunes, as whole processes (start-up included): wall, CPU (user+sys from
-     ``wait4``), peak RSS (``ru_maxrss``) and peak anonymous memory (``RssAnon`` polled
-     every 5 ms), median of ``--repeat`` runs, for each ``--max-memory`` x ``--threads``;
+   * ``npmerge ties --density 0.2``, ``task-arithmetic`` and ``linear`` (or ``--methods``:
+     any of METHOD_ARGS, e.g. dare-ties, slerp, model-stock) over base + fine-tunes, as
+     whole processes (start-up included): wall, CPU (user+sys from ``wait4``), peak RSS
+     (``ru_maxrss``) and peak anonymous memory (``RssAnon`` polled every 5 ms), median of
+     ``--repeat`` runs, for each ``--max-memory`` x ``--threads`` x ``--busy``. Without
+     ``--threads`` the first method (and every method under ``--busy``) also runs with one
+     thread: the table shows each run against the 1-thread run (scaling; and on a busy
+     machine, whether the default is ever slower than one thread);
+   * ``--busy N``: N CPU-bound competitor processes spin during each merge (a machine that
+     is not idle); ``--cold``: the inputs are evicted from the page cache before the read
+     floor and every merge (POSIX_FADV_DONTNEED), so reading from disk is measured; implied
+     when the inputs do not fit in RAM (e.g. ``--params 3B`` on a 24 GiB machine);
    * start-up: ``npmerge --help`` and ``python -c pass`` (median of 5), ``npmerge warmup``
      with an empty kernel cache (cold JIT) and again with it filled (warm);
    * with ``--reference`` (tiny and 100M only): ``tests/reference.py``'s plain-NumPy TIES
@@ -98,7 +108,20 @@ SIZES = {
                num_attention_heads=24, num_key_value_heads=8),  # = Llama-3.2-3B
 }
 REFERENCE_SIZES = ("tiny", "100M")
-METHODS = ("ties", "task-arithmetic", "linear")
+# How each benchmarked method is called: (takes the base?, how many fine-tunes (None: all), extra arguments).
+# Methods missing from the installed npmerge are skipped with a note.
+METHOD_ARGS = {
+    "ties": (True, None, ["--density", "{density}"]),
+    "task-arithmetic": (True, None, []),
+    "linear": (True, None, []),  # base + fine-tunes averaged
+    "dare-ties": (True, None, ["--density", "{density}", "--seed", "1"]),
+    "breadcrumbs": (True, None, ["--density", "{density}"]),
+    "della": (True, None, ["--density", "{density}"]),
+    "slerp": (True, 1, ["--t", "0.4"]),
+    "model-stock": (True, None, []),
+    "sce": (True, None, ["--select-topk", "0.5"]),
+}
+METHODS = ("ties", "task-arithmetic", "linear")  # the default set
 
 
 def log(msg: str) -> None:
@@ -351,6 +374,41 @@ def read_all(files: list[Path], buf: bytearray) -> tuple[int, float]:
                     break
                 total += n
     return total, time.perf_counter() - started
+
+
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache (clean pages go at once): the next read
+    comes from disk. Needs no privileges, unlike /proc/sys/vm/drop_caches."""
+    os.sync()
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+class Competitors:
+    """`n` CPU-bound processes running while the block runs: a machine that is not idle."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self):
+        spin = "import time\nwhile True:\n    sum(i * i for i in range(100000))\n"
+        self.procs = [subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(self.n)]
+        if self.procs:
+            time.sleep(0.5)  # let them start spinning
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.wait()
+        return False
 
 
 def write_fsync(directory: Path, nbytes: int, piece: np.ndarray) -> float:
@@ -680,6 +738,13 @@ def parse_args(argv=None):
                    help="npmerge --max-memory (repeat to compare, e.g. 512MiB and 4GiB; default: npmerge's)")
     p.add_argument("--threads", action="append", type=int, default=None,
                    help="npmerge --threads (repeat to compare, e.g. 1 and 2; default: npmerge's = all cores)")
+    p.add_argument("--busy", action="append", type=int, default=None,
+                   help="CPU-bound competitor processes running during each merge (repeat to compare, e.g. 0 "
+                        "and 1; default 0); with --busy and no --threads, each merge also runs with --threads 1")
+    p.add_argument("--cold", action="store_true",
+                   help="evict the inputs from the page cache (POSIX_FADV_DONTNEED) before the read floor and "
+                        "before every merge: figures include reading from disk (implied when the inputs do not "
+                        "fit in RAM)")
     p.add_argument("--reference", action="store_true",
                    help=f"also time tests/reference.py's plain-NumPy TIES ({' and '.join(REFERENCE_SIZES)} only)")
     p.add_argument("--gen-workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
@@ -694,8 +759,8 @@ def parse_args(argv=None):
             m = m.strip().replace("_", "-")
             if not m:
                 continue
-            if m not in METHODS:
-                p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+            if m not in METHOD_ARGS:
+                p.error(f"unknown method {m!r}; choose from {', '.join(METHOD_ARGS)}")
             if m not in methods:
                 methods.append(m)
     args.methods = methods
@@ -734,8 +799,8 @@ def main(argv=None) -> int:
     results["machine"] = machine_info(cache)
     results["config"] = {"params": args.params, "finetunes": args.finetunes, "seed": args.seed,
                          "repeat": args.repeat, "methods": args.methods, "density": args.density,
-                         "max_memory": args.max_memory, "threads": args.threads, "cache": str(cache),
-                         "command": NPMERGE}
+                         "max_memory": args.max_memory, "threads": args.threads, "busy": args.busy or [0],
+                         "cache": str(cache), "command": NPMERGE}
 
     # -- the set
     generated_seconds = None
@@ -760,14 +825,20 @@ def main(argv=None) -> int:
         "generated_seconds": generated_seconds,
     }
     mem_avail = results["machine"]["mem_available"] or 0
-    if mem_avail and input_bytes > 0.8 * mem_avail:
-        log(f"WARNING: the inputs ({input_bytes / GB:.1f} GB) do not fit in the page cache "
-            f"({mem_avail / GB:.1f} GB available): figures measure the disk, not a warm cache")
+    cold = args.cold or bool(mem_avail and input_bytes > 0.8 * mem_avail)
+    if cold and not args.cold:
+        log(f"the inputs ({input_bytes / GB:.1f} GB) do not fit in the page cache ({mem_avail / GB:.1f} GB "
+            "available): measuring cold (every run reads from disk)")
+    results["config"]["cold"] = cold
     read_buf = bytearray(READ_BUFFER)
 
     def warm() -> float | None:
-        read_all(inputs, read_buf)
-        os.sync()
+        """Inputs as each run should find them: in the page cache, or (cold) evicted."""
+        if cold:
+            evict(inputs)
+        else:
+            read_all(inputs, read_buf)
+            os.sync()
         return resident_fraction(inputs)
 
     # -- start-up and JIT
@@ -793,6 +864,8 @@ def main(argv=None) -> int:
     piece = np.random.default_rng(0).integers(0, 256, WRITE_PIECE, dtype=np.uint8)
     reads, writes = [], []
     for _ in range(args.repeat):
+        if cold:
+            evict(inputs)
         n, s = read_all(inputs, read_buf)
         assert n == input_bytes
         reads.append(s)
@@ -815,62 +888,76 @@ def main(argv=None) -> int:
     io_floor = read_s + write_s
 
     # -- merges
-    inputs_args = [str(set_dir / m) for m in models]
     merges = []
     keep_for_reference = None
     for method in args.methods:
-        for mem in args.max_memory or [None]:
-            for threads in args.threads or [None]:
-                extra = (["--max-memory", mem] if mem else []) + (["--threads", str(threads)] if threads else [])
-                method_args = ["--density", str(args.density)] if method == "ties" else []
-                cmd = NPMERGE + [method] + inputs_args + method_args + extra
-                plan = json.loads(run_measured(cmd + ["-o", str(runs_dir / "dry-run"), "--dry-run", "--json"])
-                                  ["stdout"])
-                label = f"{method} max-memory={mem or 'default'} threads={threads or 'default'}"
-                runs = []
-                for r in range(args.repeat):
-                    out = runs_dir / f"{method}-{r}"
-                    log(f"{label}: run {r + 1}/{args.repeat} ...")
-                    resident = {}
+        if subprocess.run(NPMERGE + [method, "--help"], capture_output=True).returncode != 0:
+            log(f"{method}: not in this npmerge, skipped")
+            continue
+        takes_base, n_ft, template = METHOD_ARGS[method]
+        names = (models[:1] if takes_base else []) + models[1:][:n_ft]
+        inputs_args = [str(set_dir / m) for m in names]
+        method_args = [a.format(density=args.density) for a in template]
+        for busy in args.busy or [0]:
+            # 1 vs N threads: every method of the default set, and under load, gets a 1-thread run too
+            thread_list = args.threads or ([None, 1] if (method == args.methods[0] or busy) else [None])
+            for mem in args.max_memory or [None]:
+                for threads in thread_list:
+                    extra = (["--max-memory", mem] if mem else []) + (["--threads", str(threads)] if threads else [])
+                    cmd = NPMERGE + [method] + inputs_args + method_args + extra
+                    plan = json.loads(run_measured(cmd + ["-o", str(runs_dir / "dry-run"), "--dry-run", "--json"])
+                                      ["stdout"])
+                    label = f"{method} max-memory={mem or 'default'} threads={threads or 'default'} busy={busy}"
+                    runs = []
+                    for r in range(args.repeat):
+                        out = runs_dir / f"{method}-{r}"
+                        log(f"{label}: run {r + 1}/{args.repeat} ...")
+                        resident = {}
 
-                    def prepare():
-                        shutil.rmtree(out, ignore_errors=True)
-                        run_measured(NPMERGE + ["warmup"])  # recompiles here, untimed, if the source changed
-                        resident["value"] = warm()
+                        def prepare():
+                            shutil.rmtree(out, ignore_errors=True)
+                            run_measured(NPMERGE + ["warmup"])  # recompiles here, untimed, if the source changed
+                            resident["value"] = warm()
 
-                    run = run_without_jit(cmd + ["-o", str(out), "--quiet"], before=prepare)
-                    run.pop("stdout")
-                    run["page_cache_resident"] = resident["value"]
-                    run["output_bytes"] = dir_bytes(out)
-                    run["input_passes"] = json.loads((out / "merge_report.json").read_text())["totals"]["input_passes"]
-                    runs.append(run)
-                    if args.reference and method == "ties" and keep_for_reference is None:
-                        keep_for_reference = out
-                    else:
-                        shutil.rmtree(out)
-                    log(f"  {run['wall']:.2f} s wall, {run['cpu']:.2f} s CPU, "
-                        f"peak anon {human(run['peak_anon'])}")
-                med = summarize(runs)
-                budget = plan["memory_budget"]
-                merges.append({
-                    "method": method, "max_memory": mem, "threads": threads, "command": cmd,
-                    "plan": {k: plan[k] for k in ("memory_budget", "working_memory", "span_elements", "threads",
-                                                  "read_bytes", "streamed_bytes", "write_bytes")},
-                    "runs": runs, "median": med,
-                    "discarded_jit_runs": sum(r["discarded_jit_runs"] for r in runs),
-                    "jit_compiled_runs": sum(r["jit_compiled"] for r in runs),
-                    "ratios": {
-                        "wall_over_io_floor": med["wall"] / io_floor,
-                        "wall_over_read_floor": med["wall"] / read_s,
-                        "input_gbps": input_bytes / med["wall"] / GB,
-                        "streamed_gbps": plan["read_bytes"] * runs[0]["input_passes"] / med["wall"] / GB,
-                        "passes": runs[0]["input_passes"],  # as run (the plan counts the most a method may need)
-                        "cpu_over_wall": med["cpu"] / med["wall"],
-                        "peak_anon_over_budget": med["peak_anon"] / budget,
-                        "min_page_cache_resident": min((r["page_cache_resident"] for r in runs
-                                                        if r["page_cache_resident"] is not None), default=None),
-                    },
-                })
+                        with Competitors(busy):
+                            run = run_without_jit(cmd + ["-o", str(out), "--quiet"], before=prepare)
+                        run.pop("stdout")
+                        run["page_cache_resident"] = resident["value"]
+                        run["output_bytes"] = dir_bytes(out)
+                        report = json.loads((out / "merge_report.json").read_text())
+                        run["input_passes"] = report["totals"]["input_passes"]
+                        runs.append(run)
+                        if args.reference and method == "ties" and keep_for_reference is None:
+                            keep_for_reference = out
+                        else:
+                            shutil.rmtree(out)
+                        log(f"  {run['wall']:.2f} s wall, {run['cpu']:.2f} s CPU, "
+                            f"peak anon {human(run['peak_anon'])}")
+                    med = summarize(runs)
+                    budget = plan["memory_budget"]
+                    merges.append({
+                        "method": method, "max_memory": mem, "threads": threads, "busy": busy, "command": cmd,
+                        "plan": {k: plan[k] for k in ("memory_budget", "working_memory", "span_elements", "threads",
+                                                      "read_bytes", "streamed_bytes", "write_bytes")},
+                        "runs": runs, "median": med,
+                        "discarded_jit_runs": sum(r["discarded_jit_runs"] for r in runs),
+                        "jit_compiled_runs": sum(r["jit_compiled"] for r in runs),
+                        "ratios": {
+                            "wall_over_io_floor": med["wall"] / io_floor,
+                            "wall_over_read_floor": med["wall"] / read_s,
+                            "input_gbps": plan["read_bytes"] / med["wall"] / GB,
+                            "streamed_gbps": plan["read_bytes"] * runs[0]["input_passes"] / med["wall"] / GB,
+                            "passes": runs[0]["input_passes"],  # as run (the plan counts the most a method may need)
+                            "cpu_over_wall": med["cpu"] / med["wall"],
+                            "peak_anon_over_budget": med["peak_anon"] / budget,
+                            "min_page_cache_resident": min((r["page_cache_resident"] for r in runs
+                                                            if r["page_cache_resident"] is not None), default=None),
+                        },
+                    })
+    for x in merges:  # each configuration against the same one with 1 thread (scaling, and the busy rule)
+        one = next((y for y in merges if (y["method"], y["max_memory"], y["busy"]) == (x["method"], x["max_memory"],
+                    x["busy"]) and y["threads"] == 1), None)
+        x["ratios"]["wall_over_1thread"] = x["median"]["wall"] / one["median"]["wall"] if one else None
     results["merges"] = merges
 
     # -- reference
@@ -938,10 +1025,10 @@ def render(r: dict) -> None:
 
     def config(x):
         return [x["method"], f"{x['max_memory'] or 'default'} ({human(x['plan']['memory_budget'])})",
-                str(x["plan"]["threads"])]
+                str(x["plan"]["threads"]), str(x.get("busy", 0))]
 
     t = Table(title=f"Merges: absolute (median of {r['config']['repeat']} runs; whole process incl. start-up)")
-    for c in ("method", "--max-memory (budget)", "threads", "wall s", "min-max s", "CPU s", "peak RSS",
+    for c in ("method", "--max-memory (budget)", "threads", "busy", "wall s", "min-max s", "CPU s", "peak RSS",
               "peak anon", "output", "JIT runs discarded"):
         t.add_column(c, justify="left" if c == "method" else "right")
     for x in merges:
@@ -950,14 +1037,18 @@ def render(r: dict) -> None:
                   human(md["max_rss"]), human(md["peak_anon"]), f"{x['runs'][0]['output_bytes'] / GB:.3f} GB",
                   f"{x['discarded_jit_runs']}" + (f" ({x['jit_compiled_runs']} kept!)" if x["jit_compiled_runs"] else ""))
     con.print(t)
-    t = Table(title=f"Merges: ratios (I/O floor {fl['io_floor_seconds']:.3f} s, input {d['input_bytes'] / GB:.3f} GB)")
-    for c in ("method", "--max-memory (budget)", "threads", "wall / I/O floor", "wall / read floor", "input GB/s",
-              "passes", "streamed GB/s", "CPU / wall", "peak anon / budget", "cache resident"):
+    t = Table(title=f"Merges: ratios (I/O floor {fl['io_floor_seconds']:.3f} s, input {d['input_bytes'] / GB:.3f} GB"
+                    + (", cold page cache" if r["config"].get("cold") else "") + ")")
+    for c in ("method", "--max-memory (budget)", "threads", "busy", "wall / I/O floor", "wall / 1 thread",
+              "wall / read floor", "input GB/s", "passes", "streamed GB/s", "CPU / wall", "peak anon / budget",
+              "cache resident"):
         t.add_column(c, justify="left" if c == "method" else "right")
     for x in merges:
         ra = x["ratios"]
         res = ra["min_page_cache_resident"]
-        t.add_row(*config(x), f"{ra['wall_over_io_floor']:.2f}x", f"{ra['wall_over_read_floor']:.1f}x",
+        one = ra.get("wall_over_1thread")
+        t.add_row(*config(x), f"{ra['wall_over_io_floor']:.2f}x", f"{one:.2f}x" if one else "-",
+                  f"{ra['wall_over_read_floor']:.1f}x",
                   f"{ra['input_gbps']:.3f}", f"{ra['passes']:.2f}", f"{ra['streamed_gbps']:.3f}",
                   f"{ra['cpu_over_wall']:.2f}", f"{ra['peak_anon_over_budget']:.3f}",
                   f"{res:.1%}" if res is not None else "?")

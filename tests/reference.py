@@ -113,8 +113,10 @@ Decisions where SEMANTICS-2 is silent (each also in the function's docstring)
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+from pathlib import Path
 
 import numpy as np
 
@@ -165,6 +167,10 @@ __all__ = [
     "first_match",
     "evaluate_setting",
     "resolve_parameter",
+    # tokenizer_source (issue 16)
+    "read_vocabulary",
+    "output_vocabulary",
+    "permuted_rows",
 ]
 
 _F32 = np.dtype(np.float32)
@@ -1203,3 +1209,123 @@ def resolve_parameter(levels, name: str, t: float, default=NO_MATCH):
         if value is not NO_MATCH:
             return value
     return default
+
+
+# ------------------------------------------------------- E. vocabularies (tokenizer_source)
+#
+# mergekit 0.1.5's tokenizer/build.py and tokenizer/embed.py as npmerge follows them
+# (README "Vocabularies"); written from those rules, sharing nothing with npmerge/io/vocab.py.
+# A vocabulary is a dict: "vocab" token -> id (tokenizer.json model.vocab, then every added
+# token, whose id wins), "added" [(id, content)] ascending id, "rows" (the model's
+# embedding rows), "assumed" (no tokenizer.json: the base's vocabulary with its own rows).
+
+
+def read_vocabulary(model_dir, rows: int, base: dict | None = None) -> dict:
+    """A model's vocabulary from tokenizer.json (+ tokenizer_config.json added_tokens_decoder);
+    without tokenizer.json, `base`'s tokens with this model's rows."""
+    root = Path(model_dir)
+    if not (root / "tokenizer.json").is_file():
+        return {"vocab": dict(base["vocab"]), "added": list(base["added"]), "rows": rows, "assumed": True}
+    data = json.loads((root / "tokenizer.json").read_text(encoding="utf-8"))
+    raw = data["model"]["vocab"]
+    vocab = dict(raw) if isinstance(raw, dict) else {}
+    if isinstance(raw, list):  # Unigram: [piece, score], id = position, first occurrence wins
+        for i, (piece, _score) in enumerate(raw):
+            vocab.setdefault(piece, i)
+    added = {e["id"]: e["content"] for e in data.get("added_tokens") or []}
+    config = root / "tokenizer_config.json"
+    if config.is_file():
+        decoder = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+        for key, entry in decoder.items():
+            added.setdefault(int(key), entry["content"])
+    for i, content in added.items():
+        vocab[content] = i
+    return {"vocab": vocab, "added": sorted(added.items()), "rows": rows, "assumed": False}
+
+
+def output_vocabulary(source, vocabs: list[dict], base: int = 0, pad_to_multiple_of: int | None = None):
+    """(names, n_tokens, size): the output token of each id, the ids in use (max + 1) and the
+    rows (n_tokens rounded up to pad_to_multiple_of).
+
+    source "base": the base's tokens with ids below its rows. A model index: that model's
+    whole vocabulary. "union": the base's as for "base", then the plain (not added) tokens
+    of every model with ids below its rows, then their added tokens, models in the order
+    base, the others as given, within a model by ascending id (then token); a token not
+    yet present takes the next id. A model without tokenizer.json adds nothing. An id
+    named by several tokens is named by its added token, else the first in vocab order.
+    """
+    b = vocabs[base]
+    if source in ("base", "union"):
+        tokens = {t: i for t, i in b["vocab"].items() if i < b["rows"]}
+        added = {c: None for i, c in b["added"] if i < b["rows"]}
+    else:
+        tokens = dict(vocabs[source]["vocab"])
+        added = {c: None for _, c in vocabs[source]["added"]}
+    if source == "union":
+        plain: dict[str, None] = {}
+        extra: dict[str, None] = {}
+        for j in [base] + [k for k in range(len(vocabs)) if k != base]:
+            v = vocabs[j]
+            if v["assumed"]:
+                continue
+            own = {c for _, c in v["added"]}
+            for tok, i in sorted(v["vocab"].items(), key=lambda kv: (kv[1], kv[0])):
+                if i < v["rows"] and tok not in own:
+                    plain.setdefault(tok)
+            for i, c in v["added"]:
+                if i < v["rows"]:
+                    extra.setdefault(c)
+        nxt = max(tokens.values(), default=-1) + 1
+        for tok in [t for t in plain if t not in extra and t not in tokens] + list(extra):
+            if tok not in tokens:  # a new token; transformers adds plain words as (non-special) added tokens
+                tokens[tok] = nxt
+                nxt += 1
+            added.setdefault(tok)
+    names: dict[int, str] = {}
+    for tok, i in tokens.items():
+        names.setdefault(i, tok)
+    for content in added:
+        if content in tokens:
+            names[tokens[content]] = content
+    n_tokens = max(names, default=-1) + 1
+    size = n_tokens
+    if pad_to_multiple_of:
+        size = -(-n_tokens // pad_to_multiple_of) * pad_to_multiple_of
+    return names, n_tokens, size
+
+
+def _vocab_row(v: dict, token: str | None):
+    i = v["vocab"].get(token) if token is not None else None
+    return i if i is not None and i < v["rows"] else None
+
+
+def permuted_rows(names: dict, n_tokens: int, size: int, vocabs: list[dict], base: int, model: int,
+                  full: list[np.ndarray]) -> np.ndarray:
+    """Model `model`'s vocabulary-sized tensor in output order, float32 [size, hidden], one row
+    at a time. `full[j]`: model j's float32 tensor [rows_j, hidden] (a tied model's embeddings
+    for the head). Output id t (token x) takes the model's own row of x; if it lacks x, with P
+    the models having x: none -> zeros; one -> its row; the base among them -> the base's row;
+    else fl32((sum over P in model order, float64 from +0) / |P|). Rows n_tokens..size-1
+    (padding): per column fl32(reduce_rows(float64(rows 0..n_tokens-1), axis=0) / n_tokens)."""
+    hidden = full[model].shape[1]
+    out = np.zeros((size, hidden), dtype=np.float32)
+    for t in range(n_tokens):
+        token = names.get(t)
+        own = _vocab_row(vocabs[model], token)
+        if own is not None:
+            out[t] = full[model][own]
+            continue
+        have = [j for j in range(len(vocabs)) if _vocab_row(vocabs[j], token) is not None]
+        if not have:
+            continue
+        if len(have) == 1 or base in have:
+            j = have[0] if len(have) == 1 else base
+            out[t] = full[j][_vocab_row(vocabs[j], token)]
+            continue
+        acc = np.zeros(hidden, dtype=np.float64)
+        for j in have:
+            acc = acc + full[j][_vocab_row(vocabs[j], token)].astype(np.float64)
+        out[t] = (acc / len(have)).astype(np.float32)
+    if size > n_tokens:
+        out[n_tokens:] = (reduce_rows(out[:n_tokens].astype(np.float64), axis=0) / n_tokens).astype(np.float32)
+    return out

@@ -21,8 +21,8 @@ issue 5 adds (unknown method, recipe YAML errors, budget). Where each §5 case i
          `section()`; plus REFUSED s05-corrupt-shard-header, s15-truncated-shard (in a sharded
          model), s07-f4-unsupported, s18-empty-name, s18-tensor-named-metadata
   §21-26 paths, directories, index: REFUSED s21-* .. s26-*; ACCEPTED s22-hf-cache-symlinks
-  §27-32 models: REFUSED s27-* .. s32-*; ACCEPTED s30-mixed-dtypes, s31-integer-tensors-copied,
-         s32-allow-nonfinite
+  §27-32 models: REFUSED s27-* .. s32-*; ACCEPTED s29-tied-lm-head (tied, untied and a dead head copy),
+         s30-mixed-dtypes, s31-integer-tensors-copied, s32-allow-nonfinite
   §33-34 parameters, same model twice: REFUSED s33-*, s34-*; ACCEPTED s33-negative-weight,
          s34-base-listed-in-models
   §35-38 output location, free space: REFUSED s35-* .. s38-*; ACCEPTED s36-force
@@ -289,8 +289,24 @@ def _vocab_rows(t, mp):
     return ["linear", FA, edited(t, grow, config={"vocab_size": 300})]
 
 
-def _tied_lm_head(t, mp):
-    return ["linear", FA, edited(t, lambda ts: ts.pop("lm_head.weight"), config={"tie_word_embeddings": True})]
+def _tied_lm_head(t):
+    """A tied model (no lm_head, tie_word_embeddings) and its tied twin with a dead lm_head copy, after an
+    untied one: the output is untied, the tied models' embeddings are their heads."""
+    tied = edited(t, lambda ts: ts.pop("lm_head.weight"), "tied", config={"tie_word_embeddings": True})
+    dead = edited(t, setitem("lm_head.weight", np.zeros_like), "dead", src=FB, config={"tie_word_embeddings": True})
+    return ["linear", tied, FA, dead]
+
+
+def _tied_heads_merged(t, out):
+    """lm_head = the linear mean of the tied models' embeddings and FA's own head (the reference)."""
+    import reference as ref
+
+    got, fa, fb = load_model(out), load_model(FA), load_model(FB)
+    tied = load_model(t / "tied")
+    want = ref.linear([tied["model.embed_tokens.weight"], fa["lm_head.weight"], fb["model.embed_tokens.weight"]],
+                      [1.0, 1.0, 1.0])
+    assert np.array_equal(got["lm_head.weight"].view(np.uint32), want.view(np.uint32))
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 def _input_changed(t, mp):
@@ -424,7 +440,10 @@ REFUSED = [
          3, ("no model.safetensors or model.safetensors.index.json in '{tmp}/empty'",)),
     Case("s21-not-a-checkpoint", lambda t, mp: ["linear", FA, put(t, "notes.txt", b"hello, this is not a model\n")],
          3, ("header length", "exceeds", "{tmp}/notes.txt"), "not a safetensors file"),
-    Case("s21-lora-adapter", _lora, 3, ("'{tmp}/lora' is a LoRA adapter, not a full model",), "merge_and_unload"),
+    Case("s21-lora-adapter", _lora, 2, ("model 2 '{tmp}/lora' is a LoRA adapter, and this merge has no base model",),
+         "MODEL+ADAPTER"),
+    Case("s21-lora-adapter-not-peft", lambda t, mp: ["task-arithmetic", FA, _lora(t, mp)[2]],
+         3, ("adapter '{tmp}/lora': tensor 'lm_head.weight' is not a PEFT LoRA key",), "save_pretrained"),
     Case("s21-dev-null", cli("linear", FA, "/dev/null"), 3, ("model path '/dev/null' is a device",)),
     Case("s21-fifo", _fifo, 3, ("model path '{tmp}/pipe.safetensors' is a FIFO",)),
     Case("s21-permission-denied", _permission_denied, 3, ("cannot open file: Permission denied", "{tmp}/locked.safetensors")),
@@ -480,7 +499,6 @@ REFUSED = [
          4, ("vocabulary sizes differ in config.json", "has 256 tokens", "'{tmp}/m' has 320"), "tokenizer"),
     Case("s29-missing-tensor", lambda t, mp: ["linear", FA, edited(t, lambda ts: ts.pop(UP))],
          4, (f"model 2 '{{tmp}}/m' does not match model 1 '{FA}'", f"missing 1 tensor(s): {UP}"), "same tensors"),
-    Case("s29-tied-lm-head", _tied_lm_head, 4, ("missing 1 tensor(s): lm_head.weight",), "tie_word_embeddings"),
     Case("s29-different-architectures", cli("ties", BASE, INT / "ft-a"),
          4, ("different architectures (LlamaForCausalLM vs TinyIntModel)",), "one architecture"),
 
@@ -519,17 +537,17 @@ REFUSED = [
 
     # issue 5: unknown method, recipe YAML errors, missing base, bad option values
     Case("i5-unknown-method-cli", cli("dare", BASE, FA), 2, ("No such command 'dare'",), "npmerge --help"),
-    Case("i5-unknown-method-yaml", recipe(ties_yaml().replace("ties", "dare_ties")), 2, ("unknown merge method 'dare_ties'",), "ties"),
+    Case("i5-unknown-method-yaml", recipe(ties_yaml().replace("ties", "karcher")), 2, ("unknown merge method 'karcher'",), "ties"),
     Case("i5-yaml-unknown-key", recipe(ties_yaml(extra="foo: 1\n")), 2, ("recipe.yml: unknown key 'foo'",), "known keys"),
     Case("i5-yaml-unknown-model-key", recipe(ties_yaml().replace(f"  - model: {FB}\n", f"  - model: {FB}\n    wieght: 1\n")),
-         2, ("unknown key(s) wieght in models[1]",), "parameters"),
+         2, ("unknown key 'models[1].wieght'",), "parameters"),
     Case("i5-yaml-unknown-parameter", recipe(ties_yaml("{densty: 0.5}")),
-         2, (f"unknown parameter(s) densty in parameters of model 1 '{FA}'",), "weight, density"),
-    Case("i5-yaml-unsupported-key", recipe(ties_yaml(extra="slices: []\n")), 2, ("slice-based recipes", "(key 'slices')"), False),
+         2, (f"unknown parameter 'densty' in parameters of model 1 '{FA}' (did you mean 'density'?)",), "weight, density"),
+    Case("i5-yaml-unsupported-key", recipe(ties_yaml(extra="modules: {}\n")), 2, ("per-module recipes", "(key 'modules')"), False),
     Case("i5-yaml-models-wrong-type", recipe(f"merge_method: linear\nmodels: {FA}\n"),
-         2, ("'models' must be a non-empty list",), False),
+         2, ("'models' must be a non-empty list",), "path/to/model"),
     Case("i5-yaml-model-path-wrong-type", recipe("merge_method: linear\nmodels: [{model: 5}]\n"),
-         2, ("models[0].model must be a path string, got 5",), False),
+         2, ("models[0].model must be a path string, got 5",), "Hub id"),
     Case("i5-yaml-normalize-wrong-type", recipe(ties_yaml(extra="parameters: {normalize: 'yes'}\n")),
          2, ("parameter 'normalize' must be true or false, got 'yes'",), False),
     Case("i5-yaml-not-a-mapping", recipe("- ties\n"), 2, ("must be a mapping",), False),
@@ -537,7 +555,7 @@ REFUSED = [
     Case("i5-yaml-missing-file", lambda t, mp: ["run", t / "nope.yml"],
          2, ("cannot read recipe '{tmp}/nope.yml': No such file or directory",), False),
     Case("i5-ties-without-base-yaml", recipe(ties_yaml(base=False)), 2, ("ties needs a base model",), "base_model"),
-    Case("i5-ties-without-models-cli", cli("ties", BASE), 2, ("Missing argument 'models'",), "--help"),
+    Case("i5-ties-without-models-cli", cli("ties", BASE), 2, ("Missing argument 'MODEL",), "--help"),
     Case("i5-budget-too-small", cli(*TIES, "-d", "0.5", "--max-memory", "1KiB"),
          2, ("--max-memory 1.00 KiB is too small to merge tensor", "of 2 model(s)"), "allow at least"),
     Case("i5-bad-size", cli(*TIES, "--max-memory", "lots"), 2, ("invalid size 'lots'",), "512MiB"),
@@ -590,6 +608,8 @@ assert len(_CASES) == len(REFUSED), "duplicate case id"
 def _run_case(case: Case, tmp_path: Path, monkeypatch, *extra: str):
     work = tmp_path / "w"
     work.mkdir()
+    (tmp_path / "cwd").mkdir()  # a working directory holding no input: models are named by the paths given
+    monkeypatch.chdir(tmp_path / "cwd")
     args = [str(a) for a in case.build(work, monkeypatch)]
     if "-o" not in args:
         args += ["-o", str(work / "out")]
@@ -711,8 +731,9 @@ def _f16_copy(t):
 
 
 def _base_in_models(t):
+    """mergekit's habit: the base listed among the models (here with a weight): it is the base."""
     (t / "r.yml").write_text(f"merge_method: ties\nbase_model: {BASE}\nmodels:\n  - model: {BASE}\n"
-                             f"  - model: {FA}\n    parameters: {{density: 0.5}}\n")
+                             f"    parameters: {{weight: 1.0}}\n  - model: {FA}\n    parameters: {{density: 0.5}}\n")
     return ["run", t / "r.yml"]
 
 
@@ -725,8 +746,12 @@ ACCEPTED = [
              f"tensor '{Q}' has NaN/Inf input values (model 2 1); merged anyway (--allow-nonfinite)"),
     Accepted("s33-negative-weight", lambda t: ["task-arithmetic", BASE, FA, FB, "-w", "1", "-w", "-0.5"],
              "model 2 has a negative weight (-0.5): its task vector is subtracted"),
-    Accepted("s34-base-listed-in-models", _base_in_models, "base model listed in models[0] without parameters"),
+    Accepted("s34-base-listed-in-models", _base_in_models,
+             f"parameters of the base model '{BASE}' are ignored (weight): the base contributes no task vector"),
     Accepted("s36-force", _force, None, _old_output_replaced),
+    Accepted("s29-tied-lm-head", _tied_lm_head, "'lm_head.weight' is merged, with the embeddings "
+             "'model.embed_tokens.weight' as the head of tied, dead; config.json gets "
+             "tie_word_embeddings: false", _tied_heads_merged),
 ]
 
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_tiny_ties(tmp_path):
     out = tmp_path / "out" / "b.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--params", "tiny", "--repeat", "1",
-           "--methods", "ties", "--cache", str(tmp_path / "cache"), "--json", str(out)]
+           "--methods", "ties", "--busy", "1", "--cold", "--cache", str(tmp_path / "cache"), "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     r = json.loads(out.read_text())
@@ -39,8 +39,11 @@ def test_bench_tiny_ties(tmp_path):
     for key in ("python", "help", "jit_cold", "jit_warm"):
         assert r["startup"][key]["wall"] > 0
 
-    assert [m["method"] for m in r["merges"]] == ["ties"]
+    # under load (--busy 1) each method also runs with one thread, for the ratio to it
+    assert [(m["method"], m["threads"], m["busy"]) for m in r["merges"]] == [("ties", None, 1), ("ties", 1, 1)]
+    assert r["config"]["cold"] is True
     ties = r["merges"][0]
+    assert ties["ratios"]["wall_over_1thread"] > 0 and r["merges"][1]["ratios"]["wall_over_1thread"] == 1
     assert len(ties["runs"]) == 1
     assert ties["runs"][0]["output_bytes"] >= d["output_bytes"]
     for key in ("wall", "cpu", "max_rss", "peak_anon"):

@@ -2,8 +2,8 @@
 row maps, the permuted-rows tensor source, tokenizer files and the padded-rows check.
 
 Expected tables are written out by hand from the fixtures (scripts/fixtures_vocab.py);
-permuted tensors are checked bit for bit against a whole-tensor NumPy reference that
-derives rows and fill rules from the tokenizers on its own; the union's ids and the
+permuted tensors are checked bit for bit against tests/reference.py's whole-tensor
+permutation, which reads the tokenizers and builds the output vocabulary on its own; the union's ids and the
 written files are checked with the `tokenizers` library (the Rust implementation
 transformers and mergekit use).
 """
@@ -21,6 +21,7 @@ from npmerge.io.safetensors import SafetensorsFile
 from npmerge.io.vocab import (COPY, MEAN, OWN, PAD, TOKENIZER_FILES, ZERO, AddedToken, PermutedRows, Tokenizer,
                               build_output_vocab, compare_vocabs, read_tokenizer, write_tokenizer_files)
 
+import reference as ref
 from conftest import FIXTURES
 
 VOCAB = FIXTURES / "tiny-vocab"
@@ -255,38 +256,6 @@ def _rule_a_column_mean(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _reference(tokens_by_id: dict[int, str], size: int, toks, base: int, model: int, full: list[np.ndarray]):
-    """The permuted float32 tensor of `model`, from the tokenizers and mergekit's rules, one row at a time."""
-    hidden = full[model].shape[1]
-    out = np.zeros((size, hidden), dtype=np.float32)
-
-    def row_of(j, token):
-        i = toks[j].vocab.get(token)
-        return i if i is not None and i < toks[j].rows else None
-
-    n_tokens = max(tokens_by_id) + 1
-    for t in range(n_tokens):
-        token = tokens_by_id.get(t)
-        own = row_of(model, token) if token is not None else None
-        if own is not None:
-            out[t] = full[model][own]
-            continue
-        have = [j for j in range(len(toks)) if token is not None and row_of(j, token) is not None]
-        if not have:
-            out[t] = 0.0
-        elif len(have) == 1 or base in have:
-            j = have[0] if len(have) == 1 else base
-            out[t] = full[j][row_of(j, token)]
-        else:
-            acc = np.zeros(hidden, dtype=np.float64)
-            for j in have:
-                acc += full[j][row_of(j, token)].astype(np.float64)
-            out[t] = (acc / len(have)).astype(np.float32)
-    if size > n_tokens:
-        out[n_tokens:] = _rule_a_column_mean(out[:n_tokens])
-    return out
-
-
 def _splits(total: int, rng) -> list[tuple[int, int]]:
     cuts = sorted(set(rng.integers(0, total, size=int(rng.integers(1, 40))).tolist()) | {0, total})
     return list(zip(cuts[:-1], np.diff(cuts).tolist()))
@@ -295,15 +264,22 @@ def _splits(total: int, rng) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("source,pad", [("union", None), ("base", None), ("ft-chat", None), ("ft-tool", 64)])
 @pytest.mark.parametrize("name", ["model.embed_tokens.weight", "lm_head.weight"])
 def test_permuted_rows_match_a_whole_tensor_permutation(source, pad, name):
+    """Against tests/reference.py, which reads the tokenizers and builds the vocabulary on its own."""
     toks = _toks()
     v = build_output_vocab(source, toks, 0, pad_to_multiple_of=pad)
+    vocabs = []
+    for m, (_, t) in zip(MODELS, toks):
+        vocabs.append(ref.read_vocabulary(VOCAB / m, t.rows, vocabs[0] if vocabs else None))
+    which = source if source in ("base", "union") else MODELS.index(source)
+    names, n_tokens, size = ref.output_vocabulary(which, vocabs, 0, pad)
+    assert (names, n_tokens, size) == (v.by_id, v.n_tokens, v.size)
     raws = [_raw(m, name) for m in MODELS]
     # ft-chat read through an F32 copy: mixed storage dtypes across models
     raws[1] = (_bf16_to_f32(raws[1][0]).copy(), "F32")
     full = [_bf16_to_f32(r) if code == "BF16" else r for r, code in raws]
     rng = np.random.default_rng(hash((source, name)) % 2**32)
     for model in range(3):
-        expected = _reference(v.by_id, v.size, [t for _, t in toks], 0, model, full)
+        expected = ref.permuted_rows(names, n_tokens, size, vocabs, 0, model, full)
         src = PermutedRows(v, model, raws)
         assert src.shape == expected.shape == (v.size, 32)
         got = np.empty(src.numel, dtype=np.float32)
@@ -327,9 +303,12 @@ def test_permuted_rows_padding_mean_over_several_blocks():
     # exact block total
     x[[0, 8, 16384, 32768], 0] = [1e30, -1e30, 1e20, -1e20]
     x[[1, 16385], 0] = [3.0, 5.0]
-    src = PermutedRows(v, 0, [(x, "F32")])
+    src = PermutedRows(v, 0, [(x, "F32")], chunk=5000)  # the padding pass in pieces of 5000 // 3 // 8 * 8 rows
     expected = _rule_a_column_mean(x)
     assert np.array_equal(src.pad_row().view(np.uint32), expected.view(np.uint32))
+    plain = {"vocab": dict(t.vocab), "added": [], "rows": n, "assumed": False}
+    full = ref.permuted_rows(v.by_id, n, v.size, [plain], 0, 0, [x])
+    assert np.array_equal(full[n:].view(np.uint32), np.broadcast_to(expected, (8, hidden)).view(np.uint32))
     tail = np.empty(8 * hidden, dtype=np.float32)
     src.read(n * hidden, 8 * hidden, tail)
     assert np.array_equal(tail.reshape(8, hidden), np.broadcast_to(expected, (8, hidden)))

@@ -14,9 +14,13 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidCheckpoint
 from .safetensors import SafetensorsFile, TensorInfo
+
+if TYPE_CHECKING:
+    from .hub import ModelRef
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -55,8 +59,9 @@ class TensorRef:
 class Checkpoint:
     """A validated model: tensor catalogue (name -> file, dtype, shape, offset) and config."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, ref: ModelRef | None = None):
         self.path = Path(path)
+        self.ref = ref  # how the user named it (io/hub.py); None: by its path
         self.files: dict[str, SafetensorsFile] = {}
         self.tensors: dict[str, TensorRef] = {}
         self.config: dict | None = None
@@ -65,7 +70,9 @@ class Checkpoint:
 
     @property
     def label(self) -> str:
-        return str(self.path)
+        """How messages, tables and reports name the model: as the user gave it (a Hub id, or
+        a path relative to the working directory), never as a cache snapshot path."""
+        return self.ref.name if self.ref is not None else str(self.path)
 
     # -- opening -----------------------------------------------------------
     def _open(self) -> None:
@@ -73,7 +80,7 @@ class Checkpoint:
             st = os.stat(self.path)
         except FileNotFoundError:
             raise InvalidCheckpoint(f"model path '{self.path}' does not exist",
-                                    hint="check the path; npmerge never downloads models") from None
+                                    hint="check the path") from None
         except OSError as exc:
             raise InvalidCheckpoint(f"cannot access model path '{self.path}': {exc.strerror}") from None
         if stat.S_ISDIR(st.st_mode):

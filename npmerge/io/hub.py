@@ -165,7 +165,8 @@ def _local_ref(ref: str, path: Path, base_dir: Path) -> ModelRef:
     if snapshot is not None:  # named by id, not by .../snapshots/<hash>
         repo_id, commit = snapshot
         return ModelRef(path=path, name=f"{repo_id}@{commit}", hub_id=repo_id, revision=commit, commit=commit,
-                        notes=(f"'{ref}' is the Hugging Face cache snapshot of {repo_id} at commit {commit}",))
+                        notes=(f"a Hugging Face cache snapshot path names {repo_id} at commit {commit}: shown and "
+                               f"recorded as {repo_id}@{commit}",))
     notes = ()
     if _looks_like_id(ref):
         repo_id, revision = _split_hub_ref(ref)
@@ -228,7 +229,7 @@ def _hub_ref(ref: str, repo_id: str, revision: str | None, allow_download: bool 
                                          "convert the model (transformers save_pretrained(..., "
                                          "safe_serialization=True))")
         return ModelRef(path=snapshot, name=ref, hub_id=repo_id, revision=revision, commit=commit,
-                        notes=(f"downloaded {ref} (commit {commit}) into {cache}",))
+                        notes=(f"downloaded {ref} (commit {commit}) into the Hugging Face cache",))
     if cached is not None:
         raise InvalidCheckpoint(f"Hub model '{ref}' is in the Hugging Face cache ({cached[1]}) without its "
                                 f"weights: {missing}; {blocker}", hint=hint)

@@ -9,7 +9,8 @@ Pure functions on tensor-name sets and configs; the planner turns the result int
   whose config says tied is a dead copy (transformers replaces it by the embeddings on
   load): ignored, with a note. If any model's head is live the output is untied:
   `lm_head.weight` is merged, each model contributing its live head or else its input
-  embeddings, and config.json gets `tie_word_embeddings: false`. Otherwise the output is
+  embeddings, and config.json gets `tie_word_embeddings: false` when some model is tied
+  (and the reference's config does not already say so). Otherwise the output is
   tied and stores no head. (mergekit: `lm_head.weight` is optional with
   `tied_names: [embed_tokens]`, so a tied model contributes its embeddings; it keeps the
   base's config, so a tied base with an untied fine-tune yields a checkpoint that
@@ -121,9 +122,9 @@ def plan_layout(models: Sequence[ModelLayout], base_index: int | None = None) ->
                              f"(tie_word_embeddings): the stored copy is ignored")
         if any(live):
             special[head] = OutputTensor(head, tuple(head if live[i] else embed for i in range(len(models))))
-            if (models[ref].config or {}).get("tie_word_embeddings") is not False:
-                tie = False  # say it: a tied config would make transformers drop the merged head
             tied = [models[i].label for i in range(len(models)) if not live[i]]
+            if tied and (models[ref].config or {}).get("tie_word_embeddings") is not False:
+                tie = False  # say it: a tied config would make transformers drop the merged head
             if tied:
                 notes.append(f"untied output head: '{head}' is merged, with the embeddings '{embed}' as the head of "
                              + ", ".join(tied) + ("; config.json gets tie_word_embeddings: false" if tie is False
@@ -168,3 +169,21 @@ def apply_config(config: Mapping, vocab_size: int | None = None, tie_word_embedd
     if text is not None:
         out["text_config"] = text
     return out
+
+
+def config_changes(config: Mapping, vocab_size: int | None = None,
+                   tie_word_embeddings: bool | None = None) -> dict[tuple, object]:
+    """apply_config's changes as key paths (("vocab_size",), ("text_config", "vocab_size"), ...) -> value,
+    the form the planner's config.json updates take."""
+    new = apply_config(config, vocab_size, tie_word_embeddings)
+    out: dict[tuple, object] = {}
+    for key, value in new.items():
+        old = config.get(key, _MISSING)
+        if key == "text_config" and isinstance(value, dict) and isinstance(old, dict):
+            out.update({(key, k): v for k, v in value.items() if old.get(k, _MISSING) != v})
+        elif old != value:
+            out[(key,)] = value
+    return out
+
+
+_MISSING = object()

@@ -45,11 +45,25 @@ class TensorSource:
         """out[:n] = float32 values of elements start .. start+n-1 (flat, row-major)."""
         raise NotImplementedError
 
+    def work_bytes(self, n: int) -> int:
+        """Scratch memory one read() of n elements allocates (the plan's budget asks)."""
+        return 0
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory that would let this computed source compute its values once for all
+        passes (0: nothing to gain). The plan calls enable_cache() when the budget allows."""
+        return 0
+
+    def enable_cache(self, chunk: int) -> None:
+        """Compute all values once (at most `chunk` elements per step) and keep them until
+        release(), exposed by raw() as float32 storage (see cache_bytes)."""
+
     def prefetch(self) -> None:
         """Hint that the tensor will be read soon (e.g. start readahead)."""
 
     def release(self) -> None:
-        """The tensor is done: its pages may be dropped."""
+        """The tensor is done: its pages (and any cache) may be dropped."""
 
 
 class MappedSource(TensorSource):
@@ -77,6 +91,33 @@ class MappedSource(TensorSource):
 
     def release(self) -> None:
         self.ref.file.advise(self.name, "dontneed")
+
+
+class ZeroSource(TensorSource):
+    """A task vector of zeros: a tensor an adapter does not touch. Reads nothing; the
+    engine's span buffer is filled with +0.0 once (kernels only read it, span after
+    span), so M - B = 0 exactly and B + 0 = B."""
+
+    is_delta = True
+    dtype = "F32"
+
+    def __init__(self, name: str, shape: tuple[int, ...], label: str):
+        self.name = name
+        self.shape = tuple(shape)
+        self.label = label
+        self._zeroed: np.ndarray | None = None  # the buffer already all zeros
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+    def read(self, start: int, n: int, out: np.ndarray) -> None:
+        if out is not self._zeroed:
+            out[...] = 0.0
+            self._zeroed = out
+
+    def release(self) -> None:
+        self._zeroed = None
 
 
 class ArraySource(TensorSource):

@@ -170,6 +170,25 @@ def resolve_out(out_dir) -> Path:
     return Path(os.path.realpath(head)) / name
 
 
+def check_writable(parent: Path, staging: Path) -> None:
+    """The output location must accept new entries (staging is created in `parent`). Checked
+    without creating anything: permissions, a read-only mount, a filesystem with no storage at
+    all (/sys, /proc: root may pass the permission check, then mkdir fails). Whatever else only
+    an attempt reveals fails when staging is created."""
+    problem = None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        problem = OSError(errno.EACCES, os.strerror(errno.EACCES))
+    else:
+        with contextlib.suppress(OSError, AttributeError):
+            vfs = os.statvfs(parent)
+            if vfs.f_flag & os.ST_RDONLY:
+                problem = OSError(errno.EROFS, os.strerror(errno.EROFS))
+            elif vfs.f_blocks == 0:
+                problem = OSError(errno.EPERM, "a virtual filesystem without storage, like /sys or /proc")
+    if problem is not None:
+        raise output_error(problem, staging)
+
+
 def check_apart(out: Path, inputs: Iterable[str]) -> None:
     """OUT must not be, sit inside, or contain an input: by realpath and by (dev, ino)."""
     out_s = str(out)
@@ -321,10 +340,7 @@ class Staging:
         `shards` is the layout's (filename, size) per shard index.
         """
         lock_path = self.path / LOCK_NAME
-        lock = read_lock(lock_path)
-        if lock is not None and ((lock.get("host") or socket.gethostname()) != socket.gethostname()
-                                 or pid_alive(lock["pid"])):
-            self.refuse()
+        self.check_unlocked()
         if os.path.lexists(lock_path):  # stale: rename it away atomically, so one claimant wins
             stale = lock_path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
             try:
@@ -337,12 +353,29 @@ class Staging:
         self._lock()
         self.owned = True
         try:
-            return self._verify(fingerprint, shards)
+            self.check_plan(fingerprint)
+            kept = {i: rec for i, rec in self.recorded(shards).items()
+                    if sha256_file(self.path / shards[i][0]) == rec.get("sha256")}
+            self._prune({shards[i][0] for i in kept})
+            place_file(self.path / MANIFEST_NAME, [_line(kept[i]) for i in sorted(kept)])
+            with writing(self.path):
+                fsync_dir(self.path)
         except BaseException:
             self.release_lock()  # refused: leave the directory as it was for the right command
             raise
+        return kept
 
-    def _verify(self, fingerprint: dict, shards: list[tuple[str, int]]) -> dict[int, dict]:
+    # Read-only parts of take_over, which a dry run (OutputWriter.preflight) runs too.
+
+    def check_unlocked(self) -> None:
+        """Refuse when a live run (or one on another host) holds the lock."""
+        lock = read_lock(self.path / LOCK_NAME)
+        if lock is not None and ((lock.get("host") or socket.gethostname()) != socket.gethostname()
+                                 or pid_alive(lock["pid"])):
+            self.refuse()
+
+    def check_plan(self, fingerprint: dict) -> None:
+        """Refuse to resume a different plan (recipe, layout, version, input files)."""
         hint = (f"run exactly the interrupted command again with --resume, or delete {self.path} "
                 "to start over")
         try:
@@ -358,19 +391,19 @@ class Staging:
         if diffs:
             raise RecipeError(f"cannot resume into {self.out_dir}: {diffs[0]}"
                               + "".join(f"\n  {d}" for d in diffs[1:]), hint=hint)
-        kept: dict[int, dict] = {}
+
+    def recorded(self, shards: list[tuple[str, int]]) -> dict[int, dict]:
+        """Manifest records of shards whose file is there with the planned name and size
+        (not yet hashed: take_over keeps those whose sha256 also matches)."""
+        found: dict[int, dict] = {}
         for rec in self._manifest():
             i = rec.get("shard")
             if (type(i) is int and 0 <= i < len(shards) and rec.get("file") == shards[i][0]
                     and rec.get("size") == shards[i][1] and isinstance(rec.get("stats"), dict)):
                 path = self.path / shards[i][0]
-                if path.is_file() and path.stat().st_size == shards[i][1] and sha256_file(path) == rec.get("sha256"):
-                    kept[i] = rec
-        self._prune({shards[i][0] for i in kept})
-        place_file(self.path / MANIFEST_NAME, [_line(kept[i]) for i in sorted(kept)])
-        with writing(self.path):
-            fsync_dir(self.path)
-        return kept
+                if path.is_file() and path.stat().st_size == shards[i][1]:
+                    found[i] = rec
+        return found
 
     def _manifest(self) -> list[dict]:
         """Manifest records; a torn last line (the run was killed mid-append) is ignored."""

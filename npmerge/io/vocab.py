@@ -47,6 +47,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import IncompatibleModels, InvalidCheckpoint, RecipeError
+from .sources import TensorSource
 
 # Fill rules for an output row a model lacks (OutputVocab.fill).
 OWN, ZERO, COPY, MEAN, PAD = 0, 1, 2, 3, 4
@@ -507,7 +508,7 @@ class VocabDiff:
         return (f"{self.label} uses {len(self.in_padding)} padded row(s) for tokens the output tokenizer lacks: "
                 + _some(f"{i} {t!r}" for i, t in self.in_padding)
                 + "; these rows are merged by position and the tokens are not in the output tokenizer "
-                  "(tokenizer_source: union keeps them)")
+                  "(--tokenizer-source / tokenizer_source: union keeps them)")
 
     def error(self) -> IncompatibleModels | None:
         """The refusal when both use an id for different tokens (merging by position would mix tokens)."""
@@ -516,7 +517,8 @@ class VocabDiff:
         return IncompatibleModels(
             f"{self.label} has other tokens at the same ids as the output vocabulary: "
             + _some(f"{i} {a!r} vs {b!r}" for i, a, b in self.conflicts),
-            hint="set tokenizer_source (base, union or a model) so rows are matched by token, not by position")
+            hint="match rows by token, not by position: --tokenizer-source (tokenizer_source: in a recipe) base, "
+                 "union or a model")
 
 
 def compare_vocabs(output: Tokenizer, model: Tokenizer, label: str, rows: int | None = None) -> VocabDiff:
@@ -613,7 +615,8 @@ class PermutedRows:
     COPY/MEAN rows are). `read` touches only the rows it returns.
     """
 
-    def __init__(self, vocab: OutputVocab, model: int, tensors: Sequence[tuple[np.ndarray, str] | None]):
+    def __init__(self, vocab: OutputVocab, model: int, tensors: Sequence[tuple[np.ndarray, str] | None],
+                 chunk: int = 1 << 20):
         if len(tensors) != len(vocab.rows):
             raise ValueError(f"need one tensor entry per input model ({len(vocab.rows)}), got {len(tensors)}")
         self.vocab = vocab
@@ -638,6 +641,7 @@ class PermutedRows:
         self.hidden = int(hidden)
         self.shape = (vocab.size, self.hidden)
         self.numel = vocab.size * self.hidden
+        self.chunk = max(1, int(chunk))  # elements per step of the padding-row pass (its scratch: see work_bytes)
         self._pad: np.ndarray | None = None
 
     # -- public ------------------------------------------------------------
@@ -713,16 +717,30 @@ class PermutedRows:
 
     def fingerprint(self) -> str:
         """Identifies the row mapping (not the input bytes): resume must not mix two vocabularies."""
-        h = hashlib.sha256(f"{self.model}:{self.vocab.size}:{self.vocab.n_tokens}:{self.hidden}".encode())
-        for a in (*self.vocab.rows, self.vocab.fill, self.vocab.donor):
-            h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()
+        return row_map_fingerprint(self.vocab, self.model, self.hidden)
 
     def pad_row(self) -> np.ndarray:
-        """The value of padding rows: per column, the SEMANTICS-2 A mean over output rows [0, n_tokens)."""
+        """The value of padding rows: per column, the SEMANTICS-2 A mean over output rows [0, n_tokens)
+        (computed once, `chunk` elements at a time)."""
         if self._pad is None:
             self._pad = _column_mean(self, self.vocab.n_tokens)
         return self._pad
+
+    @staticmethod
+    def work_bytes(vocab: OutputVocab, hidden: int, n: int, chunk: int) -> int:
+        """Scratch one read() of n elements may allocate, the padding-row pass (with `chunk`) included.
+
+        Filled rows (at most n + 2 * hidden elements) cost up to ~40 bytes per element
+        (the float32 rows, a raw copy and its float32 decode, a MEAN row's float64 sum and
+        its temporaries); decoding in place costs nothing beyond a possible copy of an
+        unaligned raw range (8 bytes per element at most).
+        """
+        read = 40 * (n + 2 * hidden) + 8 * n
+        if vocab.size == vocab.n_tokens:
+            return read
+        blocks = -(-vocab.n_tokens // _BLOCK)
+        step = max(chunk, _LANES * hidden) + 2 * hidden
+        return read + 40 * step + 16 * hidden * (blocks + 6)
 
     # -- internals ------------------------------------------------------------
     def _decode(self, j: int, row_idx: np.ndarray) -> np.ndarray:
@@ -749,12 +767,86 @@ class PermutedRows:
         return (acc / count[:, None]).astype(np.float32)
 
 
+class VocabRowsSource(TensorSource):
+    """A model's vocabulary-sized tensor as the engine reads it (a computed source): its
+    rows in output-vocabulary order, `PermutedRows` over the inputs' feeding tensors.
+
+    `inputs[j]`: input j's source of the same output tensor (a tied model's embeddings
+    for `lm_head`), or None. Only the model itself and the donors of the rows it lacks
+    are read. The row reader is built at the first read, with the engine's span as the
+    padding pass's step, and dropped on release().
+    """
+
+    def __init__(self, vocab: OutputVocab, model: int, inputs: Sequence[TensorSource | None], label: str):
+        own = inputs[model]
+        self.vocab, self.model, self.inputs = vocab, model, list(inputs)
+        self.label = label
+        self.name = own.name
+        self.dtype = own.dtype
+        self.hidden = int(own.shape[1])
+        self.shape = (vocab.size, self.hidden)
+        lacking = vocab.rows[model] < 0
+        need = {model}
+        need.update(int(j) for j in np.unique(vocab.donor[lacking & (vocab.fill == COPY)]))
+        if (lacking & (vocab.fill == MEAN)).any():
+            mean = lacking & (vocab.fill == MEAN)
+            need.update(j for j, r in enumerate(vocab.rows) if (r[mean] >= 0).any())
+        self.needed = tuple(sorted(need))
+        missing = [j for j in self.needed if self.inputs[j] is None]
+        if missing:
+            raise ValueError(f"rows of {label} need the tensors of " + ", ".join(vocab.labels[j] for j in missing))
+        computed = next((self.inputs[j] for j in self.needed if self.inputs[j].raw() is None), None)
+        if computed is not None:
+            raise IncompatibleModels(f"'{computed.name}' of {computed.label} is computed, not stored (a LoRA "
+                                     "adapter?): its rows cannot be mapped to the output vocabulary",
+                                     hint="merge the adapter into its model first, or merge without a tokenizer "
+                                          "source")
+        self._rows: PermutedRows | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.inputs[self.model].nbytes
+
+    def read(self, start: int, n: int, out: np.ndarray) -> None:
+        if self._rows is None:
+            views = [self._view(j) if j in self.needed else None for j in range(len(self.inputs))]
+            self._rows = PermutedRows(self.vocab, self.model, views, chunk=max(n, out.shape[0]))
+        self._rows.read(start, n, out[:n])
+
+    def work_bytes(self, n: int) -> int:
+        return PermutedRows.work_bytes(self.vocab, self.hidden, n, n)
+
+    def fingerprint(self) -> str:
+        return row_map_fingerprint(self.vocab, self.model, self.hidden)
+
+    def prefetch(self) -> None:
+        for j in self.needed:
+            self.inputs[j].prefetch()
+
+    def release(self) -> None:
+        self._rows = None
+        for j in self.needed:
+            self.inputs[j].release()
+
+    def _view(self, j: int) -> tuple[np.ndarray, str]:
+        src = self.inputs[j]
+        return src.raw().reshape(src.shape), src.dtype
+
+
+def row_map_fingerprint(vocab: OutputVocab, model: int, hidden: int) -> str:
+    """sha256 of model's row map, the fill rules and the sizes (PermutedRows.fingerprint)."""
+    h = hashlib.sha256(f"{model}:{vocab.size}:{vocab.n_tokens}:{hidden}".encode())
+    for a in (*vocab.rows, vocab.fill, vocab.donor):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
 def _column_mean(src: PermutedRows, n: int) -> np.ndarray:
     """Per column of output rows [0, n): fl32(sum / n), the sum by the SEMANTICS-2 A rule over rows."""
     h = src.hidden
     if n == 0:
         return np.zeros(h, dtype=np.float32)
-    step = max(_LANES, (1 << 20) // max(h, 1) // _LANES * _LANES)  # rows per decoded piece, a multiple of 8
+    step = max(_LANES, src.chunk // max(h, 1) // _LANES * _LANES)  # rows per decoded piece, a multiple of 8
     block_sums = []
     for b0 in range(0, n, _BLOCK):
         b1 = min(n, b0 + _BLOCK)

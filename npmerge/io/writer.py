@@ -222,6 +222,18 @@ class _Stream:
         return self.hash.hexdigest() if self.hashed == size else st.sha256_file(path)
 
 
+@dataclass(frozen=True)
+class OutputCheck:
+    """What OutputWriter.preflight found: where the output goes and what writing it takes."""
+
+    out: Path  # the output directory (absolute, parent's symlinks resolved)
+    replaces: bool  # an existing non-empty output is replaced (--force)
+    resumed: int  # shards an interrupted run recorded as finished (--resume; open() re-verifies them)
+    shards: int  # shards in the output
+    need: int  # bytes of free space demanded: the shards still to write, plus a margin
+    free: int | None  # bytes free where the output goes (None: the space check is off)
+
+
 class OutputWriter:
     """Streams a model directory into a staging sibling and renames it into place only when complete.
 
@@ -278,6 +290,22 @@ class OutputWriter:
 
     # -- preflight
 
+    def preflight(self) -> OutputCheck:
+        """Every check open() makes before it writes, creating and changing nothing: the output
+        location, write permission, a lock or a leftover staging directory, with `resume` the
+        interrupted run's plan, and free space. The plan runs it (api.plan_merge), so a dry run
+        refuses what the real run refuses; open() runs the same checks again."""
+        self._preflight()
+        shards = [(s.filename, s.size) for s in self.layout.shards]
+        kept: dict = {}
+        if self.resume and self._stage.exists():
+            self._stage.check_unlocked()
+            self._stage.check_plan(self.fingerprint)
+            kept = self._stage.recorded(shards)
+        need, free = self._check_space([i for i in range(len(shards)) if i not in kept])
+        replaces = self.out_dir.is_dir() and bool(os.listdir(self.out_dir))
+        return OutputCheck(self.out_dir, replaces, len(kept), len(shards), need, free)
+
     def _preflight(self) -> None:
         out, parent = self.out_dir, self.out_dir.parent
         if out.name in ("", ".", ".."):
@@ -302,16 +330,19 @@ class OutputWriter:
                                   hint="check it holds nothing you need, then delete it")
         if self._stage.exists() and not self.resume:
             self._stage.refuse()
+        st.check_writable(parent, self._stage.path)
 
-    def _check_space(self, todo: list[int]) -> None:
-        if not self.check_space:
-            return
+    def _check_space(self, todo: list[int]) -> tuple[int, int | None]:
+        """(bytes needed, bytes free) for writing shards `todo`; refuses when they do not fit."""
         need = sum(self.layout.shards[i].size for i in todo) + SPACE_MARGIN
+        if not self.check_space:
+            return need, None
         free = shutil.disk_usage(self.out_dir.parent).free
         if free < need:
             raise OutputError(f"not enough disk space for {self.out_dir}: needs {human_bytes(need)} ({need} bytes), "
                               f"{human_bytes(free)} ({free} bytes) free",
                               hint="free some space or choose another output location with -o")
+        return need, free
 
     # -- open
 

@@ -165,29 +165,29 @@ def sumsq(x, n):
     return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
 
 
+@njit(cache=True, nogil=True)
+def check_block(rows, base, n, has_base, sums, gb, bad):
+    """The engine's first-pass checks on one decoded block (block gb of the tensor):
+    float64 sums of squares of the rows into sums[i, gb] (skipped if `sums` has no
+    columns), NaN/Inf counts into bad[0] (base) and bad[1 + i]."""
+    if has_base:
+        bad[0] = count_nonfinite(base, n)
+    for i in range(rows.shape[0]):
+        bad[1 + i] = count_nonfinite(rows[i], n)
+        if sums.shape[1] != 0:
+            sums[i, gb] = sumsq(rows[i], n)
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def check(addrs, modes, luts, rnd, has_base, deltas, lo, hi, block, sumsq_out, nonfinite):
-    """First pass of every merged tensor, elements lo..hi: per model and block, the
-    float64 sum of squares of the rows (task vectors when `deltas`) into
-    sumsq_out[i, lo // block + b] (skipped if it has no columns), and NaN/Inf counts
-    (base in slot 0, models 1..) added to `nonfinite`. lo is a multiple of `block`."""
+def check(addrs, modes, luts, rnd, has_base, lo, hi, block, sums, bad):
+    """check_block over elements lo..hi (lo a multiple of `block`) for drivers whose
+    kernels do not run it themselves: rows are task vectors when there is a base."""
     nm = addrs.shape[0] - 1
     nb = (hi - lo + block - 1) // block
-    first = lo // block
-    want_sums = sumsq_out.shape[1] != 0
-    bad = np.zeros((nb, nm + 1), np.int64)
     for b in prange(nb):
         s = lo + b * block
         n = min(block, hi - s)
         rows = np.empty((nm, n), np.float32)
         base = np.empty(n if has_base else 0, np.float32)
-        load_rows(addrs, modes, luts, rnd, has_base, deltas, s, n, rows, base)
-        if has_base:
-            bad[b, 0] = count_nonfinite(base, n)
-        for i in range(nm):
-            bad[b, 1 + i] = count_nonfinite(rows[i], n)
-            if want_sums:
-                sumsq_out[i, first + b] = sumsq(rows[i], n)
-    for b in range(nb):
-        for i in range(nm + 1):
-            nonfinite[i] += bad[b, i]
+        load_rows(addrs, modes, luts, rnd, has_base, has_base, s, n, rows, base)
+        check_block(rows, base, n, has_base, sums, lo // block + b, bad[b])

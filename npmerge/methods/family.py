@@ -1,31 +1,41 @@
-"""Driver of the TIES family (TIES, task arithmetic, linear): which passes a tensor
-needs, the exact trim thresholds between passes, and the fused merge kernel call.
+"""Driver of the task-arithmetic family: TIES, task arithmetic, linear, DARE, breadcrumbs
+and DELLA are one parameterised family (SEMANTICS.md, SEMANTICS-2 B): a sparsifier per
+model, then weights, an optional sign consensus, normalize and lambda.
 
-The kernels (kernels/family.py) know the loops; this module knows the policy: TIES
-trims each task vector to its k = floor(density * n) largest magnitudes (SEMANTICS.md),
-found exactly by a high-bits histogram pass and, only when that does not settle the
-threshold, a low-bits pass.
+The kernels (kernels/family.py) know the loops; this module knows the policy: which
+elements each model's sparsifier keeps (a rank range of |tau|, or a random mask), which
+passes a tensor needs, the exact boundary values between passes, the l1 rescale factors.
+
+Passes: `hist_hi` and, only when it does not settle a boundary, `hist_lo` (exact values
+at the boundary ranks of magnitude/outlier selection); `sums` (sum |tau| and sum |kept
+tau| per model, for the l1 rescale); `merge`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from .. import kernels
+from .. import constants, kernels
 from ..errors import RecipeError
 from .protocol import Driver, Span, Stat, TensorContext
+from .registry import Param, boolean, choice
 
 _CONSENSUS = {None: 0, "sum": 1, "count": 2}
-KEEP_ALL = -1
-KEEP_NONE = 1 << 31
+SPARSIFIERS = (None, "magnitude", "outliers", "random", "della")
+_NO_SUMS = np.zeros((0, 0), np.float64)
+_NO_BAD = np.zeros((0, 0), np.int64)
 
 TIES_STATS = (
     Stat("kept", "kept"),
     Stat("excluded", "excluded by vote", total="ratio", num="excluded_count", den="kept_nonzero"),
     Stat("sign_conflict", "sign conflicts", per_model=False),
 )
+KEPT_STATS = (Stat("kept", "kept"),)
+RESCALE_STAT = Stat("rescale", "rescale", fmt="number")  # only where an l1 rescale multiplied
 
 
 def keep_count(density: float, n: int) -> int:
@@ -33,106 +43,277 @@ def keep_count(density: float, n: int) -> int:
     return n if density >= 1.0 else min(n, math.floor(float(density) * n))
 
 
+@dataclass
+class ModelPlan:
+    """What one model's sparsifier does in one tensor (kinds as kernels/family.py)."""
+
+    kind: str  # "all", "none", "rank", "random", "della"
+    lo: int = 0  # rank: keep the elements of descending rank lo..hi-1 by |tau|
+    hi: int = 0
+    rho: float = 1.0
+    p_a: float = 0.0  # della: p = p_a + (p_b * (r - 1)) / (C - 1)
+    p_b: float = 0.0
+    rescale: str = "none"  # "none", "l1" (factor after the sums pass), "factor", "inverse"
+    factor: float = 1.0
+
+
+def plan_model(sparsifier: str | None, params: dict, n: int, row: int, rescale: Any) -> ModelPlan:
+    """A model's sparsifier for a tensor of n elements with rows of `row` (SEMANTICS-2 A, B).
+
+    density >= 1 (or no sparsifier) keeps the task vector untouched, density 0 drops it;
+    rescale True is l1, "inverse" multiplies by fl32(1/p)."""
+    rho = float(params.get("density", 1.0))
+    if sparsifier is None or rho >= 1.0:
+        return ModelPlan("all")
+    if sparsifier in ("magnitude", "outliers"):
+        k = keep_count(rho, n)
+        m = min(keep_count(float(params.get("gamma", 0.0)), n), n - k) if sparsifier == "outliers" else 0
+        plan = ModelPlan("none" if k == 0 else "all" if k == n else "rank", lo=m, hi=m + k, rho=rho)
+    elif rho == 0.0:
+        plan = ModelPlan("none")
+    elif sparsifier == "random" or row == 1:  # DELLA with rows of one element: p = rho
+        plan = ModelPlan("random", rho=rho)
+    else:
+        eps = float(params["epsilon"])
+        plan = ModelPlan("della", rho=rho, p_a=rho - eps, p_b=2.0 * eps)
+    if plan.kind in ("all", "none") or rescale is False:
+        return plan
+    if rescale is True:
+        plan.rescale = "l1"
+    elif plan.kind == "random":  # inverse with a constant p
+        plan.rescale, plan.factor = "factor", float(np.float32(1.0 / rho))
+    elif plan.kind == "della":
+        plan.rescale = "inverse"
+    else:
+        raise ValueError(f"rescale {rescale!r} needs a keep probability, not a rank selection")
+    return plan
+
+
 class FamilyDriver(Driver):
-    """One tensor of TIES / task arithmetic / linear.
+    """One tensor of a task-arithmetic-family method.
 
-    `trims`: per-model magnitude trim by `density`; `consensus`: the sign election
-    (None: every model agrees); `eps`: |D| < eps divides by 1 instead (0: only D == 0)."""
+    `sparsifier`: None, "magnitude" (TIES trim), "outliers" (breadcrumbs), "random"
+    (DARE) or "della"; `consensus`: the method's sign election (None: every model agrees).
+    Normalizing divides by the sum of the agreeing weights; where that is 0 (with a
+    consensus), or below 1e-8 in magnitude (without), by 1."""
 
-    def __init__(self, ctx: TensorContext, *, trims: bool, consensus: str | None, eps: float):
+    def __init__(self, ctx: TensorContext, *, sparsifier: str | None, consensus: str | None):
         super().__init__(ctx, [])
-        nm, n = ctx.n_models, ctx.numel
+        if sparsifier not in SPARSIFIERS:
+            raise ValueError(f"unknown sparsifier {sparsifier!r}")
+        n = ctx.numel
         g = ctx.params
+        self.sparsifier = sparsifier
         self.weights = np.array([p["weight"] for p in ctx.model_params], np.float32)
-        self.k = [keep_count(p["density"], n) if trims else n for p in ctx.model_params]
-        self.tbits = np.array([KEEP_ALL if k >= n else KEEP_NONE if k == 0 else 0 for k in self.k], np.int64)
-        self.tq = np.zeros(nm, np.int64)
-        self.tm = np.zeros(nm, np.int64)
-        self.tie_pos = np.zeros(nm, np.int64)
-        self.selecting = np.array([0 < k < n for k in self.k], np.bool_)
         self.consensus = _CONSENSUS[g.get("consensus", consensus) if consensus else None]
         self.normalize = bool(g.get("normalize", False))
-        self.eps = float(eps)
+        self.eps = 0.0 if consensus else 1e-8
         self.lam = np.float32(g.get("lambda", 1.0))
-        self.counts = np.zeros(1 + 2 * nm, np.int64)
-        self.trims = trims
-        # end_pass("hist_hi") drops "hist_lo" when the high bits settled every threshold.
-        self.passes = (["hist_hi", "hist_lo"] if self.selecting.any() else []) + ["merge"]
+        self.seed = np.uint64(g.get("seed", 0))
+        row = ctx.rows[1]
+        self.plans = [plan_model(sparsifier, p, n, row, g.get("rescale", False)) for p in ctx.model_params]
+        self.bounds = [self._boundary_ranks(p, n) for p in self.plans]  # [(side, rank)] per model
+        ranks = any(self.bounds)
+        l1 = any(p.rescale == "l1" for p in self.plans)
+        # end_pass("hist_hi") drops "hist_lo" when the high bits settled every boundary.
+        self.passes = (["hist_hi", "hist_lo"] if ranks else []) + (["sums"] if l1 else []) + ["merge"]
+        self.whole_rows = row if any(p.kind == "della" for p in self.plans) else 0
+        self.counts = np.zeros(1 + 3 * ctx.n_models, np.int64)
+        self.sel = None  # the kernels' SELECT table, built on the first feed
         self._hist = None
-        self._above = np.zeros(nm, np.int64)
-        self._bucket = np.full(nm, -1, np.int64)
+        self._lanes = None
+        self._found: dict[tuple[int, int], tuple[int, int, int]] = {}  # (model, side) -> (t, greater, m)
+        self._pending: list[tuple[int, int, int, int, int]] = []  # (model, side, rank, slot, above)
+        self._slots: list[tuple[int, int]] = []  # (model, bucket) the low-bits pass histograms
+
+    @staticmethod
+    def _boundary_ranks(plan: ModelPlan, n: int) -> list[tuple[int, int]]:
+        """The ranks whose values a rank selection needs: side 0 the upper boundary (rank
+        lo, when the largest are dropped), side 1 the lower one (rank hi - 1)."""
+        if plan.kind != "rank":
+            return []
+        return ([(0, plan.lo)] if plan.lo > 0 else []) + ([(1, plan.hi - 1)] if plan.hi < n else [])
+
+    @property
+    def k(self) -> list[int]:
+        """Elements each model's rank selection keeps (every element for the others)."""
+        return [p.hi - p.lo if p.kind == "rank" else 0 if p.kind == "none" else self.ctx.numel for p in self.plans]
+
+    # The lower boundary (TIES's trim threshold): magnitude bits, tied elements kept, tied elements.
+    tbits = property(lambda self: self.sel["t_lo"])
+    tq = property(lambda self: self.sel["q_lo"])
+    tm = property(lambda self: self.sel["m_lo"])
+
+    fused_check = True  # the first pass's kernels run the engine's checks
 
     def work_bytes(self, span: int) -> int:
-        """Per-thread radix histograms of the exact selection (the larger, low-bits one)."""
-        return self.ctx.threads * self.ctx.n_models * (1 << 16) * 8 if self.selecting.any() else 0
+        """Per-thread radix histograms of the exact selection (the larger, low-bits one),
+        the l1 rescale's lane sums per reduction block, per-thread random-mask and DELLA
+        row buffers."""
+        t, nm = self.ctx.threads, self.ctx.n_models
+        need = 0
+        boundaries = sum(len(b) for b in self.bounds)
+        if boundaries:
+            need += t * max(nm, boundaries) * (1 << 16) * 8
+        if "sums" in self.passes:
+            need += 2 * nm * -(-self.ctx.numel // constants.BLOCK) * 8 * 8
+        if any(p.kind in ("random", "della") for p in self.plans):
+            need += t * constants.BLOCK * (1 + 4 + 8)
+        if self.whole_rows:  # a row of the model and of the base, magnitudes, order and its copy
+            need += t * self.whole_rows * (4 + 4 + 4 + 8 + 8)
+        return need
 
     # -- passes ----------------------------------------------------------------
+    def _table(self, k) -> np.ndarray:
+        """The kernels' SELECT record per model (rank boundaries filled in by end_pass)."""
+        if self.sel is None:
+            kinds = {"all": k.KEEP_ALL, "none": k.DROP_ALL, "rank": k.RANK, "random": k.RANDOM, "della": k.DELLA}
+            scales = {"none": k.SCALE_NONE, "l1": k.SCALE_NONE, "factor": k.SCALE_FACTOR,
+                      "inverse": k.SCALE_INVERSE}
+            sel = np.zeros(self.ctx.n_models, k.SELECT)
+            sel["t_hi"], sel["t_lo"] = k.NO_TOP, k.NO_BOTTOM
+            for i, p in enumerate(self.plans):
+                s = sel[i]
+                s["kind"], s["rescale"], s["factor"] = kinds[p.kind], scales[p.rescale], p.factor
+                s["l1"] = p.rescale == "l1"
+                if p.kind in ("random", "della"):
+                    s["stream"] = kernels.load("philox").stream(self.ctx.name, self.ctx.stream_index[i])
+                    s["below"] = math.ceil(p.rho * 2.0**24)  # u < rho  <=>  u * 2**24 < ceil(rho * 2**24)
+                    s["row"], s["p_a"], s["p_b"] = self.ctx.rows[1], p.p_a, p.p_b
+            self.sel = sel
+        return self.sel
+
     def feed(self, pass_name: str, span: Span) -> int:
         k = kernels.load("family")
-        if pass_name == "merge":
-            return k.merge(*span.inputs, span.lo, span.hi, span.block, self.weights, self.tbits, self.tq, self.tm,
-                           self.tie_pos, self.consensus, self.normalize, self.eps, self.lam, span.out_addr,
-                           span.out_mode, self.counts)
+        sel = self._table(k)
+        nm = self.ctx.n_models
+        if pass_name in ("merge", "sums"):
+            l1 = pass_name == "sums"
+            if l1 and self._lanes is None:
+                self._lanes = np.zeros((2, nm, -(-self.ctx.numel // constants.BLOCK), 8), np.float64)
+            # the sums pass runs on the reduction grid (SEMANTICS-2 A), the merge pass on blocks
+            grid = constants.BLOCK if l1 else span.block
+            if span.check and grid % span.block:  # check blocks that do not nest in the grid (tests)
+                kernels.load("span").check(*span.inputs, span.lo, span.hi, span.block, span.sums, span.bad)
+                span.check = False
+            return k.run(*span.inputs, span.lo, span.hi, grid, span.block, *self._checks(span), sel, self.seed,
+                         self.weights, self.consensus, self.normalize, self.eps, self.lam, l1,
+                         self._lanes if l1 else _NO_LANES, span.out_addr, span.out_mode, self.counts)
         if pass_name == "hist_hi":
             if self._hist is None:
-                self._hist = np.zeros((self.ctx.threads, self.ctx.n_models, 2 * k.HI_BUCKETS), np.int64)
-            k.hist_hi(*span.inputs, span.lo, span.hi, span.block, self.selecting, self._hist)
+                self._hist = np.zeros((self.ctx.threads, nm, 2 * k.HI_BUCKETS), np.int64)
+            active = np.array([bool(b) for b in self.bounds], np.bool_)
+            k.hist_hi(*span.inputs, span.lo, span.hi, span.block, *self._checks(span), active, self._hist)
         else:
             if self._hist is None:
-                self._hist = np.zeros((self.ctx.threads, self.ctx.n_models, k.LO_BUCKETS), np.int64)
-            k.hist_lo(*span.inputs, span.lo, span.hi, span.block, self._bucket, self._hist)
+                self._hist = np.zeros((self.ctx.threads, len(self._slots), k.LO_BUCKETS), np.int64)
+            models, buckets = (np.array(c, np.int64) for c in zip(*self._slots))
+            k.hist_lo(*span.inputs, span.lo, span.hi, span.block, models, buckets, self._hist)
         return 0
 
+    @staticmethod
+    def _checks(span: Span) -> tuple:
+        """The fused kernels' check arguments: the engine's first-pass checks, or none."""
+        if span.check:
+            return span.checks
+        return False, _NO_SUMS, _NO_BAD
+
     def end_pass(self, pass_name: str) -> None:
-        """Turn a finished histogram into each model's bucket or exact threshold (hi), or
-        the exact thresholds the high bits could not settle (lo)."""
+        """hist_hi: each boundary's value, or the bucket the low-bits pass must resolve;
+        hist_lo: the rest; then the rank tables. sums: the l1 rescale factors."""
         if pass_name == "merge":
             return
-        hist = self._hist.sum(axis=0)
+        if pass_name == "sums":
+            self._rescale_factors()
+            return
+        hist = self._hist.sum(axis=0) if self._hist is not None else None
         self._hist = None
         if pass_name == "hist_hi":
-            split = hist.reshape(self.ctx.n_models, -1, 2)  # [..., 0]: low bits zero, [..., 1]: not
-            for i in np.flatnonzero(self.selecting):
-                self._locate_bucket(i, split[i].sum(axis=1), split[i, :, 1])
-            if (self._bucket < 0).all():
+            if hist is not None:
+                split = hist.reshape(self.ctx.n_models, -1, 2)  # [..., 0]: low bits zero, [..., 1]: not
+                for i, bounds in enumerate(self.bounds):
+                    for side, rank in bounds:
+                        self._locate_bucket(i, side, rank, split[i].sum(axis=1), split[i, :, 1])
+            if not self._pending:
                 self.passes.remove("hist_lo")
+                self._fill_ranks()
             return
-        for i in np.flatnonzero(self._bucket >= 0):
-            lo, above_in_bucket = _locate(hist[i], self.k[i] - self._above[i])
-            greater = int(self._above[i] + above_in_bucket)
-            self.tbits[i] = (int(self._bucket[i]) << 16) | int(lo)
-            self.tm[i] = hist[i, lo]
-            self.tq[i] = self.k[i] - greater
+        for i, side, rank, slot, above in self._pending:
+            lo, above_in_bucket = _locate(hist[slot], rank + 1 - above)
+            bucket = self._slots[slot][1]
+            self._found[i, side] = ((bucket << 16) | lo, above + above_in_bucket, int(hist[slot, lo]))
+        self._fill_ranks()
 
-    def _locate_bucket(self, i: int, hist: np.ndarray, nonzero_lo: np.ndarray) -> None:
-        """After the high-bits pass: the bucket holding model i's k-th largest magnitude.
+    def _locate_bucket(self, i: int, side: int, rank: int, hist: np.ndarray, nonzero_lo: np.ndarray) -> None:
+        """After the high-bits pass: the bucket holding model i's element of descending
+        rank `rank` (the (rank+1)-th largest magnitude).
 
         Within that bucket the elements with non-zero low bits are all larger than the
-        bucket's floor value (bucket << 16), which the others equal. If the k-th largest
-        lies beyond the former, it is the floor: threshold and tie counts are known now
-        and model i needs no low-bits pass (bucket -1)."""
-        bucket, above = _locate(hist, self.k[i])
-        need = self.k[i] - above  # elements to take from the bucket, 1..hist[bucket]
+        bucket's floor value (bucket << 16), which the others equal. If the wanted one lies
+        beyond the former, it is the floor: value and group are known now. Otherwise the
+        low-bits pass histograms the bucket (one slot per model and bucket)."""
+        bucket, above = _locate(hist, rank + 1)
         larger = int(nonzero_lo[bucket])
-        if need > larger:
-            self.tbits[i] = bucket << 16
-            self.tm[i] = int(hist[bucket]) - larger
-            self.tq[i] = need - larger
-            self._bucket[i] = -1
-        else:
-            self._bucket[i], self._above[i] = bucket, above
+        if rank + 1 - above > larger:
+            self._found[i, side] = (bucket << 16, above + larger, int(hist[bucket]) - larger)
+            return
+        if (i, bucket) not in self._slots:
+            self._slots.append((i, bucket))
+        self._pending.append((i, side, rank, self._slots.index((i, bucket)), above))
+
+    def _fill_ranks(self) -> None:
+        """Each boundary group's value, and how many of its elements the rank range keeps:
+        a group of m equal values of descending ranks [g, g + m) keeps |that ∩ [lo, hi)|."""
+        for (i, side), (t, greater, m) in self._found.items():
+            plan = self.plans[i]
+            q = min(plan.hi, greater + m) - max(plan.lo, greater)
+            s = self.sel[i]
+            if side == 0:
+                s["t_hi"], s["q_hi"], s["m_hi"] = t, q, m
+            else:
+                s["t_lo"], s["q_lo"], s["m_lo"] = t, q, m
+
+    def _rescale_factors(self) -> None:
+        """r = sum |tau| / sum |kept tau| by the reduction rule; skipped if either < 1e-7."""
+        lanes = self._lanes
+        self._lanes = None
+        blocks = ((lanes[..., 0] + lanes[..., 1]) + (lanes[..., 2] + lanes[..., 3])) + \
+                 ((lanes[..., 4] + lanes[..., 5]) + (lanes[..., 6] + lanes[..., 7]))
+        k = kernels.load("family")
+        for i, p in enumerate(self.plans):
+            if p.rescale != "l1":
+                continue
+            before, after = _exact_sum(blocks[0, i]), _exact_sum(blocks[1, i])
+            if not (before < 1e-7 or after < 1e-7):
+                p.factor = float(np.float32(before / after))
+                self.sel[i]["rescale"], self.sel[i]["factor"] = k.SCALE_FACTOR, p.factor
+        self.sel["j_hi"] = 0  # tie ordinals restart in the merge pass
+        self.sel["j_lo"] = 0
 
     # -- results -----------------------------------------------------------------
     def stats(self) -> dict:
-        """Trim and sign-vote statistics (SEMANTICS.md); only the trimming methods have them."""
-        if not self.trims:
-            return {"models": [{} for _ in range(self.ctx.n_models)]}
+        """Kept fractions (counted), the sign vote where there is one (SEMANTICS.md), and
+        the l1 rescale factor where one multiplied; task arithmetic and linear have none."""
+        nm = self.ctx.n_models
+        if self.sparsifier is None:
+            return {"models": [{} for _ in range(nm)]}
         n = max(self.ctx.numel, 1)
-        models = [{"kept": self.k[i] / n, "kept_nonzero": int(self.counts[1 + 2 * i]),
-                   "excluded_count": int(self.counts[2 + 2 * i])} for i in range(self.ctx.n_models)]
-        for m in models:
-            m["excluded"] = m["excluded_count"] / m["kept_nonzero"] if m["kept_nonzero"] else 0.0
-        return {"sign_conflict": int(self.counts[0]) / n, "models": models}
+        models = [{"kept": int(self.counts[1 + 3 * i]) / n} for i in range(nm)]
+        out: dict = {}
+        if self.consensus:
+            out["sign_conflict"] = int(self.counts[0]) / n
+            for i, m in enumerate(models):
+                m["kept_nonzero"] = int(self.counts[2 + 3 * i])
+                m["excluded_count"] = int(self.counts[3 + 3 * i])
+                m["excluded"] = m["excluded_count"] / m["kept_nonzero"] if m["kept_nonzero"] else 0.0
+        for i, p in enumerate(self.plans):
+            if p.rescale == "l1" and self.sel is not None and self.sel[i]["rescale"]:  # applied
+                models[i]["rescale"] = p.factor
+        out["models"] = models
+        return out
+
+
+_NO_LANES = np.zeros((2, 0, 0, 8), np.float64)
 
 
 def _locate(hist: np.ndarray, k: int) -> tuple[int, int]:
@@ -143,11 +324,64 @@ def _locate(hist: np.ndarray, k: int) -> tuple[int, int]:
     return bucket, int(from_top[pos] - hist[bucket])
 
 
+def _exact_sum(values: np.ndarray) -> float:
+    """Block sums added exactly, rounded once (math.fsum); non-finite ones follow IEEE."""
+    values = values.tolist()
+    if all(math.isfinite(v) for v in values):
+        return math.fsum(values)
+    return sum(v for v in values if not math.isfinite(v))
+
+
 def driver(**config):
     """A Method's driver factory: FamilyDriver with this method's fixed configuration."""
     def make(ctx: TensorContext) -> FamilyDriver:
         return FamilyDriver(ctx, **config)
     return make
+
+
+# -- the family's parameters and checks -------------------------------------------------
+_RESCALE = {True: True, "true": True, "l1": True, False: False, "false": False, "inverse": "inverse"}
+
+
+def rescale_check(inverse: bool):
+    """`rescale`: true / l1 -> True, false -> False (YAML booleans and 0/1 too), and
+    "inverse" where the method keeps elements with a probability."""
+    options = ("true", "l1", "inverse", "false") if inverse else ("true", "l1", "false")
+
+    def check(name: str, value: Any):
+        if type(value) is int and value in (0, 1):
+            value = bool(value)
+        if value == "inverse" and not inverse:
+            raise RecipeError(f"{name} 'inverse' needs a keep probability, but this method keeps elements by rank",
+                              hint="use rescale: true (l1) or false")
+        if isinstance(value, (bool, str)) and value in _RESCALE:
+            return _RESCALE[value]
+        raise RecipeError(f"{name} must be one of {', '.join(options)}, got {value!r}",
+                          hint="true (= l1): scale kept deltas by sum|tau| / sum|kept tau|"
+                               + ("; inverse: by 1/p" if inverse else "") + "; false: no rescale")
+    check.options = options
+    return check
+
+
+def rescale_param(default: bool, inverse: bool) -> Param:
+    return Param("rescale", default, rescale_check(inverse),
+                 "scale the kept deltas back up: true/l1 by sum|tau| / sum|kept tau|"
+                 + (", inverse by 1/p (the keep probability)" if inverse else "") + ", false not at all")
+
+
+def normalize_param(default: bool) -> Param:
+    return Param("normalize", default, boolean, "divide by the sum of (agreeing) weights")
+
+
+CONSENSUS = Param("consensus", "sum", choice("sum", "count"), "sign election by weighted sum or by count")
+
+
+def checks(*funcs):
+    """A Method.check running several checks in order."""
+    def check(global_params: dict, model_params: list[dict], models: list[str]) -> None:
+        for f in funcs:
+            f(global_params, model_params, models)
+    return check
 
 
 def check_nonzero_weights(global_params: dict, model_params: list[dict], models: list[str]) -> None:

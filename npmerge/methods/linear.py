@@ -11,7 +11,7 @@ METHOD = register(Method(
     base="none",
     model_params=(WEIGHT,),
     global_params=(Param("normalize", True, boolean, "divide by the sum of weights"),),
-    driver=family.driver(trims=False, consensus=None, eps=1e-8),
+    driver=family.driver(sparsifier=None, consensus=None),
     check=family.check_weight_sum,
     example="npmerge linear M1 M2 M3 -o OUT",
     l2_label="‖W‖₂",

@@ -74,11 +74,19 @@ class Span:
     has_base: bool
     out_addr: int = 0
     out_mode: int = 0
+    check: bool = False  # first pass: run kernels/span.py check_block on every block
+    sums: np.ndarray | None = None  # float64[models, blocks of the tensor]: sums of squares
+    bad: np.ndarray | None = None  # int64[blocks of the span, 1 + models]: NaN/Inf counts
 
     @property
     def inputs(self) -> tuple:
         """The leading kernel arguments: (addrs, modes, luts, rnd, has_base)."""
         return self.addrs, self.modes, self.luts, self.rnd, self.has_base
+
+    @property
+    def checks(self) -> tuple:
+        """The check arguments of a fused kernel: (check, sums, bad)."""
+        return self.check, self.sums, self.bad
 
 
 @dataclass
@@ -87,6 +95,13 @@ class Driver:
 
     ctx: TensorContext
     passes: list[str] = field(default_factory=lambda: ["merge"])
+    # True if the first pass's kernels run kernels/span.py check_block themselves (one
+    # decode less); else the engine runs its own check kernel over each span first.
+    fused_check = False
+    # Row length (along the last axis) whose whole rows the kernels read around each span,
+    # e.g. to rank an element within its row; 0: only the span. Computed sources are then
+    # materialised for every row the span touches.
+    whole_rows = 0
 
     def writes(self, pass_name: str) -> bool:
         """Whether this pass produces the output (every element exactly once)."""

@@ -16,7 +16,8 @@ from typing import Any, Callable
 from ..errors import RecipeError
 from .protocol import Driver, Stat, TensorContext
 
-_MODULES = ("ties", "task_arithmetic", "linear", "slerp", "nuslerp", "model_stock", "sce")
+_MODULES = ("ties", "task_arithmetic", "linear", "dare", "breadcrumbs", "della", "slerp", "nuslerp", "model_stock",
+            "sce", "passthrough")
 
 
 # A check gets the parameter's display name, e.g. "'density' of model 2 'ft-b'", and the value.
@@ -55,6 +56,17 @@ def fraction(name: str, value: Any) -> float:
     return value
 
 
+def seed(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RecipeError(f"{name} must be an integer, got {value!r}", hint="a seed is an integer in [0, 2**64)")
+    if not 0 <= value < 2**64:
+        raise RecipeError(f"{name} must be in [0, 2**64), got {value}", hint="a seed is an integer in [0, 2**64)")
+    return int(value)
+
+
+seed.kind = "int"
+
+
 def boolean(name: str, value: Any) -> bool:
     if value is True or value is False:
         return value
@@ -75,9 +87,10 @@ def choice(*options: str) -> Callable[[str, Any], str]:
 @dataclass(frozen=True)
 class Param:
     name: str
-    default: Any  # None: required
+    default: Any  # None: required (unless optional)
     check: Callable[[str, Any], Any]
     help: str
+    optional: bool = False  # default None means "not given" (left out of the resolved values), not required
 
     @property
     def kind(self) -> str:
@@ -114,6 +127,8 @@ class Method:
     warmup_params: dict | None = None  # global parameters `npmerge warmup` runs it with (required ones)
     warmup_variants: tuple[dict, ...] = ()  # further parameter sets warmup runs (kernels other settings use)
     warn: Callable[[dict, list[dict], list[str]], list[str]] | None = None  # notes on valid but odd values
+    copies: Callable[[dict, list[dict]], bool] | None = None  # (global, per-model values) -> the output is
+    # model 1's input unchanged, so the plan may copy the stored bytes (passthrough without a scale)
 
     @property
     def cli_name(self) -> str:
@@ -124,47 +139,12 @@ class Method:
         """Validate and fill defaults; unknown parameter names are errors. `labels` (model
         names) make messages name the model, e.g. "'density' of model 2 'ft-b' must be ...".
         `cross_check=False` skips the method's checks across parameters (kernel tests)."""
-        models = _who(model_params, labels)
-        own_g = {p.name for p in self.global_params} - {p.name for p in self.model_params}
-        for p, who in zip(model_params, models):
-            misplaced = sorted(own_g & set(p))
-            if misplaced:
-                raise RecipeError(f"'{misplaced[0]}' of {who} is a global parameter of {self.name}, not a per-model one",
-                                  hint="give it under the recipe's top-level parameters")
-        foreign_g, foreign_m = self._foreign()
-        g = _fill(self.global_params, _without(global_params, foreign_g), f"{self.name} parameters", "")
-        m = [_fill(self.model_params, _without(p, foreign_m), f"parameters of {who}", f" of {who}")
-             for p, who in zip(model_params, models)]
+        models = [f"model {i + 1}" + (f" '{labels[i]}'" if labels else "") for i in range(len(model_params))]
+        g = _fill(self.global_params, global_params, f"{self.name} parameters", "")
+        m = [_fill(self.model_params, p, f"parameters of {who}", f" of {who}") for p, who in zip(model_params, models)]
         if self.check is not None and cross_check:
             self.check(g, m, models)
         return g, m
-
-    def notes(self, global_params: dict, model_params: list[dict], labels: list[str] | None = None) -> list[str]:
-        """Warnings about a valid recipe (SEMANTICS-2 D): parameters of other methods, which
-        are ignored as mergekit ignores them, and the method's own `warn` on odd values."""
-        foreign_g, foreign_m = self._foreign()
-        out = [f"parameter '{k}' is not a parameter of {self.name}: ignored" for k in global_params if k in foreign_g]
-        for p, who in zip(model_params, _who(model_params, labels)):
-            out += [f"'{k}' of {who} is not a parameter of {self.name}: ignored" for k in p if k in foreign_m]
-        if self.warn is not None:
-            g, m = self.resolve(global_params, model_params, labels)
-            out += self.warn(g, m, _who(model_params, labels))
-        return out
-
-    def _foreign(self) -> tuple[set, set]:
-        """Global and per-model parameter names of the other methods that this one lacks."""
-        others = [m for m in all_methods().values() if m.name != self.name]
-        own_g, own_m = {p.name for p in self.global_params}, {p.name for p in self.model_params}
-        return ({p.name for m in others for p in m.global_params} - own_g,
-                {p.name for m in others for p in m.model_params} - own_m)
-
-
-def _who(model_params: list[dict], labels: list[str] | None) -> list[str]:
-    return [f"model {i + 1}" + (f" '{labels[i]}'" if labels else "") for i in range(len(model_params))]
-
-
-def _without(given: dict, names: set) -> dict:
-    return {k: v for k, v in given.items() if k not in names}
 
 
 def _fill(schema: tuple[Param, ...], given: dict, where: str, of: str) -> dict:
@@ -178,8 +158,10 @@ def _fill(schema: tuple[Param, ...], given: dict, where: str, of: str) -> dict:
         label = f"'{p.name}'{of}" if of else f"parameter '{p.name}'"
         if p.name in given:
             out[p.name] = p.check(label, given[p.name])
-        elif p.default is None:
+        elif p.default is None and not p.optional:
             raise RecipeError(f"missing {label}", hint=f"{p.name}: {p.help}")
+        elif p.default is None:
+            continue
         else:
             out[p.name] = p.default
     return out
@@ -214,3 +196,4 @@ def all_methods() -> dict[str, Method]:
 WEIGHT = Param("weight", 1.0, number, "weight of the model's contribution")
 DENSITY = Param("density", 1.0, density, "fraction of the task vector kept (1 keeps all)")
 LAMBDA = Param("lambda", 1.0, number, "scale of the merged task vector")
+SEED = Param("seed", 0, seed, "seed of the random masks (an integer in [0, 2**64))")

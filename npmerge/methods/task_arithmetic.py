@@ -14,7 +14,7 @@ METHOD = register(Method(
         Param("normalize", False, boolean, "divide by the sum of weights"),
         LAMBDA,
     ),
-    driver=family.driver(trims=False, consensus=None, eps=1e-8),
+    driver=family.driver(sparsifier=None, consensus=None),
     check=family.check_weight_sum,
     example="npmerge task-arithmetic BASE FT1 FT2 --weight 0.5 -o OUT",
 ))

@@ -16,7 +16,7 @@ METHOD = register(Method(
         LAMBDA,
         Param("consensus", "sum", choice("sum", "count"), "sign election by weighted sum or by count"),
     ),
-    driver=family.driver(trims=True, consensus="sum", eps=0.0),
+    driver=family.driver(sparsifier="magnitude", consensus="sum"),
     stats=family.TIES_STATS,
     check=family.check_nonzero_weights,
     example="npmerge ties BASE FT1 FT2 --density 0.2 -o OUT",
