@@ -745,6 +745,9 @@ def parse_args(argv=None):
                    help="evict the inputs from the page cache (POSIX_FADV_DONTNEED) before the read floor and "
                         "before every merge: figures include reading from disk (implied when the inputs do not "
                         "fit in RAM)")
+    p.add_argument("--skip-cold-jit", action="store_true",
+                   help="do not time `npmerge warmup` with an empty kernel cache (compiling every kernel takes "
+                        "a minute); the warm start is still measured")
     p.add_argument("--reference", action="store_true",
                    help=f"also time tests/reference.py's plain-NumPy TIES ({' and '.join(REFERENCE_SIZES)} only)")
     p.add_argument("--gen-workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
@@ -846,16 +849,20 @@ def main(argv=None) -> int:
     startup = {}
     startup["python"] = summarize([run_measured([sys.executable, "-c", "pass"]) for _ in range(5)])
     startup["help"] = summarize([run_measured(NPMERGE + ["--help"]) for _ in range(5)])
-    jit_dir = Path(tempfile.mkdtemp(prefix="npmerge-bench-jit-"))
-    try:
-        env = dict(os.environ, NUMBA_CACHE_DIR=str(jit_dir))
-        startup["jit_cold"] = summarize([run_measured(NPMERGE + ["warmup"], env)])
-        warm_run = run_without_jit(NPMERGE + ["warmup"], env, cache_dir=jit_dir)
-        startup["jit_warm"] = summarize([warm_run])
-        startup["jit_warm"]["jit_compiled"] = warm_run["jit_compiled"]
-    finally:
-        shutil.rmtree(jit_dir, ignore_errors=True)
-    run_measured(NPMERGE + ["warmup"])  # the merges below use the default (now warm) kernel cache
+    if args.skip_cold_jit:  # the default cache, filled by a warmup first
+        run_measured(NPMERGE + ["warmup"])
+        warm_run = run_without_jit(NPMERGE + ["warmup"], dict(os.environ), cache_dir=None)
+    else:
+        jit_dir = Path(tempfile.mkdtemp(prefix="npmerge-bench-jit-"))
+        try:
+            env = dict(os.environ, NUMBA_CACHE_DIR=str(jit_dir))
+            startup["jit_cold"] = summarize([run_measured(NPMERGE + ["warmup"], env)])
+            warm_run = run_without_jit(NPMERGE + ["warmup"], env, cache_dir=jit_dir)
+        finally:
+            shutil.rmtree(jit_dir, ignore_errors=True)
+        run_measured(NPMERGE + ["warmup"])  # the merges below use the default (now warm) kernel cache
+    startup["jit_warm"] = summarize([warm_run])
+    startup["jit_warm"]["jit_compiled"] = warm_run["jit_compiled"]
     results["startup"] = startup
 
     # -- floors
@@ -1061,7 +1068,8 @@ def render(r: dict) -> None:
     for key, what in (("python", "python -c pass (median of 5)"), ("help", "npmerge --help (median of 5)"),
                       ("jit_cold", "npmerge warmup, empty kernel cache (cold JIT)"),
                       ("jit_warm", "npmerge warmup, kernel cache filled (warm)")):
-        t.add_row(what, f"{s[key]['wall']:.3f}", f"{s[key]['cpu']:.3f}", human(s[key]["peak_anon"]))
+        if key in s:  # no cold JIT with --skip-cold-jit
+            t.add_row(what, f"{s[key]['wall']:.3f}", f"{s[key]['cpu']:.3f}", human(s[key]["peak_anon"]))
     con.print(t)
 
     if "reference" in r:
