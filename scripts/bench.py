@@ -745,6 +745,10 @@ def parse_args(argv=None):
                    help="evict the inputs from the page cache (POSIX_FADV_DONTNEED) before the read floor and "
                         "before every merge: figures include reading from disk (implied when the inputs do not "
                         "fit in RAM)")
+    p.add_argument("--lora", action="store_true",
+                   help="instead: TIES over --finetunes LoRA adapters (r=16 on every linear layer) of the set's base "
+                        "next to TIES over the same fine-tunes as full models, with their I/O floors "
+                        "(scripts/bench_lora.py)")
     p.add_argument("--skip-cold-jit", action="store_true",
                    help="do not time `npmerge warmup` with an empty kernel cache (compiling every kernel takes "
                         "a minute); the warm start is still measured")
@@ -790,6 +794,13 @@ def main(argv=None) -> int:
         reference_worker(argv[1:])
         return 0
     args = parse_args(argv)
+    if args.lora:
+        import bench_lora
+
+        return bench_lora.main(["--params", args.params, "--adapters", str(args.finetunes), "--density",
+                                str(args.density), "--repeat", str(args.repeat), "--seed", str(args.seed),
+                                "--cache", str(args.cache)] + (["--json", str(args.json)] if args.json else [])
+                               + (["--max-memory", args.max_memory[0]] if args.max_memory else []))
     cache = args.cache.expanduser().resolve()
     cache.mkdir(parents=True, exist_ok=True)
     set_dir = cache / f"{args.params}-{args.finetunes}ft"
