@@ -47,7 +47,6 @@ def grid(block: int):
 
 def merge(method, base, models, params=None, model_params=None, *, block=BLOCK, spans=None):
     """run_arrays with kernel blocks of `block` and spans of `spans` blocks (default: one span)."""
-    n = models[0].size
     span = block * spans if spans else None
     mp = model_params if model_params is not None else [{} for _ in models]
     out, stats, drv = run_arrays(method, base, models, params or {}, mp, block=block, span=span, driver=True,

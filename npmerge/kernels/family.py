@@ -36,7 +36,7 @@ import numpy as np
 from numba import njit, prange
 
 from .philox import uniform24
-from .span import DELTA, check_block, load, load_rows, store
+from .span import DELTA, check_block, load, load_rows, mulmod, store
 
 HI_SHIFT = 16
 HI_BUCKETS = 1 << 15  # magnitude bits 30..16
@@ -135,23 +135,6 @@ def hist_lo(addrs, modes, luts, rnd, has_base, lo, hi, block, slot_model, slot_b
 
 
 # ------------------------------------------------------------------ sparsify one piece
-
-
-@njit(cache=True, nogil=True)
-def _mulmod(a, b, m):
-    """(a * b) % m for 0 <= a, b < m < 2**62 without overflow (double and add)."""
-    r = 0
-    a = a % m
-    while b > 0:
-        if b & 1:
-            r += a
-            if r >= m:
-                r -= m
-        a += a
-        if a >= m:
-            a -= m
-        b >>= 1
-    return r
 
 
 @njit(cache=True, nogil=True)
@@ -436,9 +419,9 @@ def _piece(addrs, modes, luts, rnd, has_base, lo, a, z, grid, block, check, sq, 
     for i in range(nm):
         plain &= sel[i].kind == KEEP_ALL
         if thin[i, 0]:
-            rem[i, 0] = _mulmod(start[i, 0], sel[i].q_hi, sel[i].m_hi)
+            rem[i, 0] = mulmod(start[i, 0], sel[i].q_hi, sel[i].m_hi)
         if thin[i, 1]:
-            rem[i, 1] = _mulmod(start[i, 1], sel[i].q_lo, sel[i].m_lo)
+            rem[i, 1] = mulmod(start[i, 1], sel[i].q_lo, sel[i].m_lo)
     rows = np.empty((nm, block), np.float32)
     base = np.empty(block, np.float32)
     u = np.empty((nm, block), np.float32)

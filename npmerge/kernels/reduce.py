@@ -28,7 +28,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .span import load_rows, store, sumsq
+from .span import load_rows, mulmod, store, sumsq
 
 # Operations of `run`.
 SUMS = 0  # exact sums over rows (or the whole tensor)
@@ -265,7 +265,6 @@ def run(addrs, modes, luts, rnd, has_base, deltas, lo, hi, block, op, C, W, chun
              vector e // W, or e % W if per_col; C = numel.
     SCE_*    C = numel; see `_sce`.
     """
-    nm = addrs.shape[0] - 1
     nbr = (C + block - 1) // block
     i0 = lo // W if op == COLUMNS else 0
     if op == COLUMNS:  # items: column ranges, each walking the span's rows
@@ -378,23 +377,6 @@ def exact_rows(sums, out):
 
 
 @njit(cache=True, nogil=True)
-def _mulmod(a, b, m):
-    """(a * b) % m for 0 <= a, b < m < 2**62 without overflow (double and add)."""
-    r = 0
-    a = a % m
-    while b > 0:
-        if b & 1:
-            r += a
-            if r >= m:
-                r -= m
-        a += a
-        if a >= m:
-            a -= m
-        b >>= 1
-    return r
-
-
-@njit(cache=True, nogil=True)
 def _variance(rows, n, mu, v):
     """v[e] = population variance over models of the task vectors at e, float64 in model
     order: mu = ((0 + t0) + t1 ...)/N, v = ((0 + (t0 - mu)**2) + ...)/N."""
@@ -504,7 +486,7 @@ def _sce(op, rows, base, n, blk, selecting, shift, prefix, t, tq, tm, hist, nan,
         ties[blk] = c
         return False
     if selecting:
-        _select(rows, keys, n, t, tq, tm, _mulmod(tie_start[blk], tq, tm) if 0 < tq < tm else 0)
+        _select(rows, keys, n, t, tq, tm, mulmod(tie_start[blk], tq, tm) if 0 < tq < tm else 0)
     if op == SCE_SUMS:
         for i in range(nm):
             sums[i, blk] = sumsq(rows[i], n)

@@ -137,6 +137,24 @@ def store(vals, n, out_addr, out_mode, at):
 
 
 @njit(cache=True, nogil=True)
+def mulmod(a, b, m):
+    """(a * b) % m for 0 <= a, b < m < 2**62 without overflow (double and add): the
+    remainder of the rank rule's even thinning at a tie ordinal (SEMANTICS.md)."""
+    r = 0
+    a = a % m
+    while b > 0:
+        if b & 1:
+            r += a
+            if r >= m:
+                r -= m
+        a += a
+        if a >= m:
+            a -= m
+        b >>= 1
+    return r
+
+
+@njit(cache=True, nogil=True)
 def count_nonfinite(x, n):
     """NaN/Inf among x[:n] (exponent bits all ones; an integer loop that vectorises)."""
     bits = x.view(np.uint32)
