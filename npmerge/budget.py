@@ -46,8 +46,9 @@ def default_budget() -> int:
 
 
 def kernel_bytes(n_models: int, threads: int) -> int:
-    """Thread-local block buffers of the span kernels (rows, base, intermediates)."""
-    return threads * (2 * n_models + 6) * constants.BLOCK * 4
+    """Per-thread block buffers of the span kernels: rows, base and the tie count's decode
+    buffers, weighted deltas, and 10 float32-equivalents of intermediates per element."""
+    return threads * (3 * n_models + 12) * constants.BLOCK * 4
 
 
 def output_bytes(span: int) -> int:

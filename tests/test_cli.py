@@ -102,7 +102,7 @@ def test_recipe_rerun_is_byte_identical(ties_out, tmp_path):
 
 
 @pytest.mark.parametrize("variant", [
-    {"env": {"NUMBA_NUM_THREADS": "1"}, "args": ["--max-memory", "5MiB"]},  # spans of one block
+    {"env": {"NUMBA_NUM_THREADS": "1"}, "args": ["--max-memory", "6MiB"]},  # spans of one block
     {"env": {"NUMBA_NUM_THREADS": "2"}, "args": ["--max-memory", "1GiB", "--threads", "2"]},
 ])
 def test_byte_identical_across_threads_and_chunks(ties_out, tmp_path, variant):
@@ -117,14 +117,14 @@ def test_small_budget_really_chunks(tmp_path):
     """The span shrinks with the budget (the largest tensor has 65,536 elements), the working
     memory stays within it, and too small a budget is refused before anything is written."""
     spans = {}
-    for budget, mib in (("5MiB", 5), ("5200KiB", 5200 / 1024), ("1GiB", 1024)):
+    for budget, mib in (("6MiB", 6), ("6400KiB", 6400 / 1024), ("1GiB", 1024)):
         proc = npmerge("ties", LLAMA / "base", *FTS, "--density", "0.2", "-o", tmp_path / "x", "--max-memory",
                        budget, "--dry-run", "--json")
         plan = json.loads(proc.stdout)
         assert plan["working_memory"] <= mib * 2**20
         spans[budget] = plan["span_elements"]
-    assert spans == {"5MiB": 16384, "5200KiB": 32768, "1GiB": 65536}
-    proc = npmerge("ties", LLAMA / "base", *FTS, "--density", "0.2", "-o", tmp_path / "x", "--max-memory", "4MiB",
+    assert spans == {"6MiB": 16384, "6400KiB": 32768, "1GiB": 65536}
+    proc = npmerge("ties", LLAMA / "base", *FTS, "--density", "0.2", "-o", tmp_path / "x", "--max-memory", "5MiB",
                    check=False)
     assert proc.returncode == 2 and "is too small" in proc.stderr
     assert not (tmp_path / "x").exists()

@@ -126,10 +126,10 @@ def test_breadcrumbs_and_della_from_the_cli(tmp_path):
     assert_matches_reference(tmp_path / "d", "della", [1.0] * 3, [0.4] * 3, epsilons=[0.2] * 3, seed=11, lam=1.5)
 
 
-@pytest.mark.parametrize("args,budget", [(("dare-ties", "-d", "0.3", "--seed", "5"), "2500KiB"),
-                                         (("della-linear", "-d", "0.6", "--epsilon", "0.3"), "2500KiB"),
+@pytest.mark.parametrize("args,budget", [(("dare-ties", "-d", "0.3", "--seed", "5"), "4MiB"),
+                                         (("della-linear", "-d", "0.6", "--epsilon", "0.3"), "4MiB"),
                                          (("breadcrumbs-ties", "-d", "0.5", "--gamma", "0.02",
-                                           "--rescale", "true"), "8MiB")])
+                                           "--rescale", "true"), "9MiB")])
 def test_same_bytes_for_threads_and_budgets(args, budget, tmp_path):
     """NUMBA_NUM_THREADS=1 with the default budget and 2 threads with spans smaller than
     the largest tensor (65536 elements) write the same bytes."""

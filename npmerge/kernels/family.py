@@ -31,6 +31,8 @@ Random masks (DARE, DELLA): element e keeps iff u < p with u from Philox
 its row along the last axis, which the kernel computes by reading the whole row.
 """
 
+from collections import namedtuple
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -81,6 +83,15 @@ SELECT = np.dtype([
 # ------------------------------------------------------------------ selection histograms
 
 
+@njit(cache=True, nogil=True)
+def _scratch(nt, nm, block):
+    """Decode buffers (rows, base) for each of nt threads of a parallel region, allocated
+    once per call. Blocks that allocated their own made the tie-count region slower with
+    two threads than with one (4.3 vs 1.9 ns per element on the 1B set's tensors).
+    (numba.get_num_threads() inside a kernel would make it uncacheable: callers pass nt.)"""
+    return np.empty((nt, nm, block), np.float32), np.empty((nt, block), np.float32)
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def hist_hi(addrs, modes, luts, rnd, has_base, lo, hi, block, check, sq, bad, active, hist):
     """hist[t, i, 2 * (mag >> 16) + (mag & 0xFFFF != 0)] += 1 over the task vectors of
@@ -92,15 +103,15 @@ def hist_hi(addrs, modes, luts, rnd, has_base, lo, hi, block, check, sq, bad, ac
     first-pass checks (span.check_block)."""
     nm = addrs.shape[0] - 1
     nb = (hi - lo + block - 1) // block
+    rows_t, base_t = _scratch(hist.shape[0], nm, block)  # hist: one slot per thread
     for b in prange(nb):
         s = lo + b * block
         n = min(block, hi - s)
-        rows = np.empty((nm, n), np.float32)
-        base = np.empty(n, np.float32)
+        t = numba.get_thread_id()
+        rows, base = rows_t[t], base_t[t]
         load_rows(addrs, modes, luts, rnd, has_base, True, s, n, rows, base)
         if check:
             check_block(rows, base, n, has_base, sq, s // block, bad[b])
-        t = numba.get_thread_id()
         for i in range(nm):
             if active[i]:
                 h = hist[t, i]
@@ -117,13 +128,13 @@ def hist_lo(addrs, modes, luts, rnd, has_base, lo, hi, block, slot_model, slot_b
     model lies in)."""
     nm = addrs.shape[0] - 1
     nb = (hi - lo + block - 1) // block
+    rows_t, base_t = _scratch(hist.shape[0], nm, block)  # hist: one slot per thread
     for b in prange(nb):
         s = lo + b * block
         n = min(block, hi - s)
-        rows = np.empty((nm, n), np.float32)
-        base = np.empty(n, np.float32)
-        load_rows(addrs, modes, luts, rnd, has_base, True, s, n, rows, base)
         t = numba.get_thread_id()
+        rows, base = rows_t[t], base_t[t]
+        load_rows(addrs, modes, luts, rnd, has_base, True, s, n, rows, base)
         for k in range(slot_model.shape[0]):
             bk = slot_bucket[k]
             h = hist[t, k]
@@ -191,17 +202,22 @@ def _ascending(mags, order, tmp, count):
         order[:] = tmp
 
 
+# A thread's DELLA row buffers: both rows (float32[2, C]), magnitudes, sort order and its
+# copy, radix counts.
+RowScratch = namedtuple("RowScratch", "vals mags order tmp count")
+
+
 @njit(cache=True, nogil=True)
-def _della_p(addrs, modes, luts, rnd, i, e0, n, C, pa, pb, p):
+def _della_p(addrs, modes, luts, rnd, i, e0, n, C, pa, pb, p, rs):
     """p[t] = DELLA's keep probability of element e0 + t of model i: rows of C elements
     along the last axis, r = 1 + position in the ascending order of |tau| within the row
     (equal values by index), p = pa + (pb * (r - 1)) / (C - 1) in float64. Reads every
-    row the range touches whole (rows may extend beyond the span)."""
-    vals = np.empty((2, C), np.float32)  # the model's row, the base's row
-    mags = np.empty(C, np.uint32)
-    order = np.empty(C, np.int64)
-    tmp = np.empty(C, np.int64)
-    count = np.empty(256, np.int64)
+    row the range touches whole (rows may extend beyond the span). rs: RowScratch."""
+    vals = rs.vals[:, :C]  # the model's row, the base's row
+    mags = rs.mags[:C]
+    order = rs.order[:C]
+    tmp = rs.tmp[:C]
+    count = rs.count
     delta = (modes[1 + i] & DELTA) != 0
     for r in range(e0 // C, (e0 + n - 1) // C + 1):
         start = r * C
@@ -225,7 +241,7 @@ def _della_p(addrs, modes, luts, rnd, i, e0, n, C, pa, pb, p):
 
 
 @njit(cache=True, nogil=True)
-def _sparsify(addrs, modes, luts, rnd, sel, i, seed, x, n, e0, rem, keep, u24, p, out):
+def _sparsify(addrs, modes, luts, rnd, sel, i, seed, x, n, e0, rem, keep, u24, p, out, rs):
     """out[:n] = tau_hat of model i on elements e0..e0+n (x: its task vector there):
     kept elements x (times the rescale), dropped +0.0. Returns how many are kept.
     rem[i, 0 / 1]: running remainders of the upper / lower boundary ties (advanced)."""
@@ -258,7 +274,7 @@ def _sparsify(addrs, modes, luts, rnd, sel, i, seed, x, n, e0, rem, keep, u24, p
             for e in range(n):
                 keep[e] = np.int64(u24[e]) < below
         else:
-            _della_p(addrs, modes, luts, rnd, i, e0, n, s.row, s.p_a, s.p_b, p)
+            _della_p(addrs, modes, luts, rnd, i, e0, n, s.row, s.p_a, s.p_b, p, rs)
             for e in range(n):
                 keep[e] = np.float64(u24[e]) * TWO_M24 < p[e]
     kept = 0
@@ -283,10 +299,11 @@ def _sparsify(addrs, modes, luts, rnd, sel, i, seed, x, n, e0, rem, keep, u24, p
 
 
 @njit(cache=True, nogil=True)
-def _weighted_sum(rows, base, n, has_base, weights, normalize, eps, lam, o):
+def _weighted_sum(rows, base, n, has_base, weights, normalize, eps, lam, o, delta):
     """No sparsifier, no election (task arithmetic, linear): o = B + lam * (sum w_i x_i) / D
-    with D the float32 sum of all weights (|D| < eps -> 1), in the reference's operation order."""
-    delta = np.zeros(n, np.float32)
+    with D the float32 sum of all weights (|D| < eps -> 1), in the reference's operation order.
+    delta: float32 scratch."""
+    delta[:n] = 0
     for i in range(rows.shape[0]):
         w = weights[i]
         x = rows[i]
@@ -306,14 +323,17 @@ def _weighted_sum(rows, base, n, has_base, weights, normalize, eps, lam, o):
 
 
 @njit(cache=True, nogil=True)
-def _combine(u, base, n, has_base, weights, consensus, normalize, eps, lam, o, cnt):
+def _combine(u, base, n, has_base, weights, consensus, normalize, eps, lam, o, cnt, f32s, b8s, i32s):
     """From the weighted sparsified deltas u[i, :n]: elect, disjoint sum, normalise,
-    scale, add the base: o[:n]. cnt += [sign conflicts, per model: -, nonzero, excluded]."""
+    scale, add the base: o[:n]. cnt += [sign conflicts, per model: -, nonzero, excluded].
+    f32s (3 x block), b8s (3 x block), i32s (block): scratch."""
     nm = u.shape[0]
     # Elect: positive[e] is the sign every agreeing u must have.
-    positive = np.ones(n, np.bool_)
+    positive = b8s[0]
+    positive[:n] = True
     if consensus == CONSENSUS_SUM:
-        s = np.zeros(n, np.float32)
+        s = f32s[0]
+        s[:n] = 0
         for i in range(nm):
             ui = u[i]
             for e in range(n):
@@ -321,7 +341,8 @@ def _combine(u, base, n, has_base, weights, consensus, normalize, eps, lam, o, c
         for e in range(n):
             positive[e] = s[e] >= 0
     elif consensus == CONSENSUS_COUNT:
-        k = np.zeros(n, np.int32)
+        k = i32s
+        k[:n] = 0
         for i in range(nm):
             ui = u[i]
             for e in range(n):
@@ -330,10 +351,11 @@ def _combine(u, base, n, has_base, weights, consensus, normalize, eps, lam, o, c
             positive[e] = k[e] >= 0
 
     # Disjoint sum of the agreeing deltas and their weights, with statistics.
-    delta = np.zeros(n, np.float32)
-    denom = np.zeros(n, np.float32)
-    pos = np.zeros(n, np.bool_)
-    neg = np.zeros(n, np.bool_)
+    delta, denom, pos, neg = f32s[1], f32s[2], b8s[1], b8s[2]
+    delta[:n] = 0
+    denom[:n] = 0
+    pos[:n] = False
+    neg[:n] = False
     for i in range(nm):
         ui = u[i]
         w = weights[i]
@@ -392,11 +414,10 @@ def _add_abs(x, y, n, e0, x_lanes, y_lanes):
 
 
 @njit(cache=True, nogil=True)
-def _piece_ties(addrs, modes, luts, rnd, has_base, a, z, block, sel, thin, which, ties):
+def _piece_ties(addrs, modes, luts, rnd, has_base, a, z, block, sel, thin, which, ties, rows, base):
     """ties[i, side] = elements a..z of model i equal to its boundary value, for the models
-    `which` (addrs holds the base and just those models: only they are decoded)."""
-    rows = np.empty((which.size, block), np.float32)
-    base = np.empty(block, np.float32)
+    `which` (addrs holds the base and just those models: only they are decoded); rows and
+    base: scratch of `block` elements."""
     for s in range(a, z, block):
         n = min(block, z - s)
         load_rows(addrs, modes, luts, rnd, has_base, has_base, s, n, rows, base)
@@ -410,9 +431,10 @@ def _piece_ties(addrs, modes, luts, rnd, has_base, a, z, block, sel, thin, which
 
 @njit(cache=True, nogil=True)
 def _piece(addrs, modes, luts, rnd, has_base, lo, a, z, grid, block, check, sq, bad, sel, thin, start, seed, weights,
-           consensus, normalize, eps, lam, l1, lanes, out_addr, out_mode, cnt):
+           consensus, normalize, eps, lam, l1, lanes, out_addr, out_mode, cnt, rows, base, u, keep, u24, prob, o, f32s,
+           b8s, i32s, rs):
     """Elements a..z (one piece, in sub-blocks of `block`) of the span starting at lo;
-    start[i, side]: the piece's first tie ordinals. See `run`."""
+    start[i, side]: the piece's first tie ordinals; the rest: the thread's scratch. See `run`."""
     nm = addrs.shape[0] - 1
     rem = np.zeros((nm, 2), np.int64)
     plain = consensus == CONSENSUS_NONE and not l1
@@ -422,13 +444,6 @@ def _piece(addrs, modes, luts, rnd, has_base, lo, a, z, grid, block, check, sq, 
             rem[i, 0] = mulmod(start[i, 0], sel[i].q_hi, sel[i].m_hi)
         if thin[i, 1]:
             rem[i, 1] = mulmod(start[i, 1], sel[i].q_lo, sel[i].m_lo)
-    rows = np.empty((nm, block), np.float32)
-    base = np.empty(block, np.float32)
-    u = np.empty((nm, block), np.float32)
-    keep = np.empty(block, np.bool_)
-    u24 = np.empty(block, np.uint32)
-    prob = np.empty(block, np.float64)
-    o = np.empty(block, np.float32)
     for s in range(a, z, block):
         n = min(block, z - s)
         load_rows(addrs, modes, luts, rnd, has_base, has_base, s, n, rows, base)
@@ -437,14 +452,14 @@ def _piece(addrs, modes, luts, rnd, has_base, lo, a, z, grid, block, check, sq, 
         if plain:  # task arithmetic, linear: a weighted sum
             for i in range(nm):
                 cnt[1 + 3 * i] += n
-            _weighted_sum(rows, base, n, has_base, weights, normalize, eps, lam, o)
+            _weighted_sum(rows, base, n, has_base, weights, normalize, eps, lam, o, f32s[0])
             cnt[1 + 3 * nm] += store(o, n, out_addr, out_mode, s - lo)
             continue
         for i in range(nm):
             if l1 and not sel[i].l1:
                 continue
             cnt[1 + 3 * i] += _sparsify(addrs, modes, luts, rnd, sel, i, seed, rows[i], n, s, rem, keep, u24, prob,
-                                        u[i])
+                                        u[i], rs)
         if l1:
             for i in range(nm):
                 if sel[i].l1:
@@ -455,13 +470,13 @@ def _piece(addrs, modes, luts, rnd, has_base, lo, a, z, grid, block, check, sq, 
                 ui = u[i]
                 for e in range(n):
                     ui[e] = w * ui[e]
-            _combine(u, base, n, has_base, weights, consensus, normalize, eps, lam, o, cnt)
+            _combine(u, base, n, has_base, weights, consensus, normalize, eps, lam, o, cnt, f32s, b8s, i32s)
             cnt[1 + 3 * nm] += store(o, n, out_addr, out_mode, s - lo)
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def run(addrs, modes, luts, rnd, has_base, lo, hi, grid, block, check, sq, bad, sel, seed, weights, consensus,
-        normalize, eps, lam, l1, lanes, out_addr, out_mode, counts):
+        normalize, eps, lam, l1, lanes, out_addr, out_mode, counts, threads):
     """One span, elements lo..hi, in pieces cut at multiples of `grid` (each piece one
     thread, in sub-blocks of `block`, which `grid` is a multiple of); return how many
     encoded results are Inf/NaN.
@@ -477,6 +492,7 @@ def run(addrs, modes, luts, rnd, has_base, lo, hi, grid, block, check, sq, bad, 
              element e to lanes[0 / 1, i, e // grid, e % 8] (in increasing e: `grid`
              must be the reduction block)
     counts   int64[1 + 3*nm] += [sign conflicts, per model: kept, kept nonzero, excluded]
+    threads  the parallel region's thread count (scratch buffers per thread)
     Rows are task vectors when has_base, else the models (linear)."""
     nm = addrs.shape[0] - 1
     first = lo // grid
@@ -497,9 +513,11 @@ def run(addrs, modes, luts, rnd, has_base, lo, hi, grid, block, check, sq, bad, 
         for j in range(which.size):
             sub_addrs[1 + j], sub_modes[1 + j] = addrs[1 + which[j]], modes[1 + which[j]]
         ties = np.zeros((nu, nm, 2), np.int64)
+        rows_t, base_t = _scratch(threads, which.size, block)
         for p in prange(nu):
+            t = numba.get_thread_id()
             _piece_ties(sub_addrs, sub_modes, luts, rnd, has_base, max(lo, (first + p) * grid),
-                        min(hi, (first + p + 1) * grid), block, sel, thin, which, ties[p])
+                        min(hi, (first + p + 1) * grid), block, sel, thin, which, ties[p], rows_t[t], base_t[t])
         for i in range(nm):
             j_hi, j_lo = sel[i].j_hi, sel[i].j_lo
             for p in range(nu):
@@ -511,10 +529,30 @@ def run(addrs, modes, luts, rnd, has_base, lo, hi, grid, block, check, sq, bad, 
             sel[i].j_lo = j_lo
 
     per_piece = np.zeros((nu, 2 + 3 * nm), np.int64)  # [.., overflow] per piece
+    rows_t, base_t = _scratch(threads, nm, block)
+    u_t = np.empty((threads, nm, block), np.float32)
+    keep_t = np.empty((threads, block), np.bool_)
+    u24_t = np.empty((threads, block), np.uint32)
+    prob_t = np.empty((threads, block), np.float64)
+    o_t = np.empty((threads, block), np.float32)
+    f32_t = np.empty((threads, 3, block), np.float32)
+    b8_t = np.empty((threads, 3, block), np.bool_)
+    i32_t = np.empty((threads, block), np.int32)
+    C = 0  # DELLA's row length
+    for i in range(nm):
+        if sel[i].kind == DELLA:
+            C = max(C, sel[i].row)
+    vals_t = np.empty((threads, 2, C), np.float32)
+    mags_t = np.empty((threads, C), np.uint32)
+    order_t = np.empty((threads, C), np.int64)
+    tmp_t = np.empty((threads, C), np.int64)
+    count_t = np.empty((threads, 256), np.int64)
     for p in prange(nu):
+        t = numba.get_thread_id()
         _piece(addrs, modes, luts, rnd, has_base, lo, max(lo, (first + p) * grid), min(hi, (first + p + 1) * grid),
                grid, block, check, sq, bad, sel, thin, start[p], seed, weights, consensus, normalize, eps, lam, l1,
-               lanes, out_addr, out_mode, per_piece[p])
+               lanes, out_addr, out_mode, per_piece[p], rows_t[t], base_t[t], u_t[t], keep_t[t], u24_t[t], prob_t[t],
+               o_t[t], f32_t[t], b8_t[t], i32_t[t], RowScratch(vals_t[t], mags_t[t], order_t[t], tmp_t[t], count_t[t]))
     overflow = 0
     if not l1:
         for p in range(nu):

@@ -200,17 +200,22 @@ def _blend_range(op, rows, base, has_base, s, n, W, per_col, ca, cb, a, b, o):
 
 
 @njit(cache=True, nogil=True)
+def _scratch(nt, nm, cap, op):
+    """Each of nt threads' buffers for `_item`: rows, base, output, float64 copies, coefficients."""
+    return (np.empty((nt, nm, cap), np.float32), np.empty((nt, cap), np.float32), np.empty((nt, cap), np.float32),
+            np.empty((nt, nm + 1 if op <= COLUMNS else 0, cap), np.float64),
+            np.empty((nt, 2 if SLERP <= op <= STOCK else 0, cap), np.float32))
+
+
+@njit(cache=True, nogil=True)
 def _item(addrs, modes, luts, rnd, has_base, deltas, lo, hi, block, op, C, W, chunks, pa, pb, carry_in, carry_out,
           lanes, sums, per_col, ca, cb, selecting, shift, prefix, t, tq, tm, hist, nan, tie_start, ties, weights,
-          out_addr, out_mode, item, items, ranges, cap, nbr, i0, k0, k1, g, head_end, tail_start):
+          out_addr, out_mode, item, items, ranges, cap, nbr, i0, k0, k1, g, head_end, tail_start, rows, base, o, wide,
+          coef):
     """One work item of `run` (the body of its parallel loop, kept out of it: numba's
-    parfor passes are slow on large loop bodies). Returns its Inf/NaN count."""
+    parfor passes are slow on large loop bodies), with its thread's scratch buffers.
+    Returns its Inf/NaN count."""
     nm = addrs.shape[0] - 1
-    rows = np.empty((nm, cap), np.float32)
-    base = np.empty(cap, np.float32)
-    o = np.empty(cap, np.float32)
-    wide = np.empty((nm + 1 if op <= COLUMNS else 0, cap), np.float64)
-    coef = np.empty((2 if SLERP <= op <= STOCK else 0, cap), np.float32)
     bad = 0
     for rg in range(ranges):
         if op == COLUMNS:
@@ -248,7 +253,7 @@ def _item(addrs, modes, luts, rnd, has_base, deltas, lo, hi, block, op, C, W, ch
 @njit(parallel=True, cache=True, nogil=True)
 def run(addrs, modes, luts, rnd, has_base, deltas, lo, hi, block, op, C, W, chunks, pa, pb, carry_in, carry_out,
         lanes, sums, per_col, ca, cb, selecting, shift, prefix, t, tq, tm, hist, nan, tie_start, ties, weights,
-        out_addr, out_mode):
+        out_addr, out_mode, threads):
     """One span (elements lo..hi) of one operation; returns how many encoded values are
     Inf/NaN (writing operations). Use `launch`, which names and defaults the arguments.
 
@@ -284,11 +289,15 @@ def run(addrs, modes, luts, rnd, has_base, deltas, lo, hi, block, op, C, W, chun
         g = max(1, block // C) if nbr == 1 else 1
         items, ranges, cap = (k1 - k0 + g - 1) // g + 2, 1, block
     bad = np.zeros(items, np.int64)
+    # scratch per thread, allocated once per call: items allocating their own contend in malloc
+    rows_t, base_t, o_t, wide_t, coef_t = _scratch(threads, addrs.shape[0] - 1, cap, op)
     for item in prange(items):
+        tid = numba.get_thread_id()
         bad[item] = _item(addrs, modes, luts, rnd, has_base, deltas, lo, hi, block, op, C, W, chunks, pa, pb,
                           carry_in, carry_out, lanes, sums, per_col, ca, cb, selecting, shift, prefix, t, tq, tm,
                           hist, nan, tie_start, ties, weights, out_addr, out_mode, np.int64(item), items, ranges, cap,
-                          nbr, i0, k0, k1, g, head_end, tail_start)  # int64(item): one signature of _item
+                          nbr, i0, k0, k1, g, head_end, tail_start, rows_t[tid], base_t[tid], o_t[tid], wide_t[tid],
+                          coef_t[tid])  # int64(item): one signature of _item
     return bad.sum()
 
 
@@ -308,7 +317,7 @@ def launch(span, op, *, deltas=False, C=1, W=1, chunks=1, pa=_NO_I64, pb=_NO_I64
     one compiled signature."""
     return run(*span.inputs, deltas, span.lo, span.hi, span.block, op, C, W, chunks, pa, pb, carry_in, carry_out,
                lanes, sums, per_col, ca, cb, selecting, shift, prefix, t, tq, tm, hist, nan, tie_start, ties, weights,
-               span.out_addr, span.out_mode)
+               span.out_addr, span.out_mode, numba.get_num_threads())
 
 
 @njit(cache=True, nogil=True)

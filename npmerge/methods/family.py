@@ -198,7 +198,7 @@ class FamilyDriver(Driver):
                 span.check = False
             return k.run(*span.inputs, span.lo, span.hi, grid, span.block, *self._checks(span), sel, self.seed,
                          self.weights, self.consensus, self.normalize, self.eps, self.lam, l1,
-                         self._lanes if l1 else _NO_LANES, span.out_addr, span.out_mode, self.counts)
+                         self._lanes if l1 else _NO_LANES, span.out_addr, span.out_mode, self.counts, self.ctx.threads)
         if pass_name == "hist_hi":
             if self._hist is None:
                 self._hist = np.zeros((self.ctx.threads, nm, 2 * k.HI_BUCKETS), np.int64)
