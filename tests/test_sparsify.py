@@ -210,6 +210,25 @@ def test_breadcrumbs_gamma_and_density_edges(gamma, density):
     assert np.array_equal(bits(got), bits(want))
 
 
+@pytest.mark.parametrize("layout", ["random", "few-values", "low-digit-only", "top-digit-only", "constant", "one"])
+def test_della_row_order_is_a_stable_sort(layout):
+    """DELLA's row ranking (an LSD radix sort that skips passes whose digit is constant,
+    so the result lands in either buffer) equals a stable argsort of the magnitudes."""
+    asc = kernels.load("family")._ascending
+    rng = np.random.default_rng(7)
+    C = 1 if layout == "one" else 5000
+    mags = {"random": lambda: rng.integers(0, 2**31, C),
+            "few-values": lambda: rng.choice([0, 5, 2**20, 2**30 + 3], C),
+            "low-digit-only": lambda: rng.integers(0, 2**11, C),
+            "top-digit-only": lambda: rng.integers(0, 2**9, C) << 22,
+            "constant": lambda: np.full(C, 12345),
+            "one": lambda: np.array([7])}[layout]().astype(np.uint32)
+    order = np.empty(C, np.int64)
+    got_keys = mags.copy()
+    asc(got_keys, order, np.empty(C, np.uint32), np.empty(C, np.int64), np.empty((3, 2048), np.int64))
+    assert np.array_equal(order, np.argsort(mags, kind="stable"))
+
+
 def test_della_rows():
     """DELLA ranks within rows along the last axis: 1-D (one row), 3-D (not axis 1 as
     mergekit), rows of one element (p = density), rows straddling spans and blocks; and

@@ -178,33 +178,45 @@ def _thin(x, n, t, q, m, rem, keep):
 
 
 @njit(cache=True, nogil=True)
-def _ascending(mags, order, tmp, count):
-    """order[:C] = indices of mags (31-bit magnitudes, uint32) in ascending order, equal
-    values by index: a stable LSD radix sort, 8 bits per pass (a pass whose digit is the
-    same for every element is skipped)."""
+def _ascending(mags, order, keys, tmp, count):
+    """order[:C] = indices of mags (31-bit magnitudes, uint32; overwritten) in ascending
+    order, equal values by index: a stable LSD radix sort of (key, index) pairs with
+    11-bit digits (three passes; the digit histograms come from one read, and a pass whose
+    digit is the same for every element is skipped). keys, tmp: scratch of C; count:
+    int64[3, 2048]."""
     C = mags.shape[0]
+    count[:] = 0
     for c in range(C):
+        m = mags[c]
+        count[0, m & 0x7FF] += 1
+        count[1, (m >> 11) & 0x7FF] += 1
+        count[2, m >> 22] += 1
         order[c] = c
-    for shift in range(0, 32, 8):
-        count[:] = 0
-        for c in range(C):
-            count[(mags[c] >> shift) & 0xFF] += 1
-        if count.max() == C:
+    src_k, src_o, dst_k, dst_o = mags, order, keys, tmp
+    swapped = False
+    for d in range(3):
+        h = count[d]
+        if h.max() == C:
             continue
         total = 0
-        for d in range(256):
-            total, count[d] = total + count[d], total
+        for b in range(2048):
+            total, h[b] = total + h[b], total
+        shift = 11 * d
         for c in range(C):
-            k = order[c]
-            d = (mags[k] >> shift) & 0xFF
-            tmp[count[d]] = k
-            count[d] += 1
+            k = src_k[c]
+            j = h[(k >> shift) & 0x7FF]
+            h[(k >> shift) & 0x7FF] = j + 1
+            dst_k[j] = k
+            dst_o[j] = src_o[c]
+        src_k, src_o, dst_k, dst_o = dst_k, dst_o, src_k, src_o
+        swapped = not swapped
+    if swapped:  # the sorted indices are in tmp
         order[:] = tmp
 
 
-# A thread's DELLA row buffers: both rows (float32[2, C]), magnitudes, sort order and its
-# copy, radix counts.
-RowScratch = namedtuple("RowScratch", "vals mags order tmp count")
+# A thread's DELLA row buffers: both rows (float32[2, C]), magnitudes, sort order, the
+# sort's key and index copies, radix counts (int64[3, 2048]).
+RowScratch = namedtuple("RowScratch", "vals mags order keys tmp count")
 
 
 @njit(cache=True, nogil=True)
@@ -216,6 +228,7 @@ def _della_p(addrs, modes, luts, rnd, i, e0, n, C, pa, pb, p, rs):
     vals = rs.vals[:, :C]  # the model's row, the base's row
     mags = rs.mags[:C]
     order = rs.order[:C]
+    keys = rs.keys[:C]
     tmp = rs.tmp[:C]
     count = rs.count
     delta = (modes[1 + i] & DELTA) != 0
@@ -231,7 +244,7 @@ def _della_p(addrs, modes, luts, rnd, i, e0, n, C, pa, pb, p, rs):
         bits = row.view(np.uint32)
         for c in range(C):
             mags[c] = bits[c] & MAG_MASK
-        _ascending(mags, order, tmp, count)
+        _ascending(mags, order, keys, tmp, count)
         first = max(e0 - start, 0)
         last = min(e0 + n - start, C)
         for pos in range(C):
@@ -545,14 +558,16 @@ def run(addrs, modes, luts, rnd, has_base, lo, hi, grid, block, check, sq, bad, 
     vals_t = np.empty((threads, 2, C), np.float32)
     mags_t = np.empty((threads, C), np.uint32)
     order_t = np.empty((threads, C), np.int64)
+    keys_t = np.empty((threads, C), np.uint32)
     tmp_t = np.empty((threads, C), np.int64)
-    count_t = np.empty((threads, 256), np.int64)
+    count_t = np.empty((threads, 3, 2048), np.int64)
     for p in prange(nu):
         t = numba.get_thread_id()
         _piece(addrs, modes, luts, rnd, has_base, lo, max(lo, (first + p) * grid), min(hi, (first + p + 1) * grid),
                grid, block, check, sq, bad, sel, thin, start[p], seed, weights, consensus, normalize, eps, lam, l1,
                lanes, out_addr, out_mode, per_piece[p], rows_t[t], base_t[t], u_t[t], keep_t[t], u24_t[t], prob_t[t],
-               o_t[t], f32_t[t], b8_t[t], i32_t[t], RowScratch(vals_t[t], mags_t[t], order_t[t], tmp_t[t], count_t[t]))
+               o_t[t], f32_t[t], b8_t[t], i32_t[t], RowScratch(vals_t[t], mags_t[t], order_t[t], keys_t[t], tmp_t[t],
+                                                                  count_t[t]))
     overflow = 0
     if not l1:
         for p in range(nu):

@@ -159,8 +159,8 @@ class FamilyDriver(Driver):
             need += 2 * nm * -(-self.ctx.numel // constants.BLOCK) * 8 * 8
         if any(p.kind in ("random", "della") for p in self.plans):
             need += t * constants.BLOCK * (1 + 4 + 8)
-        if self.whole_rows:  # a row of the model and of the base, magnitudes, order and its copy
-            need += t * self.whole_rows * (4 + 4 + 4 + 8 + 8)
+        if self.whole_rows:  # a row of the model and of the base, magnitudes, order, the sort's copies
+            need += t * (self.whole_rows * (4 + 4 + 4 + 8 + 4 + 8) + 3 * 2048 * 8)
         return need
 
     # -- passes ----------------------------------------------------------------
