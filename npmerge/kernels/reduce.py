@@ -215,7 +215,6 @@ def _item(addrs, modes, luts, rnd, has_base, deltas, lo, hi, block, op, C, W, ch
     """One work item of `run` (the body of its parallel loop, kept out of it: numba's
     parfor passes are slow on large loop bodies), with its thread's scratch buffers.
     Returns its Inf/NaN count."""
-    nm = addrs.shape[0] - 1
     bad = 0
     for rg in range(ranges):
         if op == COLUMNS:
