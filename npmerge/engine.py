@@ -205,7 +205,7 @@ class Engine:
                     span.check, span.sums = True, sums
                     span.bad = np.zeros((-(-(hi - lo) // block), nm + 1), np.int64)
                     if not driver.fused_check:
-                        check(*span.inputs, lo, hi, block, sums, span.bad)
+                        check(*span.inputs, lo, hi, block, sums, span.bad, self.threads)
                         span.check = False
                 if writes:
                     out = self.pipe.buffer()

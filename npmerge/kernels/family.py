@@ -38,7 +38,7 @@ import numpy as np
 from numba import njit, prange
 
 from .philox import uniform24
-from .span import DELTA, check_block, load, load_rows, mulmod, store
+from .span import DELTA, block_scratch, check_block, load, load_rows, mulmod, store
 
 HI_SHIFT = 16
 HI_BUCKETS = 1 << 15  # magnitude bits 30..16
@@ -83,15 +83,6 @@ SELECT = np.dtype([
 # ------------------------------------------------------------------ selection histograms
 
 
-@njit(cache=True, nogil=True)
-def _scratch(nt, nm, block):
-    """Decode buffers (rows, base) for each of nt threads of a parallel region, allocated
-    once per call. Blocks that allocated their own made the tie-count region slower with
-    two threads than with one (4.3 vs 1.9 ns per element on the 1B set's tensors).
-    (numba.get_num_threads() inside a kernel would make it uncacheable: callers pass nt.)"""
-    return np.empty((nt, nm, block), np.float32), np.empty((nt, block), np.float32)
-
-
 @njit(parallel=True, cache=True, nogil=True)
 def hist_hi(addrs, modes, luts, rnd, has_base, lo, hi, block, check, sq, bad, active, hist):
     """hist[t, i, 2 * (mag >> 16) + (mag & 0xFFFF != 0)] += 1 over the task vectors of
@@ -103,7 +94,7 @@ def hist_hi(addrs, modes, luts, rnd, has_base, lo, hi, block, check, sq, bad, ac
     first-pass checks (span.check_block)."""
     nm = addrs.shape[0] - 1
     nb = (hi - lo + block - 1) // block
-    rows_t, base_t = _scratch(hist.shape[0], nm, block)  # hist: one slot per thread
+    rows_t, base_t = block_scratch(hist.shape[0], nm, block)  # hist: one slot per thread
     for b in prange(nb):
         s = lo + b * block
         n = min(block, hi - s)
@@ -128,7 +119,7 @@ def hist_lo(addrs, modes, luts, rnd, has_base, lo, hi, block, slot_model, slot_b
     model lies in)."""
     nm = addrs.shape[0] - 1
     nb = (hi - lo + block - 1) // block
-    rows_t, base_t = _scratch(hist.shape[0], nm, block)  # hist: one slot per thread
+    rows_t, base_t = block_scratch(hist.shape[0], nm, block)  # hist: one slot per thread
     for b in prange(nb):
         s = lo + b * block
         n = min(block, hi - s)
@@ -526,7 +517,7 @@ def run(addrs, modes, luts, rnd, has_base, lo, hi, grid, block, check, sq, bad, 
         for j in range(which.size):
             sub_addrs[1 + j], sub_modes[1 + j] = addrs[1 + which[j]], modes[1 + which[j]]
         ties = np.zeros((nu, nm, 2), np.int64)
-        rows_t, base_t = _scratch(threads, which.size, block)
+        rows_t, base_t = block_scratch(threads, which.size, block)
         for p in prange(nu):
             t = numba.get_thread_id()
             _piece_ties(sub_addrs, sub_modes, luts, rnd, has_base, max(lo, (first + p) * grid),
@@ -542,7 +533,7 @@ def run(addrs, modes, luts, rnd, has_base, lo, hi, grid, block, check, sq, bad, 
             sel[i].j_lo = j_lo
 
     per_piece = np.zeros((nu, 2 + 3 * nm), np.int64)  # [.., overflow] per piece
-    rows_t, base_t = _scratch(threads, nm, block)
+    rows_t, base_t = block_scratch(threads, nm, block)
     u_t = np.empty((threads, nm, block), np.float32)
     keep_t = np.empty((threads, block), np.bool_)
     u24_t = np.empty((threads, block), np.uint32)

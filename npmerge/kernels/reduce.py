@@ -28,7 +28,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .span import load_rows, mulmod, store, sumsq
+from .span import block_scratch, load_rows, mulmod, store, sumsq
 
 # Operations of `run`.
 SUMS = 0  # exact sums over rows (or the whole tensor)
@@ -201,8 +201,10 @@ def _blend_range(op, rows, base, has_base, s, n, W, per_col, ca, cb, a, b, o):
 
 @njit(cache=True, nogil=True)
 def _scratch(nt, nm, cap, op):
-    """Each of nt threads' buffers for `_item`: rows, base, output, float64 copies, coefficients."""
-    return (np.empty((nt, nm, cap), np.float32), np.empty((nt, cap), np.float32), np.empty((nt, cap), np.float32),
+    """Each of nt threads' buffers for `_item`: rows, base (span.block_scratch), output,
+    float64 copies, coefficients."""
+    rows, base = block_scratch(nt, nm, cap)
+    return (rows, base, np.empty((nt, cap), np.float32),
             np.empty((nt, nm + 1 if op <= COLUMNS else 0, cap), np.float64),
             np.empty((nt, 2 if SLERP <= op <= STOCK else 0, cap), np.float32))
 

@@ -194,7 +194,8 @@ class FamilyDriver(Driver):
             # the sums pass runs on the reduction grid (SEMANTICS-2 A), the merge pass on blocks
             grid = constants.BLOCK if l1 else span.block
             if span.check and grid % span.block:  # check blocks that do not nest in the grid (tests)
-                kernels.load("span").check(*span.inputs, span.lo, span.hi, span.block, span.sums, span.bad)
+                kernels.load("span").check(*span.inputs, span.lo, span.hi, span.block, span.sums, span.bad,
+                                           self.ctx.threads)
                 span.check = False
             return k.run(*span.inputs, span.lo, span.hi, grid, span.block, *self._checks(span), sel, self.seed,
                          self.weights, self.consensus, self.normalize, self.eps, self.lam, l1,

@@ -24,7 +24,7 @@ class PassthroughDriver(Driver):
     def feed(self, pass_name: str, span: Span) -> int:
         k = kernels.load("passthrough")
         return k.scale(*span.inputs, span.lo, span.hi, span.block, self.scaled, self.factor, span.out_addr,
-                       span.out_mode)
+                       span.out_mode, self.ctx.threads)
 
 
 SCALE = Param("scale", None, number, "multiply the model's tensors by this factor (not given: copy them unchanged)",
