@@ -23,7 +23,6 @@ from .io.sources import TensorSource
 from .methods.protocol import Span, TensorContext
 
 Progress = Callable[[int, str], None]  # (bytes advanced, tensor name)
-_NO_SUMS = np.empty((0, 0), np.float64)
 
 
 class SpanInputs:
