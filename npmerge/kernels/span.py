@@ -1,143 +1,359 @@
-"""Block plumbing shared by the fused span kernels: any input -> float32 rows of one
-block, a block of float32 results -> the output's storage, and the engine's first-pass
-check (delta norms, NaN/Inf counts).
+"""Block plumbing shared by every span kernel: any input -> float32 rows of one block,
+float32 results -> the output's storage, and the engine's first-pass checks (delta
+norms, NaN/Inf counts).
 
-A span kernel covers a large range of one tensor (MiBs) in one parallel region; inside
-it each thread takes cache-sized blocks and runs the whole pipeline on them (decode ->
-method math -> encode), so decoded float32 rows never leave the cache and there is one
-barrier per span instead of one per kernel per small chunk.
+A span kernel is a small serial `nogil` function over one *piece* of a span (a range of
+whole blocks); the engine's workers (npmerge/workers.py) run the pieces of a span on
+their threads. Inside a piece the kernel runs the whole pipeline block by block
+(decode -> method math -> encode), so decoded float32 rows never leave the cache.
 
-Inputs are passed as *addresses* plus a *mode* per input (slot 0 the base, 1.. the
-models), not as arrays: numba types a tuple of arrays by its length and a typed List
-costs a JIT compile in every process, while an int64 array of addresses gives one
-compiled signature for any number of models and any mix of dtypes. An address points
-at element 0 of the whole tensor's raw storage (a read-only memory map, kept alive by
-the engine for the call), or at a float32 buffer a non-mapped source filled, shifted so
-that element indices stay absolute. Kernels only ever read through input addresses.
+Inputs reach a kernel as one tuple `inp = (bk, mk, rnd, addrs, flags, luts)`:
 
-mode = storage kind (low 3 bits) | DELTA when the source delivers task-vector values
-(a LoRA adapter) instead of model values. `rnd` rounds every model-valued input to
-BF16 or F16 first (a recipe's `dtype:`).
+    bk, mk  the storage kind of the base and of every model, as a *marker*: a value whose
+            numba type selects the decoder when the kernel is compiled (dtypes.SPAN_KIND:
+            np.uint16(0) is BF16, np.int16(0) F16, np.float32(0) F32, ...; bk None: no
+            base). A kernel therefore compiles only the conversions its tensor needs, and
+            each (kernel, dtypes) pair is compiled once and cached on disk.
+    rnd     a recipe's `dtype:` rounding of model values: None, or the BF16/F16 marker
+    addrs   int64 addresses of element 0 of each input's storage (slot 0 the base, 1.. the
+            models): a read-only memory map, or a float32 buffer a computed source filled,
+            shifted so that element indices stay absolute. An int64 array gives one
+            compiled signature for any number of models; kernels only read through it.
+    flags   int64 per slot: DELTA when the source delivers task-vector values (a LoRA
+            adapter) instead of model values
+    luts    float32 decode tables (dtypes.span_luts)
+
+The output is `out = (ok, addr)`: the output kind marker and the address of the span's
+element `lo` in the output buffer.
 """
 
-import numba
 import numpy as np
-from numba import carray, njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import carray, njit, types
+from numba.extending import overload
 
 from ..dtypes import SPAN_DELTA as DELTA
-from ..dtypes import SPAN_KIND, SPAN_ROUND
+from .bits import bits_f32, f32_bits
+from .bits import voidptr as _voidptr
 from .convert import bf16_bits, f16_bits
 
-BF16, F16, F32, F64 = SPAN_KIND["BF16"], SPAN_KIND["F16"], SPAN_KIND["F32"], SPAN_KIND["F64"]
-E4M3 = SPAN_KIND["F8_E4M3"]
-KIND = 7
 # Offsets of the decode tables in the one float32 `luts` array (dtypes.span_luts).
 LUT_F16, LUT_E4M3, LUT_E5M2 = 0, 65536, 65536 + 256
-ROUND_NONE, ROUND_BF16 = SPAN_ROUND[None], SPAN_ROUND["BF16"]
 EXP32 = 0x7F800000
+JIT = dict(cache=True, nogil=True)
+HELPER = dict(nogil=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 
 
-@intrinsic
-def _voidptr(typingctx, addr):
-    """int64 address -> void* (for numba.carray)."""
-    sig = types.voidptr(addr)
+# ------------------------------------------------------------------ storage kinds
 
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-
-    return sig, codegen
+@njit(inline="always")
+def _bf16(raw, luts):
+    return bits_f32(np.uint32(raw) << 16)
 
 
-@njit(cache=True, nogil=True)
-def load(addr, mode, luts, rnd, lo, n, dst):
+@njit(inline="always")
+def _f16(raw, luts):
+    return luts[LUT_F16 + np.int64(raw)]
+
+
+@njit(inline="always")
+def _e4m3(raw, luts):
+    return luts[LUT_E4M3 + np.int64(raw)]
+
+
+@njit(inline="always")
+def _e5m2(raw, luts):
+    return luts[LUT_E5M2 + np.int64(raw)]
+
+
+@njit(inline="always")
+def _f32(raw, luts):
+    return raw
+
+
+@njit(inline="always")
+def _f64(raw, luts):
+    return np.float32(raw)  # round to nearest even
+
+
+# marker type -> (storage dtype, bytes per element, raw -> float32)
+_DECODERS = {
+    types.uint16: (np.uint16, 2, _bf16), types.int16: (np.uint16, 2, _f16),
+    types.uint8: (np.uint8, 1, _e4m3), types.int8: (np.uint8, 1, _e5m2),
+    types.float32: (np.float32, 4, _f32), types.float64: (np.float64, 8, _f64),
+}
+
+
+def decode(kind, luts, addr, lo, n, dst):
     """dst[:n] = float32 values of elements lo .. lo+n-1 of one input (exact widening;
-    F64 rounds to nearest even), then rounded to BF16/F16 if `rnd` (model values only)."""
-    kind = mode & KIND
-    if kind == BF16:
-        s16 = carray(_voidptr(addr + 2 * lo), (n,), np.uint16)
-        for e in range(n):
-            dst[e] = np.uint32(np.uint32(s16[e]) << 16).view(np.float32)
-    elif kind == F32:
-        s32 = carray(_voidptr(addr + 4 * lo), (n,), np.float32)
-        for e in range(n):
-            dst[e] = s32[e]
-    elif kind == F16:
-        h16 = carray(_voidptr(addr + 2 * lo), (n,), np.uint16)
-        for e in range(n):
-            dst[e] = luts[LUT_F16 + np.int64(h16[e])]
-    elif kind == F64:
-        s64 = carray(_voidptr(addr + 8 * lo), (n,), np.float64)
-        for e in range(n):
-            dst[e] = np.float32(s64[e])
-    else:
-        s8 = carray(_voidptr(addr + lo), (n,), np.uint8)
-        off = LUT_E4M3 if kind == E4M3 else LUT_E5M2
-        for e in range(n):
-            dst[e] = luts[off + np.int64(s8[e])]
-    if rnd != ROUND_NONE and (mode & DELTA) == 0:
-        if rnd == ROUND_BF16:
-            for e in range(n):
-                dst[e] = np.uint32(np.uint32(bf16_bits(dst[e])) << 16).view(np.float32)
-        else:
-            for e in range(n):
-                dst[e] = luts[LUT_F16 + f16_bits(dst[e])]
+    F64 rounds to nearest even). kind None: nothing (no base)."""
 
 
-@njit(cache=True, nogil=True)
-def load_rows(addrs, modes, luts, rnd, has_base, deltas, lo, n, rows, base):
-    """One block of every input: base[:n] (if has_base) and rows[i, :n] for each model,
-    as task vectors M - B (float32 subtraction) when `deltas`, else as model values
-    (a DELTA input then becomes B + tau)."""
-    nm = addrs.shape[0] - 1
-    if has_base:
-        load(addrs[0], modes[0], luts, rnd, lo, n, base)
-    for i in range(nm):
+def gather(kind, luts, addr, idx, n, dst):
+    """dst[:n] = float32 values of the elements idx[:n] of one input."""
+
+
+@overload(decode)
+def _decode(kind, luts, addr, lo, n, dst):
+    if isinstance(kind, types.NoneType):
+        return lambda kind, luts, addr, lo, n, dst: None
+    storage, size, value = _DECODERS[kind]
+
+    def impl(kind, luts, addr, lo, n, dst):
+        src = carray(_voidptr(addr + size * lo), (n,), storage)
+        for e in range(n):
+            dst[e] = value(src[e], luts)
+    return impl
+
+
+@overload(gather)
+def _gather(kind, luts, addr, idx, n, dst):
+    if isinstance(kind, types.NoneType):
+        return lambda kind, luts, addr, idx, n, dst: None
+    storage, size, value = _DECODERS[kind]
+
+    def impl(kind, luts, addr, idx, n, dst):
+        for j in range(n):
+            dst[j] = value(carray(_voidptr(addr + size * idx[j]), (1,), storage)[0], luts)
+    return impl
+
+
+def round_to(rnd, luts, n, dst):
+    """Round dst[:n] to BF16 or F16 values (a recipe's `dtype:`); rnd None: nothing."""
+
+
+@overload(round_to)
+def _round_to(rnd, luts, n, dst):
+    if isinstance(rnd, types.NoneType):
+        return lambda rnd, luts, n, dst: None
+    if rnd == types.uint16:
+        def bf16(rnd, luts, n, dst):
+            for e in range(n):
+                dst[e] = bits_f32(np.uint32(bf16_bits(dst[e])) << 16)
+        return bf16
+
+    def f16(rnd, luts, n, dst):
+        for e in range(n):
+            dst[e] = luts[LUT_F16 + f16_bits(dst[e])]
+    return f16
+
+
+# marker type -> (storage dtype, bytes per element, float32 -> storage, exponent mask of storage)
+@njit(inline="always")
+def _to_bf16(x):
+    return np.uint16(bf16_bits(x))
+
+
+@njit(inline="always")
+def _to_f16(x):
+    return np.uint16(f16_bits(x))
+
+
+@njit(inline="always")
+def _to_f32(x):
+    return x
+
+
+@njit(inline="always")
+def _to_f64(x):
+    return np.float64(x)
+
+
+@njit(inline="always")
+def _bad_bf16(h):
+    return (h & 0x7F80) == 0x7F80
+
+
+@njit(inline="always")
+def _bad_f16(h):
+    return (h & 0x7C00) == 0x7C00
+
+
+@njit(inline="always")
+def _bad_float(x):
+    return not np.isfinite(x)
+
+
+_ENCODERS = {
+    types.uint16: (np.uint16, 2, _to_bf16, _bad_bf16), types.int16: (np.uint16, 2, _to_f16, _bad_f16),
+    types.float32: (np.float32, 4, _to_f32, _bad_float), types.float64: (np.float64, 8, _to_f64, _bad_float),
+}
+
+
+def encode(kind, vals, n, addr, at):
+    """Encode vals[:n] into the output at element `at` (BF16/F16 round to nearest even,
+    F32 copy, F64 widen); return how many encoded values are Inf/NaN."""
+
+
+def scatter(kind, vals, n, addr, idx, lo):
+    """encode() of vals[j] into element idx[j] - lo of the output, for j < n."""
+
+
+@overload(encode)
+def _encode(kind, vals, n, addr, at):
+    if isinstance(kind, types.NoneType):  # a pass without output
+        return lambda kind, vals, n, addr, at: 0
+    storage, size, to, bad = _ENCODERS[kind]
+
+    def impl(kind, vals, n, addr, at):
+        dst = carray(_voidptr(addr + size * at), (n,), storage)
+        count = 0
+        for e in range(n):
+            h = to(vals[e])
+            dst[e] = h
+            count += bad(h)
+        return count
+    return impl
+
+
+@overload(scatter)
+def _scatter(kind, vals, n, addr, idx, lo):
+    storage, size, to, bad = _ENCODERS[kind]
+
+    def impl(kind, vals, n, addr, idx, lo):
+        count = 0
+        for j in range(n):
+            h = to(vals[j])
+            carray(_voidptr(addr + size * (idx[j] - lo)), (1,), storage)[0] = h
+            count += bad(h)
+        return count
+    return impl
+
+
+# ------------------------------------------------------------------ rows of a block
+
+
+@njit(**HELPER)
+def _prepare(inp, deltas, n, rows, base):
+    """Decoded values -> what kernels see: a recipe's `dtype:` rounds every model value
+    (not a DELTA input's task vector); then model values become task vectors M - B
+    (float32) when `deltas`, and a DELTA input becomes model values B + tau when not."""
+    bk, rnd, flags, luts = inp[0], inp[2], inp[4], inp[5]
+    if rnd is not None:
+        if bk is not None and (flags[0] & DELTA) == 0:
+            round_to(rnd, luts, n, base)
+        for i in range(rows.shape[0]):
+            if (flags[1 + i] & DELTA) == 0:
+                round_to(rnd, luts, n, rows[i])
+    if bk is None:
+        return
+    for i in range(rows.shape[0]):
         r = rows[i]
-        load(addrs[1 + i], modes[1 + i], luts, rnd, lo, n, r)
-        if has_base:
-            is_delta = (modes[1 + i] & DELTA) != 0
-            if deltas and not is_delta:
-                for e in range(n):
-                    r[e] = r[e] - base[e]
-            elif is_delta and not deltas:
-                for e in range(n):
-                    r[e] = base[e] + r[e]
+        is_delta = (flags[1 + i] & DELTA) != 0
+        if deltas and not is_delta:
+            for e in range(n):
+                r[e] = r[e] - base[e]
+        elif is_delta and not deltas:
+            for e in range(n):
+                r[e] = base[e] + r[e]
 
 
-@njit(cache=True, nogil=True)
-def store(vals, n, out_addr, out_mode, at):
-    """Encode vals[:n] into the output buffer at element `at` (BF16/F16 round to nearest
-    even, F32 copy, F64 widen); return how many encoded values are Inf/NaN."""
-    bad = 0
-    vbits = vals.view(np.uint32)
-    if out_mode == BF16:
-        o16 = carray(_voidptr(out_addr + 2 * at), (n,), np.uint16)
-        for e in range(n):
-            h = bf16_bits(vals[e])
-            o16[e] = np.uint16(h)
-            bad += (h & 0x7F80) == 0x7F80
-    elif out_mode == F16:
-        h16 = carray(_voidptr(out_addr + 2 * at), (n,), np.uint16)
-        for e in range(n):
-            h = f16_bits(vals[e])
-            h16[e] = np.uint16(h)
-            bad += (h & 0x7C00) == 0x7C00
-    elif out_mode == F32:
-        o32 = carray(_voidptr(out_addr + 4 * at), (n,), np.float32)
-        for e in range(n):
-            o32[e] = vals[e]
-            bad += (vbits[e] & EXP32) == EXP32
+@njit(**HELPER)
+def load_rows(inp, deltas, lo, n, rows, base):
+    """One block of every input: base[:n] (if there is a base) and rows[i, :n] for each
+    model, as task vectors M - B when `deltas`, else as model values."""
+    bk, mk, rnd, addrs, flags, luts = inp
+    decode(bk, luts, addrs[0], lo, n, base)
+    for i in range(rows.shape[0]):
+        decode(mk, luts, addrs[1 + i], lo, n, rows[i])
+    _prepare(inp, deltas, n, rows, base)
+
+
+@njit(**HELPER)
+def gather_rows(inp, deltas, idx, n, rows, base):
+    """load_rows() of the elements idx[:n] (scattered positions)."""
+    bk, mk, rnd, addrs, flags, luts = inp
+    gather(bk, luts, addrs[0], idx, n, base)
+    for i in range(rows.shape[0]):
+        gather(mk, luts, addrs[1 + i], idx, n, rows[i])
+    _prepare(inp, deltas, n, rows, base)
+
+
+@njit(**HELPER)
+def load_one(inp, slot, lo, n, dst):
+    """dst[:n] = elements lo..lo+n-1 of input `slot` alone (0 the base), rounded as
+    load_rows rounds it."""
+    bk, mk, rnd, addrs, flags, luts = inp
+    if slot == 0:
+        decode(bk, luts, addrs[0], lo, n, dst)
     else:
-        o64 = carray(_voidptr(out_addr + 8 * at), (n,), np.float64)
-        for e in range(n):
-            o64[e] = np.float64(vals[e])
-            bad += (vbits[e] & EXP32) == EXP32
+        decode(mk, luts, addrs[slot], lo, n, dst)
+    if rnd is not None and (flags[slot] & DELTA) == 0:
+        round_to(rnd, luts, n, dst)
+
+
+# ------------------------------------------------------------------ checks and sums
+
+
+@njit(**HELPER)
+def count_nonfinite(x, n):
+    """NaN/Inf among x[:n] (exponent bits all ones; an integer loop that vectorises)."""
+    bad = 0
+    for e in range(n):
+        bad += (f32_bits(x[e]) & EXP32) == EXP32
     return bad
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER)
+def sumsq(x, n):
+    """float64 sum of x[:n]**2 by the reduction rule (SEMANTICS-2 A): element e goes to
+    accumulator e mod 8 in increasing e, combined ((A0+A1)+(A2+A3))+((A4+A5)+(A6+A7)).
+    Squares of float32 values are exact in float64. `x` starts a block (or a row)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    main = n - n % 8
+    for e in range(0, main, 8):
+        v0 = np.float64(x[e]); v1 = np.float64(x[e + 1]); v2 = np.float64(x[e + 2]); v3 = np.float64(x[e + 3])
+        v4 = np.float64(x[e + 4]); v5 = np.float64(x[e + 5]); v6 = np.float64(x[e + 6]); v7 = np.float64(x[e + 7])
+        a0 += v0 * v0; a1 += v1 * v1; a2 += v2 * v2; a3 += v3 * v3
+        a4 += v4 * v4; a5 += v5 * v5; a6 += v6 * v6; a7 += v7 * v7
+    tail = n - main  # the last elements continue lanes 0, 1, ...
+    if tail > 0:
+        a0 += np.float64(x[main]) * np.float64(x[main])
+    if tail > 1:
+        a1 += np.float64(x[main + 1]) * np.float64(x[main + 1])
+    if tail > 2:
+        a2 += np.float64(x[main + 2]) * np.float64(x[main + 2])
+    if tail > 3:
+        a3 += np.float64(x[main + 3]) * np.float64(x[main + 3])
+    if tail > 4:
+        a4 += np.float64(x[main + 4]) * np.float64(x[main + 4])
+    if tail > 5:
+        a5 += np.float64(x[main + 5]) * np.float64(x[main + 5])
+    if tail > 6:
+        a6 += np.float64(x[main + 6]) * np.float64(x[main + 6])
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+@njit(**HELPER)
+def lanes8(lanes):
+    """The reduction rule's combine of 8 float64 lanes: ((A0+A1)+(A2+A3))+((A4+A5)+(A6+A7))."""
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+
+
+@njit(**HELPER)
+def check_block(rows, base, n, has_base, sums, gb, bad):
+    """The engine's first-pass checks on one decoded block (block gb of the tensor):
+    float64 sums of squares of the rows into sums[i, gb] (skipped if `sums` has no
+    columns), NaN/Inf counts into bad[0] (base) and bad[1 + i]."""
+    if has_base:
+        bad[0] += count_nonfinite(base, n)
+    for i in range(rows.shape[0]):
+        bad[1 + i] += count_nonfinite(rows[i], n)
+        if sums.shape[1] != 0:
+            sums[i, gb] = sumsq(rows[i], n)
+
+
+@njit(**JIT)
+def check(inp, a, z, block, sums, bad, rows, base):
+    """check_block over elements a..z (a on the block grid) for drivers whose kernels do
+    not run it themselves: rows are task vectors when there is a base."""
+    has_base = inp[0] is not None
+    for s in range(a, z, block):
+        n = min(block, z - s)
+        load_rows(inp, has_base, s, n, rows, base)
+        check_block(rows, base, n, has_base, sums, s // block, bad)
+
+
+@njit(**HELPER)
 def mulmod(a, b, m):
     """(a * b) % m for 0 <= a, b < m < 2**62 without overflow (double and add): the
     remainder of the rank rule's even thinning at a tie ordinal (SEMANTICS.md)."""
@@ -153,70 +369,3 @@ def mulmod(a, b, m):
             a -= m
         b >>= 1
     return r
-
-
-@njit(cache=True, nogil=True)
-def count_nonfinite(x, n):
-    """NaN/Inf among x[:n] (exponent bits all ones; an integer loop that vectorises)."""
-    bits = x.view(np.uint32)
-    bad = 0
-    for e in range(n):
-        bad += (bits[e] & EXP32) == EXP32
-    return bad
-
-
-@njit(cache=True, nogil=True)
-def sumsq(x, n):
-    """float64 sum of x[:n]**2 by the reduction rule (SEMANTICS-2 A): element e goes to
-    accumulator e mod 8 in increasing e, combined ((A0+A1)+(A2+A3))+((A4+A5)+(A6+A7)).
-    Squares of float32 values are exact in float64. `x` starts a block (or a row)."""
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-    main = n - n % 8
-    for e in range(0, main, 8):
-        v0 = np.float64(x[e]); v1 = np.float64(x[e + 1]); v2 = np.float64(x[e + 2]); v3 = np.float64(x[e + 3])
-        v4 = np.float64(x[e + 4]); v5 = np.float64(x[e + 5]); v6 = np.float64(x[e + 6]); v7 = np.float64(x[e + 7])
-        a0 += v0 * v0; a1 += v1 * v1; a2 += v2 * v2; a3 += v3 * v3
-        a4 += v4 * v4; a5 += v5 * v5; a6 += v6 * v6; a7 += v7 * v7
-    lanes = np.array([a0, a1, a2, a3, a4, a5, a6, a7])
-    for e in range(main, n):
-        v = np.float64(x[e])
-        lanes[e - main] += v * v
-    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
-
-
-@njit(cache=True, nogil=True)
-def check_block(rows, base, n, has_base, sums, gb, bad):
-    """The engine's first-pass checks on one decoded block (block gb of the tensor):
-    float64 sums of squares of the rows into sums[i, gb] (skipped if `sums` has no
-    columns), NaN/Inf counts into bad[0] (base) and bad[1 + i]."""
-    if has_base:
-        bad[0] = count_nonfinite(base, n)
-    for i in range(rows.shape[0]):
-        bad[1 + i] = count_nonfinite(rows[i], n)
-        if sums.shape[1] != 0:
-            sums[i, gb] = sumsq(rows[i], n)
-
-
-@njit(cache=True, nogil=True)
-def block_scratch(nt, nm, block):
-    """Decode buffers (rows, base) for each of nt threads of a parallel region, allocated
-    once per call and taken with numba.get_thread_id(). Blocks that allocated their own
-    made a region slower with two threads than with one (TIES's tie count: 4.3 vs 1.9 ns
-    per element on the 1B set's tensors). Callers pass nt: numba.get_num_threads() in a
-    kernel would make it uncacheable."""
-    return np.empty((nt, nm, block), np.float32), np.empty((nt, block), np.float32)
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def check(addrs, modes, luts, rnd, has_base, lo, hi, block, sums, bad, threads):
-    """check_block over elements lo..hi (lo a multiple of `block`) for drivers whose
-    kernels do not run it themselves: rows are task vectors when there is a base."""
-    nm = addrs.shape[0] - 1
-    nb = (hi - lo + block - 1) // block
-    rows_t, base_t = block_scratch(threads, nm, block)
-    for b in prange(nb):
-        s = lo + b * block
-        n = min(block, hi - s)
-        t = numba.get_thread_id()
-        load_rows(addrs, modes, luts, rnd, has_base, has_base, s, n, rows_t[t], base_t[t])
-        check_block(rows_t[t], base_t[t], n, has_base, sums, lo // block + b, bad[b])
