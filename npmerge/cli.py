@@ -259,15 +259,25 @@ def info(
     _guard(body, json_out)
 
 
-@app.command(cls=_Command, epilog="Example: npmerge warmup")
-def warmup():
-    """Compile and cache every kernel now (e.g. while building a container image)."""
+@app.command(cls=_Command, epilog="Example: npmerge warmup --dtype bfloat16 --method ties")
+def warmup(
+    dtype: Optional[List[str]] = typer.Option(
+        None, "--dtype", help="Storage dtype of the checkpoints to merge (repeatable; default: bfloat16, float16, "
+                              "float32)."),
+    method: Optional[List[str]] = typer.Option(None, "--method", help="A merge method (repeatable; default: all)."),
+):
+    """Compile and cache the kernels now (e.g. while building a container image)."""
     def body():
-        from . import render
-        from .warmup import compile_all
+        from . import kernels, render
+        from .dtypes import parse_user_dtype
+        from .methods import registry
+        from .warmup import DEFAULT_DTYPES, compile_kernels
 
-        seconds = compile_all()
-        render.stderr().print(f"kernels compiled and cached in {seconds:.1f} s")
+        codes = tuple(dict.fromkeys(parse_user_dtype(d) for d in dtype)) if dtype else DEFAULT_DTYPES
+        methods = [registry.get(m).name for m in method] if method else None
+        seconds = compile_kernels(codes, methods)
+        where = kernels.ensure_cache_dir() or "memory only (no writable cache directory)"
+        render.stderr().print(f"kernels for {', '.join(codes)} compiled in {seconds:.1f} s, cached in {where}")
 
     _guard(body, False)
 

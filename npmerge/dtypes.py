@@ -75,13 +75,7 @@ ALIASES = {
     "float64": "F64", "fp64": "F64", "f64": "F64",
 }
 
-# How the span kernels (kernels/span.py) read each storage dtype and write each output
-# dtype: a marker whose numba type picks the conversion when a kernel is compiled, so each
-# kernel is compiled for (and only for) the dtypes a merge uses.
-SPAN_KIND = {"BF16": np.uint16(0), "F16": np.int16(0), "F32": np.float32(0), "F64": np.float64(0),
-             "F8_E4M3": np.uint8(0), "F8_E5M2": np.int8(0)}
-SPAN_DELTA = 8  # input flag: the source delivers task-vector values
-SPAN_ROUND = {None: None, "F32": None, "BF16": SPAN_KIND["BF16"], "F16": SPAN_KIND["F16"]}  # a recipe's `dtype:`
+SPAN_DELTA = 8  # span kernels' input flag: the source delivers task-vector values (kernels/span.py)
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
 
 # config.json's torch_dtype / dtype spelling of each output dtype.

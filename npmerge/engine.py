@@ -17,10 +17,11 @@ import numpy as np
 
 from . import kernels
 from .constants import BLOCK
-from .dtypes import ITEMSIZE, SPAN_DELTA, SPAN_KIND, SPAN_ROUND, span_luts, unaligned_ok
+from .dtypes import DECODABLE, ITEMSIZE, SPAN_DELTA, span_luts, unaligned_ok
 from .errors import IncompatibleModels
 from .io.sources import TensorSource
 from .methods.protocol import Span, TensorContext
+from . import workers
 from .workers import Workers
 
 Progress = Callable[[int, str], None]  # (bytes advanced, tensor name)
@@ -59,9 +60,10 @@ class SpanInputs:
                 self._keep.append(buf)
             if src.is_delta:
                 flags[slot] = SPAN_DELTA
-        kinds = [(SPAN_KIND[s.dtype] if in_place[slot] else SPAN_KIND["F32"]) if s is not None else None
-                 for slot, s in enumerate(self.sources)]
-        self.inp = (kinds[0], kinds[1] if n > 1 else SPAN_KIND["F32"], SPAN_ROUND[rnd], self.addrs, flags, span_luts())
+        codecs = kernels.load("codecs")
+        kinds = [(s.dtype if in_place[slot] else "F32") if s is not None else None for slot, s in enumerate(self.sources)]
+        self.inp = (codecs.decoder(kinds[0]), codecs.decoder(kinds[1]), codecs.rounder(rnd), self.addrs, flags,
+                    span_luts().ctypes.data, base is not None)
         self._filled: list[tuple[int, int] | None] = [None] * len(self._computed)  # range each buffer holds
         self._check_scratch: list = []  # the check pass's block buffers per thread (Span.run_checks)
 
@@ -72,7 +74,7 @@ class SpanInputs:
         def mappable(src) -> bool:
             raw = src.raw() if src is not None else None
             aligned = raw is not None and (raw.ctypes.data % max(raw.itemsize, 1) == 0 or unaligned_ok())
-            return raw is not None and raw.size > 0 and aligned and src.dtype in SPAN_KIND
+            return raw is not None and raw.size > 0 and aligned and src.dtype in DECODABLE
         together = all(mappable(m) for m in models) and len({m.dtype for m in models}) <= 1
         return [base is not None and mappable(base)] + [together] * len(models)
 
@@ -138,8 +140,9 @@ class Engine:
         self.allow_nonfinite = plan.allow_nonfinite
         self.writer = writer
         self.progress = progress or (lambda advance, name: None)
-        self.threads = kernels.set_threads(plan.threads)
+        self.threads = kernels.threads(plan.threads)
         self.workers = Workers(self.threads)
+        workers.activate(self.workers)
         self.pipe = WritePipe(writer, max(plan.span, 1) * 8)
         self.stats: dict[str, dict] = {}
 
@@ -188,6 +191,7 @@ class Engine:
         try:
             self.pipe.close()
         finally:
+            workers.activate(None)
             self.workers.close()
 
     def _copy(self, job) -> None:
@@ -212,7 +216,8 @@ class Engine:
         inputs = SpanInputs(job.base, job.models, job.span, job.input_round, block, driver.whole_rows)
         sums = np.zeros((nm, -(-n // block)), np.float64)
         bad = np.zeros((self.threads, nm + 1), np.int64)
-        out_kind, itemsize = SPAN_KIND[job.out_dtype], ITEMSIZE[job.out_dtype]
+        codecs = kernels.load("codecs")
+        encoder, no_output, itemsize = codecs.encoder(job.out_dtype), codecs.encoder(None), ITEMSIZE[job.out_dtype]
         overflow = 0
         done = 0
         while done < len(driver.passes):  # end_pass may drop a pass that turned out unneeded
@@ -225,9 +230,8 @@ class Engine:
                     span.check, span.sums, span.bad = True, sums, bad
                     if not driver.fused_check:
                         span.run_checks()
-                if writes:
-                    out = self.pipe.buffer()
-                    span.out = (out_kind, out.ctypes.data)
+                out = self.pipe.buffer() if writes else None
+                span.out = (encoder, out.ctypes.data) if writes else (no_output, 0)
                 overflow += driver.feed(pass_name, span)
                 if writes:
                     self.pipe.write(job.name, lo * itemsize, out[:(hi - lo) * itemsize])
@@ -279,11 +283,12 @@ class _Collect:
 
 
 def run_arrays(method: str, base, models, params: dict, model_params: list[dict], *, dtype: str = "F32",
-               out_dtype: str = "F32", shape=None, name: str = "tensor", span: int | None = None,
+               model_dtype: str | None = None, out_dtype: str = "F32", shape=None, name: str = "tensor", span: int | None = None,
                threads: int | None = None, allow_nonfinite: bool = False, input_round: str | None = None,
                block: int = BLOCK, driver: bool = False):
     """Merge one in-memory tensor exactly as a real merge does (tests, warmup): inputs are
-    raw storage arrays of `dtype` (float32 for F32, uint16 bit patterns for BF16/F16, ...);
+    raw storage arrays of `dtype` (float32 for F32, uint16 bit patterns for BF16/F16, ...;
+    the models of `model_dtype` if given);
     returns the output's raw storage array (shaped) and the tensor's statistics (and the
     finished driver if `driver`). `span` must be a multiple of `block`."""
     from types import SimpleNamespace
@@ -298,7 +303,7 @@ def run_arrays(method: str, base, models, params: dict, model_params: list[dict]
     numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
     g, mp = m.resolve(dict(params), [dict(p) for p in model_params], cross_check=False)
     b = ArraySource(base, dtype, shape, "base", name) if base is not None else None
-    srcs = tuple(ArraySource(x, dtype, shape, f"model {i + 1}", name) for i, x in enumerate(models))
+    srcs = tuple(ArraySource(x, model_dtype or dtype, shape, f"model {i + 1}", name) for i, x in enumerate(models))
     span = span or max(block, -(-numel // block) * block)
     if span % block:
         raise ValueError(f"span {span} is not a multiple of block {block}")

@@ -14,7 +14,7 @@ scratch buffers; results that must not depend on scheduling are written per piec
 from __future__ import annotations
 
 import queue
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Sequence
 
 
@@ -41,11 +41,27 @@ class Workers:
                 self._slots.put(slot)
 
         futures = [self._pool.submit(one, p) for p in range(pieces)]
+        wait(futures)
         return [f.result() for f in futures]
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+
+_current: Workers | None = None
+_serial = Workers(1)
+
+
+def current() -> Workers:
+    """The running merge's workers (for computed sources, e.g. a LoRA product), or a
+    serial stand-in outside a merge."""
+    return _current or _serial
+
+
+def activate(pool: Workers | None) -> None:
+    global _current
+    _current = pool
 
 
 def pieces(lo: int, hi: int, grid: int, size: int) -> Sequence[tuple[int, int]]:

@@ -41,9 +41,9 @@ from collections import namedtuple
 import numpy as np
 from numba import njit
 
+from .bits import HELPER, JIT, f32_bits
 from .philox import uniform24
-from .bits import f32_bits
-from .span import DELTA, HELPER, JIT, check_block, encode, gather_rows, load_one, load_rows, scatter
+from .span import DELTA, check_block, encode, gather_rows, load_one, load_rows, scatter
 
 HI_SHIFT = 16
 HI_BUCKETS = 1 << 15  # magnitude bits 30..16
@@ -120,7 +120,7 @@ def hist(inp, a, z, block, check, sums, bad, active, slot_model, slot_bucket, h,
     Low bits: h[k, mag & 0xFFFF] += 1 for the elements of model slot_model[k] whose high
     bits equal slot_bucket[k] (one slot per bucket a boundary of a model lies in)."""
     rows, base = sc.rows, sc.base
-    has_base = inp[0] is not None
+    has_base = inp[6]
     for s in range(a, z, block):
         n = min(block, z - s)
         load_rows(inp, has_base, s, n, rows, base)
@@ -444,7 +444,7 @@ def _add_abs(x, y, n, e0, x_lanes, y_lanes):
 def _merge_out(out, lo, s, n, base, has_base, m, cnt, sc):
     """Merge the sparsified deltas sc.u into sc.o and encode it at element s."""
     _merge(sc.u, base, n, has_base, m, cnt, sc)
-    cnt[1 + 3 * sc.u.shape[0]] += encode(out[0], sc.o, n, out[1], s - lo)
+    cnt[1 + 3 * sc.u.shape[0]] += encode(out, sc.o, n, s - lo)
 
 
 # MergeArgs: the method's merge parameters (weights float32[nm], consensus 0/1/2,
@@ -465,7 +465,7 @@ MergeArgs = namedtuple("MergeArgs", "weights consensus normalize eps lam")
 def merge_plain(inp, out, lo, a, z, block, check, sums, bad, m, cnt, sc):
     """Task arithmetic and linear: a weighted sum (rows are the models without a base)."""
     rows, base = sc.rows, sc.base
-    has_base = inp[0] is not None
+    has_base = inp[6]
     nm = rows.shape[0]
     for s in range(a, z, block):
         n = min(block, z - s)
@@ -475,7 +475,7 @@ def merge_plain(inp, out, lo, a, z, block, check, sums, bad, m, cnt, sc):
         for i in range(nm):
             cnt[1 + 3 * i] += n
         _weighted_sum(rows, base, n, has_base, m.weights, m.normalize, m.eps, m.lam, sc.o, sc.f32s[0])
-        cnt[1 + 3 * nm] += encode(out[0], sc.o, n, out[1], s - lo)
+        cnt[1 + 3 * nm] += encode(out, sc.o, n, s - lo)
 
 
 @njit(**JIT)
@@ -489,7 +489,7 @@ def merge_rank(inp, out, lo, a, z, block, sel, thin, rem, pend, ties, fixup, m, 
         (remainders rem[i, side] at the piece's first ties, advanced), are merged and
         written in place."""
     rows, base, keep, idx = sc.rows, sc.base, sc.keep, sc.idx
-    has_base = inp[0] is not None
+    has_base = inp[6]
     nm = rows.shape[0]
     e = a
     while e < z:
@@ -523,19 +523,19 @@ def merge_rank(inp, out, lo, a, z, block, sel, thin, rem, pend, ties, fixup, m, 
             cnt[1 + 3 * i] += _apply(rows[i], keep, n, sel[i], sc.prob, sc.u[i])
         _merge(sc.u, base, n, has_base, m, cnt, sc)
         if fixup:
-            cnt[1 + 3 * nm] += scatter(out[0], sc.o, n, out[1], idx, lo)
+            cnt[1 + 3 * nm] += scatter(out, sc.o, n, idx, lo)
         else:
             for j in range(n):
                 if pend[s - lo + j]:
                     sc.o[j] = 0
-            cnt[1 + 3 * nm] += encode(out[0], sc.o, n, out[1], s - lo)
+            cnt[1 + 3 * nm] += encode(out, sc.o, n, s - lo)
 
 
 @njit(**JIT)
 def count_ties(inp, a, z, block, sel, thin, ties, sc):
     """ties[i, side] = elements a..z of model i equal to its thinned boundary value."""
     rows, base = sc.rows, sc.base
-    has_base = inp[0] is not None
+    has_base = inp[6]
     for s in range(a, z, block):
         n = min(block, z - s)
         load_rows(inp, has_base, s, n, rows, base)
@@ -559,7 +559,7 @@ def sums_rank(inp, a, z, block, grid, sel, thin, rem, lanes, sc):
     """The l1 rescale's sums pass of breadcrumbs: |x| and |kept x| of the models with
     sel.l1 into lanes[0 / 1, i, e // grid, e % 8], tied groups thinned from the
     remainders rem[i, side] at the piece's first ties (count_ties)."""
-    has_base = inp[0] is not None
+    has_base = inp[6]
     rows, base, keep = sc.rows, sc.base, sc.keep
     for s in range(a, z, block):
         n = min(block, z - s)
@@ -575,7 +575,7 @@ def sums_rank(inp, a, z, block, grid, sel, thin, rem, lanes, sc):
 def merge_random(inp, out, lo, a, z, block, check, sums, bad, sel, seed, m, cnt, sc):
     """DARE: random masks."""
     rows, base, keep = sc.rows, sc.base, sc.keep
-    has_base = inp[0] is not None
+    has_base = inp[6]
     for s in range(a, z, block):
         n = min(block, z - s)
         load_rows(inp, has_base, s, n, rows, base)
@@ -590,7 +590,7 @@ def merge_random(inp, out, lo, a, z, block, check, sums, bad, sel, seed, m, cnt,
 @njit(**JIT)
 def sums_random(inp, a, z, block, grid, check, sums, bad, sel, seed, lanes, sc):
     """DARE's l1 sums pass (see sums_rank), the first pass: with the engine's checks."""
-    has_base = inp[0] is not None
+    has_base = inp[6]
     rows, base, keep = sc.rows, sc.base, sc.keep
     for s in range(a, z, block):
         n = min(block, z - s)
@@ -608,7 +608,7 @@ def sums_random(inp, a, z, block, grid, check, sums, bad, sel, seed, lanes, sc):
 def merge_della(inp, out, lo, a, z, block, check, sums, bad, sel, seed, m, cnt, sc, rs):
     """DELLA: random masks with row-rank probabilities (rs: the thread's RowScratch)."""
     rows, base, keep = sc.rows, sc.base, sc.keep
-    has_base = inp[0] is not None
+    has_base = inp[6]
     for s in range(a, z, block):
         n = min(block, z - s)
         load_rows(inp, has_base, s, n, rows, base)
@@ -623,7 +623,7 @@ def merge_della(inp, out, lo, a, z, block, check, sums, bad, sel, seed, m, cnt, 
 @njit(**JIT)
 def sums_della(inp, a, z, block, grid, check, sums, bad, sel, seed, lanes, sc, rs):
     """DELLA's l1 sums pass (see sums_random)."""
-    has_base = inp[0] is not None
+    has_base = inp[6]
     rows, base, keep = sc.rows, sc.base, sc.keep
     for s in range(a, z, block):
         n = min(block, z - s)

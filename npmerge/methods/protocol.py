@@ -72,7 +72,7 @@ class Span:
     block: int
     inp: tuple
     workers: "Workers"
-    out: tuple = (None, 0)
+    out: tuple = ()  # (encoder, address) in writing passes
     check: bool = False  # first pass: run kernels/span.py check_block on every block
     sums: np.ndarray | None = None  # float64[models, blocks of the tensor]: sums of squares
     bad: np.ndarray | None = None  # int64[threads, 1 + models]: NaN/Inf counts
@@ -80,7 +80,7 @@ class Span:
 
     @property
     def has_base(self) -> bool:
-        return self.inp[0] is not None
+        return self.inp[6]
 
     def pieces(self, grid: int) -> list[tuple[int, int]]:
         """The span cut into pieces of PIECE_BLOCKS grid blocks (edges on the grid)."""
