@@ -10,20 +10,26 @@ NPMERGE_DEBUG=1 shows tracebacks. Models are named by path or Hub id (io/hub.py)
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
-import signal
-import sys
-import time
-from enum import Enum
-from pathlib import Path
-from typing import List, Optional
 
-import typer
-from typer.core import TyperCommand, TyperGroup
+# npmerge does no linear algebra (BLAS sums in an order of its own), but numba imports
+# SciPy's BLAS and NumPy starts OpenBLAS's thread pool: idle pools spin beside the merge's
+# threads on a small machine. One thread each, unless the user chose otherwise.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from .errors import NpmergeError, RecipeError
+import inspect  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from enum import Enum  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import List, Optional  # noqa: E402
+
+import typer  # noqa: E402
+from typer.core import TyperCommand, TyperGroup  # noqa: E402
+
+from .errors import NpmergeError, RecipeError  # noqa: E402
 
 EXIT_CODES = ((0, "done"), (2, "usage or recipe error"), (3, "invalid input file"), (4, "incompatible models"),
               (5, "output not writable, disk full or locked"), (130, "interrupted (Ctrl-C)"),

@@ -2,10 +2,10 @@
 
 Each storage dtype has a decoder, each output dtype an encoder, each `dtype:` rounding a
 rounder: small C-callable functions (numba cfuncs), compiled and cached the first time a
-merge reads or writes that dtype. A span kernel takes them as arguments whose numba type
-is their signature alone, so every kernel is compiled once for all dtypes; a run compiles
-the conversions of its own dtypes only. The indirect call costs nothing next to the
-block of thousands of elements it converts.
+merge reads or writes that dtype. A span kernel takes their addresses (plain int64s) and
+calls them through bits.call_*, so every kernel is compiled once for all dtypes; a run
+compiles the conversions of its own dtypes only. The indirect call costs nothing next to
+the block of thousands of elements it converts.
 
 Every argument is an int64 (addresses and counts):
 
@@ -41,7 +41,9 @@ _ANY = 1 << 62  # the length of a view whose element indices come from the calle
 
 
 @njit(inline="always")
-def _decode(src, idx, lo, n, dst, luts, value):
+def _decode(src, run, idx, n, dst, luts, value):
+    """src: the input from element 0 (for idx), run: its elements lo.. (exact length:
+    indexing a view from 0 lets LLVM vectorise the loop)."""
     d = carray(voidptr(dst), (n,), np.float32)
     lut = carray(voidptr(luts), (_LUTS,), np.float32)
     if idx != 0:
@@ -50,7 +52,7 @@ def _decode(src, idx, lo, n, dst, luts, value):
             d[j] = value(src[ix[j]], lut)
     else:
         for j in range(n):
-            d[j] = value(src[lo + j], lut)
+            d[j] = value(run[j], lut)
 
 
 @njit(inline="always")
@@ -84,27 +86,33 @@ def _narrow(raw, lut):
 
 
 def decode_bf16(src, idx, lo, n, dst, luts):
-    _decode(carray(voidptr(src), (_ANY,), np.uint16), idx, lo, n, dst, luts, _bf16)
+    _decode(carray(voidptr(src), (_ANY,), np.uint16), carray(voidptr(src + 2 * lo), (n,), np.uint16), idx, n, dst, luts,
+            _bf16)
 
 
 def decode_f16(src, idx, lo, n, dst, luts):
-    _decode(carray(voidptr(src), (_ANY,), np.uint16), idx, lo, n, dst, luts, _f16)
+    _decode(carray(voidptr(src), (_ANY,), np.uint16), carray(voidptr(src + 2 * lo), (n,), np.uint16), idx, n, dst, luts,
+            _f16)
 
 
 def decode_f8_e4m3(src, idx, lo, n, dst, luts):
-    _decode(carray(voidptr(src), (_ANY,), np.uint8), idx, lo, n, dst, luts, _e4m3)
+    _decode(carray(voidptr(src), (_ANY,), np.uint8), carray(voidptr(src + 1 * lo), (n,), np.uint8), idx, n, dst, luts,
+            _e4m3)
 
 
 def decode_f8_e5m2(src, idx, lo, n, dst, luts):
-    _decode(carray(voidptr(src), (_ANY,), np.uint8), idx, lo, n, dst, luts, _e5m2)
+    _decode(carray(voidptr(src), (_ANY,), np.uint8), carray(voidptr(src + 1 * lo), (n,), np.uint8), idx, n, dst, luts,
+            _e5m2)
 
 
 def decode_f32(src, idx, lo, n, dst, luts):
-    _decode(carray(voidptr(src), (_ANY,), np.float32), idx, lo, n, dst, luts, _same)
+    _decode(carray(voidptr(src), (_ANY,), np.float32), carray(voidptr(src + 4 * lo), (n,), np.float32), idx, n, dst, luts,
+            _same)
 
 
 def decode_f64(src, idx, lo, n, dst, luts):
-    _decode(carray(voidptr(src), (_ANY,), np.float64), idx, lo, n, dst, luts, _narrow)
+    _decode(carray(voidptr(src), (_ANY,), np.float64), carray(voidptr(src + 8 * lo), (n,), np.float64), idx, n, dst, luts,
+            _narrow)
 
 
 def decode_none(src, idx, lo, n, dst, luts):
@@ -115,7 +123,8 @@ def decode_none(src, idx, lo, n, dst, luts):
 
 
 @njit(inline="always")
-def _encode(vals, n, out, idx, at, to, bad):
+def _encode(vals, n, out, run, idx, at, to, bad):
+    """out: the output from element 0 (for idx), run: its elements at.. (exact length)."""
     v = carray(voidptr(vals), (n,), np.float32)
     count = 0
     if idx != 0:
@@ -127,7 +136,7 @@ def _encode(vals, n, out, idx, at, to, bad):
     else:
         for j in range(n):
             h = to(v[j])
-            out[at + j] = h
+            run[j] = h
             count += bad(h)
     return count
 
@@ -168,19 +177,23 @@ def _bad_float(x):
 
 
 def encode_bf16(vals, n, out, idx, at):
-    return _encode(vals, n, carray(voidptr(out), (_ANY,), np.uint16), idx, at, _to_bf16, _bad_bf16)
+    return _encode(vals, n, carray(voidptr(out), (_ANY,), np.uint16), carray(voidptr(out + 2 * at), (n,), np.uint16), idx,
+                   at, _to_bf16, _bad_bf16)
 
 
 def encode_f16(vals, n, out, idx, at):
-    return _encode(vals, n, carray(voidptr(out), (_ANY,), np.uint16), idx, at, _to_f16, _bad_f16)
+    return _encode(vals, n, carray(voidptr(out), (_ANY,), np.uint16), carray(voidptr(out + 2 * at), (n,), np.uint16), idx,
+                   at, _to_f16, _bad_f16)
 
 
 def encode_f32(vals, n, out, idx, at):
-    return _encode(vals, n, carray(voidptr(out), (_ANY,), np.float32), idx, at, _to_f32, _bad_float)
+    return _encode(vals, n, carray(voidptr(out), (_ANY,), np.float32), carray(voidptr(out + 4 * at), (n,), np.float32), idx,
+                   at, _to_f32, _bad_float)
 
 
 def encode_f64(vals, n, out, idx, at):
-    return _encode(vals, n, carray(voidptr(out), (_ANY,), np.float64), idx, at, _to_f64, _bad_float)
+    return _encode(vals, n, carray(voidptr(out), (_ANY,), np.float64), carray(voidptr(out + 8 * at), (n,), np.float64), idx,
+                   at, _to_f64, _bad_float)
 
 
 def encode_none(vals, n, out, idx, at):
@@ -224,16 +237,16 @@ def _get(sig, code):
     return _compiled[key]
 
 
-def decoder(code: str | None):
-    """The decoder of a storage dtype (None: of no input)."""
-    return _get(DECODER, code)
+def decoder(code: str | None) -> int:
+    """The address of the decoder of a storage dtype (None: of no input)."""
+    return _get(DECODER, code).address
 
 
-def encoder(code: str | None):
-    """The encoder of an output dtype (None: no output)."""
-    return _get(ENCODER, code)
+def encoder(code: str | None) -> int:
+    """The address of the encoder of an output dtype (None: no output)."""
+    return _get(ENCODER, code).address
 
 
-def rounder(code: str | None):
-    """The rounder of a recipe's `dtype:` (None or F32: none)."""
-    return _get(ROUNDER, None if code == "F32" else code)
+def rounder(code: str | None) -> int:
+    """The address of the rounder of a recipe's `dtype:` (None or F32: none)."""
+    return _get(ROUNDER, None if code == "F32" else code).address

@@ -67,6 +67,7 @@ SCALE_NONE = 0
 SCALE_FACTOR = 1  # fl32 factor (l1 rescale, or 1/rho for DARE's inverse)
 SCALE_INVERSE = 2  # fl32(1 / p) per element (DELLA's inverse)
 
+ONE = np.float32(1.0)
 NO_TOP = 1 << 32  # t_hi when nothing above is dropped
 NO_BOTTOM = -1  # t_lo when nothing below is dropped
 
@@ -85,7 +86,7 @@ SELECT = np.dtype([
 ])
 
 # One thread's block buffers (each `block` long; u, f32s, b8s per model or 3 deep).
-Scratch = namedtuple("Scratch", "rows base u keep u24 prob o f32s b8s i32s idx")
+Scratch = namedtuple("Scratch", "rows base u keep u24 prob o f32s b8s i32s idx pend")
 # A thread's DELLA row buffers: both rows (float32[2, C]), magnitudes, sort order, the
 # sort's key and index copies, radix counts (int64[3, 2048]).
 RowScratch = namedtuple("RowScratch", "vals mags order keys tmp count")
@@ -96,7 +97,7 @@ def scratch(nm: int, block: int) -> Scratch:
     return Scratch(np.empty((nm, block), np.float32), np.empty(block, np.float32), np.empty((nm, block), np.float32),
                    np.empty(block, np.bool_), np.empty(block, np.uint32), np.empty(block, np.float64),
                    np.empty(block, np.float32), np.empty((3, block), np.float32), np.empty((3, block), np.bool_),
-                   np.empty(block, np.int32), np.empty(block, np.int64))
+                   np.empty(block, np.int32), np.empty(block, np.int64), np.empty(block, np.uint8))
 
 
 def row_scratch(C: int) -> RowScratch:
@@ -155,16 +156,35 @@ def thins(sel: np.ndarray) -> np.ndarray:
 @njit(**HELPER)
 def _keep_rank(x, n, s, keep):
     """keep(|x|, lo, hi) except the elements of a boundary group that is thinned (those
-    are left out here: see _thin)."""
-    if s.kind != RANK:  # KEEP_ALL, DROP_ALL
-        for e in range(n):
-            keep[e] = s.kind == KEEP_ALL
-        return
+    are left out here: see _thin). KEEP_ALL and DROP_ALL records have boundaries that keep
+    every element, or none."""
     th, tl = s.t_hi, s.t_lo
     all_hi, all_lo = s.q_hi == s.m_hi, s.q_lo == s.m_lo
     for e in range(n):
         mag = np.int64(f32_bits(x[e]) & MAG_MASK)
         keep[e] = ((mag < th) | (all_hi & (mag == th))) & ((mag > tl) | (all_lo & (mag == tl)))
+
+
+@njit(**HELPER)
+def _select_rank(x, n, s, w, pend, u):
+    """u[e] = w * tau_hat[e] for the merge pass of rank selection: kept elements x (times
+    the rescale factor), dropped and pending (pend[e] != 0) ones +0, in one loop (_keep_rank
+    and _apply fused). Returns how many are kept."""
+    th, tl = s.t_hi, s.t_lo
+    all_hi, all_lo = s.q_hi == s.m_hi, s.q_lo == s.m_lo
+    f = s.factor if s.rescale == SCALE_FACTOR else np.float32(1.0)
+    scaled = s.rescale == SCALE_FACTOR
+    zero = np.float32(0.0)
+    kept = 0
+    for e in range(n):
+        v = x[e]
+        mag = np.int64(f32_bits(v) & MAG_MASK)
+        k = ((mag < th) | (all_hi & (mag == th))) & ((mag > tl) | (all_lo & (mag == tl))) & (pend[e] == 0)
+        if scaled:
+            v = v * f
+        u[e] = w * (v if k else zero)
+        kept += k
+    return kept
 
 
 @njit(**HELPER)
@@ -190,13 +210,13 @@ def _keep_thinned(x, n, s, thin, rem, keep):
 
 
 @njit(**HELPER)
-def _mark_ties(x, n, t, pend, at):
-    """pend[at + e] |= (|x[e]| == t); return how many equal t."""
+def _mark_ties(x, n, t, pend):
+    """pend[e] |= (|x[e]| == t) (uint8); return how many equal t."""
     c = 0
     for e in range(n):
         tie = np.int64(f32_bits(x[e]) & MAG_MASK) == t
-        c += tie
-        pend[at + e] = pend[at + e] | tie
+        c += np.uint32(tie)
+        pend[e] |= np.uint8(tie)
     return c
 
 
@@ -296,23 +316,23 @@ def _keep_della(inp, i, s, seed, e0, n, keep, u24, p, rs):
 
 
 @njit(**HELPER)
-def _apply(x, keep, n, s, p, out):
-    """out[:n] = tau_hat: kept elements x (times the rescale), dropped +0.0. Returns how
-    many are kept."""
+def _apply(x, keep, n, s, p, w, out):
+    """out[:n] = w * tau_hat: kept elements x (times the rescale), dropped +0.0, times the
+    model's weight w (1 for the l1 sums). Returns how many are kept."""
     kept = 0
     zero = np.float32(0.0)
     if s.rescale == SCALE_NONE:
         for e in range(n):
-            out[e] = x[e] if keep[e] else zero
+            out[e] = w * (x[e] if keep[e] else zero)
             kept += keep[e]
     elif s.rescale == SCALE_FACTOR:
         f = s.factor
         for e in range(n):
-            out[e] = x[e] * f if keep[e] else zero
+            out[e] = w * (x[e] * f if keep[e] else zero)
             kept += keep[e]
     else:
         for e in range(n):
-            out[e] = x[e] * np.float32(1.0 / p[e]) if keep[e] else zero
+            out[e] = w * (x[e] * np.float32(1.0 / p[e]) if keep[e] else zero)
             kept += keep[e]
     return kept
 
@@ -412,12 +432,7 @@ def _combine(u, base, n, has_base, weights, consensus, normalize, eps, lam, o, c
 
 @njit(**HELPER)
 def _merge(u, base, n, has_base, m, cnt, sc):
-    """Weigh the sparsified deltas u and merge them into sc.o (m: MergeArgs)."""
-    for i in range(u.shape[0]):
-        w = m.weights[i]
-        ui = u[i]
-        for e in range(n):
-            ui[e] = w * ui[e]
+    """Merge the weighted sparsified deltas u into sc.o (m: MergeArgs)."""
     _combine(u, base, n, has_base, m.weights, m.consensus, m.normalize, m.eps, m.lam, sc.o, cnt, sc.f32s, sc.b8s,
              sc.i32s)
 
@@ -479,56 +494,59 @@ def merge_plain(inp, out, lo, a, z, block, check, sums, bad, m, cnt, sc):
 
 
 @njit(**JIT)
-def merge_rank(inp, out, lo, a, z, block, sel, thin, rem, pend, ties, fixup, m, cnt, sc):
+def merge_rank(inp, out, lo, a, z, block, sel, thin, rem, pending, ties, fixup, m, cnt, sc):
     """TIES and breadcrumbs over piece a..z, in two passes over the span:
 
-    merge (fixup False): elements tying at a thinned boundary of any model are marked in
-        pend (span-relative) and counted per model and side into ties; every model drops
-        them and they are written as +0;
-    fixup: the pending elements, gathered in increasing order, their tied groups thinned
+    merge (fixup False): elements tying at a thinned boundary of any model are left
+        pending: every model drops them, they are written as +0, their positions (relative
+        to the span's lo, int32) are listed in `pending` (this piece's part of the span's
+        list) and each model's ties counted per side into ties; returns how many;
+    fixup: the `pending` elements, in increasing order, their tied groups thinned
         (remainders rem[i, side] at the piece's first ties, advanced), are merged and
         written in place."""
-    rows, base, keep, idx = sc.rows, sc.base, sc.keep, sc.idx
+    rows, base, keep, idx, pb = sc.rows, sc.base, sc.keep, sc.idx, sc.pend
     has_base = inp[6]
     nm = rows.shape[0]
+    listed = 0
+    done = 0
     e = a
-    while e < z:
+    while (done < pending.shape[0]) if fixup else (e < z):
         if fixup:  # the next block of pending elements
-            n = 0
-            while e < z and n < block:
-                if pend[e - lo]:
-                    idx[n] = e
-                    n += 1
-                e += 1
-            if n == 0:
-                continue
+            n = min(block, pending.shape[0] - done)
+            for j in range(n):
+                idx[j] = lo + np.int64(pending[done + j])
+            done += n
             gather_rows(inp, has_base, idx, n, rows, base)
         else:
             s, n = e, min(block, z - e)
             e += n
             load_rows(inp, has_base, s, n, rows, base)
+            for j in range(n):
+                pb[j] = 0
             for i in range(nm):
                 if thin[i, 0]:
-                    ties[i, 0] += _mark_ties(rows[i], n, sel[i].t_hi, pend, s - lo)
+                    ties[i, 0] += _mark_ties(rows[i], n, sel[i].t_hi, pb)
                 if thin[i, 1]:
-                    ties[i, 1] += _mark_ties(rows[i], n, sel[i].t_lo, pend, s - lo)
+                    ties[i, 1] += _mark_ties(rows[i], n, sel[i].t_lo, pb)
         for i in range(nm):
+            w = m.weights[i]
             if fixup:
                 _keep_thinned(rows[i], n, sel[i], thin[i], rem[i], keep)
+                cnt[1 + 3 * i] += _apply(rows[i], keep, n, sel[i], sc.prob, w, sc.u[i])
             else:
-                _keep_rank(rows[i], n, sel[i], keep)
-                for j in range(n):
-                    if pend[s - lo + j]:
-                        keep[j] = False
-            cnt[1 + 3 * i] += _apply(rows[i], keep, n, sel[i], sc.prob, sc.u[i])
+                cnt[1 + 3 * i] += _select_rank(rows[i], n, sel[i], w, pb, sc.u[i])
         _merge(sc.u, base, n, has_base, m, cnt, sc)
         if fixup:
             cnt[1 + 3 * nm] += scatter(out, sc.o, n, idx, lo)
         else:
-            for j in range(n):
-                if pend[s - lo + j]:
-                    sc.o[j] = 0
-            cnt[1 + 3 * nm] += encode(out, sc.o, n, s - lo)
+            o = sc.o
+            first = np.int32(s - lo)
+            for j in range(n):  # branch-free: write every position, advance past pending ones
+                o[j] = o[j] if pb[j] == 0 else np.float32(0.0)
+                pending[listed] = first + np.int32(j)
+                listed += pb[j] != 0
+            cnt[1 + 3 * nm] += encode(out, o, n, s - lo)
+    return listed
 
 
 @njit(**JIT)
@@ -567,7 +585,7 @@ def sums_rank(inp, a, z, block, grid, sel, thin, rem, lanes, sc):
         for i in range(rows.shape[0]):
             if sel[i].l1:
                 _keep_thinned(rows[i], n, sel[i], thin[i], rem[i], keep)
-                _apply(rows[i], keep, n, sel[i], sc.prob, sc.u[i])
+                _apply(rows[i], keep, n, sel[i], sc.prob, ONE, sc.u[i])
                 _add_abs(rows[i], sc.u[i], n, s, lanes[0, i, s // grid], lanes[1, i, s // grid])
 
 
@@ -583,7 +601,7 @@ def merge_random(inp, out, lo, a, z, block, check, sums, bad, sel, seed, m, cnt,
             check_block(rows, base, n, has_base, sums, s // block, bad)
         for i in range(rows.shape[0]):
             _keep_random(sel[i], seed, s, n, keep, sc.u24)
-            cnt[1 + 3 * i] += _apply(rows[i], keep, n, sel[i], sc.prob, sc.u[i])
+            cnt[1 + 3 * i] += _apply(rows[i], keep, n, sel[i], sc.prob, m.weights[i], sc.u[i])
         _merge_out(out, lo, s, n, base, has_base, m, cnt, sc)
 
 
@@ -600,7 +618,7 @@ def sums_random(inp, a, z, block, grid, check, sums, bad, sel, seed, lanes, sc):
         for i in range(rows.shape[0]):
             if sel[i].l1:
                 _keep_random(sel[i], seed, s, n, keep, sc.u24)
-                _apply(rows[i], keep, n, sel[i], sc.prob, sc.u[i])
+                _apply(rows[i], keep, n, sel[i], sc.prob, ONE, sc.u[i])
                 _add_abs(rows[i], sc.u[i], n, s, lanes[0, i, s // grid], lanes[1, i, s // grid])
 
 
@@ -616,7 +634,7 @@ def merge_della(inp, out, lo, a, z, block, check, sums, bad, sel, seed, m, cnt, 
             check_block(rows, base, n, has_base, sums, s // block, bad)
         for i in range(rows.shape[0]):
             _keep_della(inp, i, sel[i], seed, s, n, keep, sc.u24, sc.prob, rs)
-            cnt[1 + 3 * i] += _apply(rows[i], keep, n, sel[i], sc.prob, sc.u[i])
+            cnt[1 + 3 * i] += _apply(rows[i], keep, n, sel[i], sc.prob, m.weights[i], sc.u[i])
         _merge_out(out, lo, s, n, base, has_base, m, cnt, sc)
 
 
@@ -633,5 +651,5 @@ def sums_della(inp, a, z, block, grid, check, sums, bad, sel, seed, lanes, sc, r
         for i in range(rows.shape[0]):
             if sel[i].l1:
                 _keep_della(inp, i, sel[i], seed, s, n, keep, sc.u24, sc.prob, rs)
-                _apply(rows[i], keep, n, sel[i], sc.prob, sc.u[i])
+                _apply(rows[i], keep, n, sel[i], sc.prob, ONE, sc.u[i])
                 _add_abs(rows[i], sc.u[i], n, s, lanes[0, i, s // grid], lanes[1, i, s // grid])

@@ -10,9 +10,10 @@ their threads. Inside a piece the kernel runs the whole pipeline block by block
 Inputs reach a kernel as one tuple `inp = (dec_base, dec_models, rnd, addrs, flags,
 luts, has_base)`:
 
-    dec_*   the decoder of the base's and of the models' storage dtype (codecs.py); the
-            models share one (the engine decodes models of mixed dtypes to float32 first)
-    rnd     the rounder of a recipe's `dtype:` (applied to model values)
+    dec_*   the address of the decoder of the base's and of the models' storage dtype
+            (codecs.py); the models share one (the engine decodes models of mixed dtypes
+            to float32 first)
+    rnd     the address of the rounder of a recipe's `dtype:` (applied to model values)
     addrs   int64 addresses of element 0 of each input's storage (slot 0 the base, 1.. the
             models): a read-only memory map, or a float32 buffer a computed source filled,
             shifted so that element indices stay absolute. An int64 array gives one
@@ -21,16 +22,16 @@ luts, has_base)`:
             adapter) instead of model values
     luts    the address of the decode tables (dtypes.span_luts)
 
-The output is `out = (encoder, addr)`: the output dtype's encoder and the address of the
-span's element `lo` in the output buffer. Conversions are function pointers, so each
-kernel is compiled once whatever the dtypes.
+The output is `out = (encoder, addr)`: the address of the output dtype's encoder and of
+the span's element `lo` in the output buffer. Conversions are C functions called through
+their addresses (bits.call_*), so each kernel is compiled once whatever the dtypes.
 """
 
 import numpy as np
 from numba import njit
 
 from ..dtypes import SPAN_DELTA as DELTA
-from .bits import HELPER, JIT, address, f32_bits
+from .bits import HELPER, JIT, address, call_int5, call_void, call_void3, f32_bits
 
 EXP32 = 0x7F800000
 
@@ -45,10 +46,10 @@ def _prepare(inp, deltas, n, rows, base):
     (float32) when `deltas`, and a DELTA input becomes model values B + tau when not."""
     rnd, flags, luts, has_base = inp[2], inp[4], inp[5], inp[6]
     if has_base and (flags[0] & DELTA) == 0:
-        rnd(n, address(base), luts)
+        call_void3(rnd, n, address(base), luts)
     for i in range(rows.shape[0]):
         if (flags[1 + i] & DELTA) == 0:
-            rnd(n, address(rows[i]), luts)
+            call_void3(rnd, n, address(rows[i]), luts)
     if not has_base:
         return
     for i in range(rows.shape[0]):
@@ -67,9 +68,9 @@ def load_rows(inp, deltas, lo, n, rows, base):
     """One block of every input: base[:n] (if there is a base) and rows[i, :n] for each
     model, as task vectors M - B when `deltas`, else as model values."""
     dec_base, dec_models, addrs, luts = inp[0], inp[1], inp[3], inp[5]
-    dec_base(addrs[0], 0, lo, n, address(base), luts)
+    call_void(dec_base, addrs[0], 0, lo, n, address(base), luts)
     for i in range(rows.shape[0]):
-        dec_models(addrs[1 + i], 0, lo, n, address(rows[i]), luts)
+        call_void(dec_models, addrs[1 + i], 0, lo, n, address(rows[i]), luts)
     _prepare(inp, deltas, n, rows, base)
 
 
@@ -77,9 +78,9 @@ def load_rows(inp, deltas, lo, n, rows, base):
 def gather_rows(inp, deltas, idx, n, rows, base):
     """load_rows() of the elements idx[:n] (scattered positions)."""
     dec_base, dec_models, addrs, luts = inp[0], inp[1], inp[3], inp[5]
-    dec_base(addrs[0], address(idx), 0, n, address(base), luts)
+    call_void(dec_base, addrs[0], address(idx), 0, n, address(base), luts)
     for i in range(rows.shape[0]):
-        dec_models(addrs[1 + i], address(idx), 0, n, address(rows[i]), luts)
+        call_void(dec_models, addrs[1 + i], address(idx), 0, n, address(rows[i]), luts)
     _prepare(inp, deltas, n, rows, base)
 
 
@@ -87,23 +88,22 @@ def gather_rows(inp, deltas, idx, n, rows, base):
 def load_one(inp, slot, lo, n, dst):
     """dst[:n] = elements lo..lo+n-1 of input `slot` alone (0 the base), rounded as
     load_rows rounds it."""
-    dec = inp[0] if slot == 0 else inp[1]
-    dec(inp[3][slot], 0, lo, n, address(dst), inp[5])
+    call_void(inp[0] if slot == 0 else inp[1], inp[3][slot], 0, lo, n, address(dst), inp[5])
     if (inp[4][slot] & DELTA) == 0:
-        inp[2](n, address(dst), inp[5])
+        call_void3(inp[2], n, address(dst), inp[5])
 
 
 @njit(**HELPER)
 def encode(out, vals, n, at):
     """Encode vals[:n] into the output at element `at` (relative to the span's first);
     return how many encoded values are Inf/NaN."""
-    return out[0](address(vals), n, out[1], 0, at)
+    return call_int5(out[0], address(vals), n, out[1], 0, at)
 
 
 @njit(**HELPER)
 def scatter(out, vals, n, idx, lo):
     """encode() of vals[j] into element idx[j] - lo of the output, for j < n."""
-    return out[0](address(vals), n, out[1], address(idx), lo)
+    return call_int5(out[0], address(vals), n, out[1], address(idx), lo)
 
 
 # ------------------------------------------------------------------ checks and sums

@@ -178,6 +178,8 @@ class FamilyDriver(Driver):
             for i, p in enumerate(self.plans):
                 s = sel[i]
                 s["kind"], s["rescale"], s["factor"] = kinds[p.kind], scales[p.rescale], p.factor
+                if p.kind == "none":  # boundaries that keep nothing (rank kernels read only these)
+                    s["t_lo"] = k.NO_TOP
                 s["l1"] = p.rescale == "l1"
                 if p.kind in ("random", "della"):
                     s["stream"] = kernels.load("philox").stream(self.ctx.name, self.ctx.stream_index[i])
@@ -263,14 +265,16 @@ class FamilyDriver(Driver):
             span.run(lambda a, z, t: k.sums_rank(inp, a, z, block, grid, sel, thin, rem[piece[a, z]], self._lanes,
                                                  sc[t]), grid)
             return
-        pend = np.zeros(span.hi - span.lo, np.bool_)
+        pending = np.empty(span.hi - span.lo, np.int32)  # each piece lists its own in its part
         zero = np.zeros((nm, 2), np.int64)
-        span.run(lambda a, z, t: k.merge_rank(inp, out, lo, a, z, block, sel, thin, zero, pend, ties[piece[a, z]],
-                                              False, m, counts[t], sc[t]), grid)
+        listed = span.run(lambda a, z, t: k.merge_rank(inp, out, lo, a, z, block, sel, thin, zero,
+                                                       pending[a - lo:z - lo], ties[piece[a, z]], False, m, counts[t],
+                                                       sc[t]), grid)
         if thin.any():
             rem = self._remainders(sel, thin, ties)
-            span.run(lambda a, z, t: k.merge_rank(inp, out, lo, a, z, block, sel, thin, rem[piece[a, z]], pend,
-                                                  ties[0], True, m, counts[t], sc[t]), grid)
+            span.run(lambda a, z, t: k.merge_rank(inp, out, lo, a, z, block, sel, thin, rem[piece[a, z]],
+                                                  pending[a - lo:a - lo + listed[piece[a, z]]], ties[0], True, m,
+                                                  counts[t], sc[t]), grid)
 
     @staticmethod
     def _remainders(sel: np.ndarray, thin: np.ndarray, ties: np.ndarray) -> np.ndarray:
