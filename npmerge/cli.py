@@ -303,7 +303,7 @@ def _merge_command(method, base, models, out, recipe_args, shard_size, max_memor
 
 def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume):
     def body():
-        from . import api, render
+        from . import api, kernels, render
 
         started = time.perf_counter()
         recipe = build_recipe()
@@ -325,6 +325,7 @@ def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_o
         elapsed = time.perf_counter() - started
         if not quiet:
             render.notes(report["notes"][len(plan.notes):])  # found while merging
+            render.notes([n for n in [kernels.cache_note()] if n])  # not in the report: not part of the output
         if json_out:
             typer.echo(json.dumps(report, indent=2))
         elif not quiet:

@@ -144,6 +144,21 @@ def compiled() -> list[str]:
     return list(_compiled)
 
 
+def cache_note() -> str | None:
+    """What the user should hear about the kernel cache after a run, if anything: kernels
+    compiled in memory (nothing writable), or compiled beside a read-only installed cache
+    that lacked them (another CPU or numba, other dtypes)."""
+    if not _loaded:
+        return None
+    if not CACHE:
+        return ("no writable directory for the kernel cache: kernels were compiled in memory for this run "
+                "(set NUMBA_CACHE_DIR to a writable directory to keep them)")
+    if OVERLAY is not None and _compiled:
+        return (f"the installed kernel cache ({IN_TREE}) lacks kernels this machine needs (another CPU or numba "
+                f"version, or other dtypes): compiled {len(set(_compiled))} and cached them in {OVERLAY}")
+    return None
+
+
 def threads(requested: int | None) -> int:
     """The compute threads in effect for --threads (None: all the cores this process may
     use; NUMBA_NUM_THREADS, where set, caps it as it caps numba)."""

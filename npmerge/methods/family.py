@@ -158,6 +158,7 @@ class FamilyDriver(Driver):
         boundaries = sum(len(b) for b in self.bounds)
         if boundaries:
             need += t * max(nm, boundaries) * (1 << 16) * 8
+            need += 4 * span  # the merge pass's list of pending (tied) elements
         if "sums" in self.passes:
             need += 2 * nm * -(-self.ctx.numel // constants.BLOCK) * 8 * 8
         if any(p.kind in ("random", "della") for p in self.plans):
