@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from . import kernels
-from .dtypes import DECODABLE, DTYPES, ENCODABLE, count_nonfinite, decode, encode
+from .dtypes import DTYPES, ENCODABLE, count_nonfinite, decode, encode
 
 DEFAULT_DTYPES = ("BF16", "F16", "F32")  # what checkpoints are stored in
 
@@ -29,15 +29,15 @@ def compile_kernels(dtypes=DEFAULT_DTYPES, methods=None, lora: bool = True) -> f
     threads = kernels.threads(None)
     chosen = registry.all_methods().values() if methods is None else [registry.get(m) for m in methods]
     n = 8
-    for code in DECODABLE:  # the stand-alone conversions (computed sources, vocabularies)
+    for code in dict.fromkeys([*dtypes, "F32"]):  # the stand-alone conversions (computed sources, vocabularies)
         raw = np.zeros(n, DTYPES[code].storage)
         raw.flags.writeable = False
         decode(raw, code, np.empty(n, np.float32))
         decode(raw, code, np.empty(n, np.float32), np.zeros(n, np.float32))
-    for code in ENCODABLE:
-        raw = np.empty(n, DTYPES[code].storage)
-        encode(np.zeros(n, np.float32), code, raw)
-        count_nonfinite(raw, code)
+        if code in ENCODABLE:
+            raw = np.empty(n, DTYPES[code].storage)
+            encode(np.zeros(n, np.float32), code, raw)
+            count_nonfinite(raw, code)
     rng = np.random.default_rng(0)
     values = [rng.standard_normal(4 * n).astype(np.float32) for _ in range(3)]
     for code in dtypes:
