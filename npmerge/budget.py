@@ -46,8 +46,9 @@ def default_budget() -> int:
 
 
 def kernel_bytes(n_models: int, threads: int) -> int:
-    """Per-thread block buffers of the span kernels: rows, base and the tie count's decode
-    buffers, weighted deltas, and 10 float32-equivalents of intermediates per element."""
+    """Per-thread block buffers of the span kernels: decoded rows and base (the kernel's and
+    the engine's check pass), weighted deltas, and 10 float32-equivalents of intermediates
+    per element (kernels/family.py Scratch: 8 * models + 49 bytes per element)."""
     return threads * (3 * n_models + 12) * constants.BLOCK * 4
 
 

@@ -10,20 +10,26 @@ NPMERGE_DEBUG=1 shows tracebacks. Models are named by path or Hub id (io/hub.py)
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
-import signal
-import sys
-import time
-from enum import Enum
-from pathlib import Path
-from typing import List, Optional
 
-import typer
-from typer.core import TyperCommand, TyperGroup
+# npmerge does no linear algebra (BLAS sums in an order of its own), but numba imports
+# SciPy's BLAS and NumPy starts OpenBLAS's thread pool: idle pools spin beside the merge's
+# threads on a small machine. One thread each, unless the user chose otherwise.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from .errors import NpmergeError, RecipeError
+import inspect  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from enum import Enum  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import List, Optional  # noqa: E402
+
+import typer  # noqa: E402
+from typer.core import TyperCommand, TyperGroup  # noqa: E402
+
+from .errors import NpmergeError, RecipeError  # noqa: E402
 
 EXIT_CODES = ((0, "done"), (2, "usage or recipe error"), (3, "invalid input file"), (4, "incompatible models"),
               (5, "output not writable, disk full or locked"), (130, "interrupted (Ctrl-C)"),
@@ -259,15 +265,25 @@ def info(
     _guard(body, json_out)
 
 
-@app.command(cls=_Command, epilog="Example: npmerge warmup")
-def warmup():
-    """Compile and cache every kernel now (e.g. while building a container image)."""
+@app.command(cls=_Command, epilog="Example: npmerge warmup --dtype bfloat16 --method ties")
+def warmup(
+    dtype: Optional[List[str]] = typer.Option(
+        None, "--dtype", help="Storage dtype of the checkpoints to merge (repeatable; default: bfloat16, float16, "
+                              "float32)."),
+    method: Optional[List[str]] = typer.Option(None, "--method", help="A merge method (repeatable; default: all)."),
+):
+    """Compile and cache the kernels now (e.g. while building a container image)."""
     def body():
-        from . import render
-        from .warmup import compile_all
+        from . import kernels, render
+        from .dtypes import parse_user_dtype
+        from .methods import registry
+        from .warmup import DEFAULT_DTYPES, compile_kernels
 
-        seconds = compile_all()
-        render.stderr().print(f"kernels compiled and cached in {seconds:.1f} s")
+        codes = tuple(dict.fromkeys(parse_user_dtype(d) for d in dtype)) if dtype else DEFAULT_DTYPES
+        methods = [registry.get(m).name for m in method] if method else None
+        seconds = compile_kernels(codes, methods)
+        where = kernels.ensure_cache_dir() or "memory only (no writable cache directory)"
+        render.stderr().print(f"kernels for {', '.join(codes)} compiled in {seconds:.1f} s, cached in {where}")
 
     _guard(body, False)
 
@@ -287,7 +303,7 @@ def _merge_command(method, base, models, out, recipe_args, shard_size, max_memor
 
 def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume):
     def body():
-        from . import api, render
+        from . import api, kernels, render
 
         started = time.perf_counter()
         recipe = build_recipe()
@@ -309,6 +325,7 @@ def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_o
         elapsed = time.perf_counter() - started
         if not quiet:
             render.notes(report["notes"][len(plan.notes):])  # found while merging
+            render.notes([n for n in [kernels.cache_note()] if n])  # not in the report: not part of the output
         if json_out:
             typer.echo(json.dumps(report, indent=2))
         elif not quiet:

@@ -9,6 +9,11 @@ whole multiples of BLOCK, so results never depend on span size or thread count.
 # thread takes inside a span kernel: its decoded float32 rows stay in the L1/L2 cache.
 BLOCK = 1 << 14
 
+# A piece, the unit of work one thread takes from a span, is this many blocks: large
+# enough that calling a kernel from Python costs ~1% of the piece (256 Ki elements), small
+# enough that two threads share a span evenly.
+PIECE_BLOCKS = 16
+
 # The official library's header cap (decimal 100 MB, `N == MAX_HEADER_BYTES` allowed).
 MAX_HEADER_BYTES = 100_000_000
 

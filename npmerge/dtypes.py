@@ -75,10 +75,7 @@ ALIASES = {
     "float64": "F64", "fp64": "F64", "f64": "F64",
 }
 
-# How the span kernels (kernels/span.py) read each storage dtype and write each output dtype.
-SPAN_KIND = {"BF16": 0, "F16": 1, "F32": 2, "F64": 3, "F8_E4M3": 4, "F8_E5M2": 5}
-SPAN_DELTA = 8  # mode flag: the source delivers task-vector values
-SPAN_ROUND = {None: 0, "F32": 0, "BF16": 1, "F16": 2}  # a recipe's `dtype:` input rounding
+SPAN_DELTA = 8  # span kernels' input flag: the source delivers task-vector values (kernels/span.py)
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
 
 # config.json's torch_dtype / dtype spelling of each output dtype.

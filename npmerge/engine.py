@@ -17,10 +17,12 @@ import numpy as np
 
 from . import kernels
 from .constants import BLOCK
-from .dtypes import ITEMSIZE, SPAN_DELTA, SPAN_KIND, SPAN_ROUND, span_luts, unaligned_ok
+from .dtypes import DECODABLE, ITEMSIZE, SPAN_DELTA, span_luts, unaligned_ok
 from .errors import IncompatibleModels
 from .io.sources import TensorSource
 from .methods.protocol import Span, TensorContext
+from . import workers
+from .workers import Workers
 
 Progress = Callable[[int, str], None]  # (bytes advanced, tensor name)
 
@@ -28,47 +30,62 @@ Progress = Callable[[int, str], None]  # (bytes advanced, tensor name)
 class SpanInputs:
     """A merged tensor's sources as span kernel inputs: slot 0 the base (if any), then
     the models. Raw storage is decoded in place; other sources fill a float32 buffer per
-    span, addressed so that element indices stay absolute. Kernels only read the
-    buffers and a source's values depend only on the range, so a buffer that already
-    holds a span's range (the next pass over a one-span tensor) is not filled again."""
+    span, addressed so that element indices stay absolute. The kernels take one storage
+    kind for all models, so models stored in different dtypes are all decoded into such
+    buffers (rare). Kernels only read the buffers and a source's values depend only on
+    the range, so a buffer that already holds a span's range (the next pass over a
+    one-span tensor) is not filled again."""
 
     def __init__(self, base: TensorSource | None, models: tuple[TensorSource, ...], span: int, rnd: str | None,
                  block: int = BLOCK, rows: int = 0):
         self.block = block
         self.rows = rows  # computed sources fill whole rows of this length around each span (0: the span)
         self.sources = [base] + list(models)
-        self.has_base = base is not None
         n = len(self.sources)
         self.addrs = np.zeros(n, np.int64)
-        self.modes = np.zeros(n, np.int64)
-        self.luts = span_luts()
-        self.rnd = SPAN_ROUND[rnd]
+        flags = np.zeros(n, np.int64)
         self._keep: list[np.ndarray] = []  # raw views and buffers, alive while the kernels run
         self._computed: list[tuple[int, TensorSource, np.ndarray]] = []
+        in_place = self.in_place(base, models)
         for slot, src in enumerate(self.sources):
             if src is None:
                 continue
-            raw = src.raw()
-            aligned = raw is not None and (raw.ctypes.data % max(raw.itemsize, 1) == 0 or unaligned_ok())
-            if raw is not None and raw.size and aligned and src.dtype in SPAN_KIND:
+            if in_place[slot]:
+                raw = src.raw()
                 self.addrs[slot] = raw.ctypes.data
-                self.modes[slot] = SPAN_KIND[src.dtype]
                 self._keep.append(raw)
             else:
                 buf = np.empty(max(span + 2 * rows, 1), np.float32)
                 self._computed.append((slot, src, buf))
                 self._keep.append(buf)
-                self.modes[slot] = SPAN_KIND["F32"]
             if src.is_delta:
-                self.modes[slot] |= SPAN_DELTA
+                flags[slot] = SPAN_DELTA
+        codecs = kernels.load("codecs")
+        kinds = [(s.dtype if in_place[slot] else "F32") if s is not None else None for slot, s in enumerate(self.sources)]
+        self.inp = (codecs.decoder(kinds[0]), codecs.decoder(kinds[1]), codecs.rounder(rnd), self.addrs, flags,
+                    span_luts().ctypes.data, base is not None)
         self._filled: list[tuple[int, int] | None] = [None] * len(self._computed)  # range each buffer holds
+        self._check_scratch: list = []  # the check pass's block buffers per thread (Span.run_checks)
 
     @staticmethod
-    def buffer_bytes(base: TensorSource | None, models, span: int, rows: int = 0) -> int:
-        """Float32 span buffers for the sources that are not decoded in place."""
-        return 4 * (span + 2 * rows) * sum(1 for s in [base, *models] if s is not None and s.raw() is None)
+    def in_place(base: TensorSource | None, models) -> list[bool]:
+        """Per slot: is the source decoded from its raw storage in place (else through a
+        float32 span buffer)? Models are in place only if all of them are, in one dtype."""
+        def mappable(src) -> bool:
+            raw = src.raw() if src is not None else None
+            aligned = raw is not None and (raw.ctypes.data % max(raw.itemsize, 1) == 0 or unaligned_ok())
+            return raw is not None and raw.size > 0 and aligned and src.dtype in DECODABLE
+        together = all(mappable(m) for m in models) and len({m.dtype for m in models}) <= 1
+        return [base is not None and mappable(base)] + [together] * len(models)
 
-    def span(self, lo: int, hi: int) -> Span:
+    @classmethod
+    def buffer_bytes(cls, base: TensorSource | None, models, span: int, rows: int = 0) -> int:
+        """Float32 span buffers for the sources that are not decoded in place."""
+        slots = [base, *models]
+        return 4 * (span + 2 * rows) * sum(1 for s, ok in zip(slots, cls.in_place(base, models))
+                                           if s is not None and not ok)
+
+    def span(self, lo: int, hi: int, workers) -> Span:
         for i, (slot, src, buf) in enumerate(self._computed):
             a, b = lo, hi
             if self.rows:  # the whole rows the span touches
@@ -77,7 +94,7 @@ class SpanInputs:
                 src.read(a, b - a, buf)
                 self._filled[i] = (a, b)
             self.addrs[slot] = buf.ctypes.data - 4 * a
-        return Span(lo, hi, self.block, self.addrs, self.modes, self.luts, self.rnd, self.has_base)
+        return Span(lo, hi, self.block, self.inp, workers, check_scratch=self._check_scratch)
 
 
 class WritePipe:
@@ -123,7 +140,9 @@ class Engine:
         self.allow_nonfinite = plan.allow_nonfinite
         self.writer = writer
         self.progress = progress or (lambda advance, name: None)
-        self.threads = kernels.set_threads(plan.threads)
+        self.threads = kernels.threads(plan.threads)
+        self.workers = Workers(self.threads)
+        workers.activate(self.workers)
         self.pipe = WritePipe(writer, max(plan.span, 1) * 8)
         self.stats: dict[str, dict] = {}
 
@@ -164,9 +183,16 @@ class Engine:
                         src.release()  # resident memory must not grow with the model
                 self.writer.finish_shard(i, {n: self.stats[n] for n in shard.tensors if n in self.stats})
         finally:
-            self.pipe.close()
+            self.close()
             prefetcher.shutdown(wait=True)
         return self.stats
+
+    def close(self) -> None:
+        try:
+            self.pipe.close()
+        finally:
+            workers.activate(None)
+            self.workers.close()
 
     def _copy(self, job) -> None:
         src = job.models[0].raw().view(np.uint8)
@@ -188,10 +214,10 @@ class Engine:
                             self.threads, job.stream_index)
         driver = job.method.driver(ctx)
         inputs = SpanInputs(job.base, job.models, job.span, job.input_round, block, driver.whole_rows)
-        check = kernels.load("span").check
         sums = np.zeros((nm, -(-n // block)), np.float64)
-        nonfinite = np.zeros(nm + 1, np.int64)
-        out_mode, itemsize = SPAN_KIND[job.out_dtype], ITEMSIZE[job.out_dtype]
+        bad = np.zeros((self.threads, nm + 1), np.int64)
+        codecs = kernels.load("codecs")
+        encoder, no_output, itemsize = codecs.encoder(job.out_dtype), codecs.encoder(None), ITEMSIZE[job.out_dtype]
         overflow = 0
         done = 0
         while done < len(driver.passes):  # end_pass may drop a pass that turned out unneeded
@@ -199,22 +225,18 @@ class Engine:
             writes = driver.writes(pass_name)
             for lo in range(0, n, job.span):
                 hi = min(n, lo + job.span)
-                span = inputs.span(lo, hi)
+                span = inputs.span(lo, hi, self.workers)
                 if done == 0:
-                    span.check, span.sums = True, sums
-                    span.bad = np.zeros((-(-(hi - lo) // block), nm + 1), np.int64)
+                    span.check, span.sums, span.bad = True, sums, bad
                     if not driver.fused_check:
-                        check(*span.inputs, lo, hi, block, sums, span.bad, self.threads)
-                        span.check = False
-                if writes:
-                    out = self.pipe.buffer()
-                    span.out_addr, span.out_mode = out.ctypes.data, out_mode
+                        span.run_checks()
+                out = self.pipe.buffer() if writes else None
+                span.out = (encoder, out.ctypes.data) if writes else (no_output, 0)
                 overflow += driver.feed(pass_name, span)
-                if done == 0:
-                    nonfinite += span.bad.sum(axis=0)
                 if writes:
                     self.pipe.write(job.name, lo * itemsize, out[:(hi - lo) * itemsize])
                 self.progress(job.read_bytes * (hi - lo) // max(n, 1), job.name)
+            nonfinite = bad.sum(axis=0)
             if done == 0:  # before the driver draws conclusions from non-finite inputs
                 self._refuse_nonfinite(job, nonfinite)
             driver.end_pass(pass_name)
@@ -261,11 +283,12 @@ class _Collect:
 
 
 def run_arrays(method: str, base, models, params: dict, model_params: list[dict], *, dtype: str = "F32",
-               out_dtype: str = "F32", shape=None, name: str = "tensor", span: int | None = None,
+               model_dtype: str | None = None, out_dtype: str = "F32", shape=None, name: str = "tensor", span: int | None = None,
                threads: int | None = None, allow_nonfinite: bool = False, input_round: str | None = None,
                block: int = BLOCK, driver: bool = False):
     """Merge one in-memory tensor exactly as a real merge does (tests, warmup): inputs are
-    raw storage arrays of `dtype` (float32 for F32, uint16 bit patterns for BF16/F16, ...);
+    raw storage arrays of `dtype` (float32 for F32, uint16 bit patterns for BF16/F16, ...;
+    the models of `model_dtype` if given);
     returns the output's raw storage array (shaped) and the tensor's statistics (and the
     finished driver if `driver`). `span` must be a multiple of `block`."""
     from types import SimpleNamespace
@@ -280,7 +303,7 @@ def run_arrays(method: str, base, models, params: dict, model_params: list[dict]
     numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
     g, mp = m.resolve(dict(params), [dict(p) for p in model_params], cross_check=False)
     b = ArraySource(base, dtype, shape, "base", name) if base is not None else None
-    srcs = tuple(ArraySource(x, dtype, shape, f"model {i + 1}", name) for i, x in enumerate(models))
+    srcs = tuple(ArraySource(x, model_dtype or dtype, shape, f"model {i + 1}", name) for i, x in enumerate(models))
     span = span or max(block, -(-numel // block) * block)
     if span % block:
         raise ValueError(f"span {span} is not a multiple of block {block}")
@@ -292,6 +315,6 @@ def run_arrays(method: str, base, models, params: dict, model_params: list[dict]
     try:
         drv, stats = engine.run_driver(job, block)
     finally:
-        engine.pipe.close()
+        engine.close()
     out = writer.data.view(DTYPES[out_dtype].storage).reshape(shape)
     return (out, stats, drv) if driver else (out, stats)

@@ -749,9 +749,9 @@ def parse_args(argv=None):
                    help="instead: TIES over --finetunes LoRA adapters (r=16 on every linear layer) of the set's base "
                         "next to TIES over the same fine-tunes as full models, with their I/O floors "
                         "(scripts/bench_lora.py)")
-    p.add_argument("--skip-cold-jit", action="store_true",
-                   help="do not time `npmerge warmup` with an empty kernel cache (compiling every kernel takes "
-                        "a minute); the warm start is still measured")
+    p.add_argument("--cold-jit", action="store_true",
+                   help="instead: the cold start, from empty kernel caches: the README's demo merge, the first "
+                        "merge of each of --methods (default: all) and `npmerge warmup` (scripts/bench_cold.py)")
     p.add_argument("--reference", action="store_true",
                    help=f"also time tests/reference.py's plain-NumPy TIES ({' and '.join(REFERENCE_SIZES)} only)")
     p.add_argument("--gen-workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
@@ -760,13 +760,14 @@ def parse_args(argv=None):
     p.add_argument("--generate-only", action="store_true", help="only make sure the set exists, measure nothing")
     p.add_argument("--json", type=Path, default=None, help="write every figure as JSON to this path")
     args = p.parse_args(argv)
+    args.cold_methods = args.methods or []
     methods = []
     for item in args.methods or [",".join(METHODS)]:
         for m in item.split(","):
             m = m.strip().replace("_", "-")
             if not m:
                 continue
-            if m not in METHOD_ARGS:
+            if m not in METHOD_ARGS and not args.cold_jit:  # bench_cold.py checks its own
                 p.error(f"unknown method {m!r}; choose from {', '.join(METHOD_ARGS)}")
             if m not in methods:
                 methods.append(m)
@@ -794,6 +795,12 @@ def main(argv=None) -> int:
         reference_worker(argv[1:])
         return 0
     args = parse_args(argv)
+    if args.cold_jit:
+        import bench_cold
+
+        return bench_cold.main([x for m in args.cold_methods for x in ("--methods", m)]
+                               + ["--busy", str((args.busy or [0])[0]), "--repeat", str(args.repeat)]
+                               + (["--json", str(args.json)] if args.json else []))
     if args.lora:
         import bench_lora
 
@@ -860,18 +867,10 @@ def main(argv=None) -> int:
     startup = {}
     startup["python"] = summarize([run_measured([sys.executable, "-c", "pass"]) for _ in range(5)])
     startup["help"] = summarize([run_measured(NPMERGE + ["--help"]) for _ in range(5)])
-    if args.skip_cold_jit:  # the default cache, filled by a warmup first
-        run_measured(NPMERGE + ["warmup"])
-        warm_run = run_without_jit(NPMERGE + ["warmup"], dict(os.environ), cache_dir=None)
-    else:
-        jit_dir = Path(tempfile.mkdtemp(prefix="npmerge-bench-jit-"))
-        try:
-            env = dict(os.environ, NUMBA_CACHE_DIR=str(jit_dir))
-            startup["jit_cold"] = summarize([run_measured(NPMERGE + ["warmup"], env)])
-            warm_run = run_without_jit(NPMERGE + ["warmup"], env, cache_dir=jit_dir)
-        finally:
-            shutil.rmtree(jit_dir, ignore_errors=True)
-        run_measured(NPMERGE + ["warmup"])  # the merges below use the default (now warm) kernel cache
+    # the merges below use the default kernel cache, filled here for their methods (BF16 sets)
+    warmup = NPMERGE + ["warmup", "--dtype", "bfloat16"] + [x for m in args.methods for x in ("--method", m)]
+    run_measured(warmup)
+    warm_run = run_without_jit(warmup, dict(os.environ), cache_dir=None)
     startup["jit_warm"] = summarize([warm_run])
     startup["jit_warm"]["jit_compiled"] = warm_run["jit_compiled"]
     results["startup"] = startup
@@ -934,7 +933,7 @@ def main(argv=None) -> int:
 
                         def prepare():
                             shutil.rmtree(out, ignore_errors=True)
-                            run_measured(NPMERGE + ["warmup"])  # recompiles here, untimed, if the source changed
+                            run_measured(warmup)  # recompiles here, untimed, if the source changed
                             resident["value"] = warm()
 
                         with Competitors(busy):
@@ -1077,9 +1076,8 @@ def render(r: dict) -> None:
     for c in ("what", "wall s", "CPU s", "peak anon"):
         t.add_column(c, justify="left" if c == "what" else "right")
     for key, what in (("python", "python -c pass (median of 5)"), ("help", "npmerge --help (median of 5)"),
-                      ("jit_cold", "npmerge warmup, empty kernel cache (cold JIT)"),
-                      ("jit_warm", "npmerge warmup, kernel cache filled (warm)")):
-        if key in s:  # no cold JIT with --skip-cold-jit
+                      ("jit_warm", "npmerge warmup of the methods above, kernel cache filled (cold: --cold-jit)")):
+        if key in s:
             t.add_row(what, f"{s[key]['wall']:.3f}", f"{s[key]['cpu']:.3f}", human(s[key]["peak_anon"]))
     con.print(t)
 

@@ -117,13 +117,13 @@ def test_small_budget_really_chunks(tmp_path):
     """The span shrinks with the budget (the largest tensor has 65,536 elements), the working
     memory stays within it, and too small a budget is refused before anything is written."""
     spans = {}
-    for budget, mib in (("6MiB", 6), ("6400KiB", 6400 / 1024), ("1GiB", 1024)):
+    for budget, mib in (("6MiB", 6), ("6528KiB", 6528 / 1024), ("1GiB", 1024)):
         proc = npmerge("ties", LLAMA / "base", *FTS, "--density", "0.2", "-o", tmp_path / "x", "--max-memory",
                        budget, "--dry-run", "--json")
         plan = json.loads(proc.stdout)
         assert plan["working_memory"] <= mib * 2**20
         spans[budget] = plan["span_elements"]
-    assert spans == {"6MiB": 16384, "6400KiB": 32768, "1GiB": 65536}
+    assert spans == {"6MiB": 16384, "6528KiB": 32768, "1GiB": 65536}
     proc = npmerge("ties", LLAMA / "base", *FTS, "--density", "0.2", "-o", tmp_path / "x", "--max-memory", "5MiB",
                    check=False)
     assert proc.returncode == 2 and "is too small" in proc.stderr

@@ -104,7 +104,7 @@ class LoraTarget:
         decode(self.full.file.flat(self.full.info.name)[start:start + n], self.full.info.dtype.name, dst, base)
 
     def _lowrank(self, start, n, dst, base) -> None:
-        from .. import kernels
+        from .. import kernels, workers
 
         cols = self.shape[1]
         p0, p1 = start // cols, -(-(start + n) // cols)
@@ -114,7 +114,11 @@ class LoraTarget:
         else:
             left = _decode_rows(self.b, p0, p1)
             right = _decode_rows(self.a, 0, self.a.info.shape[0])
-        kernels.load("lora").lowrank_rows(left, right, float(self.scale), start - p0 * cols, dst)
+        k, scale, offset = kernels.load("lora"), float(self.scale), start - p0 * cols
+        rows = p1 - p0
+        step = max(1, -(-rows // (4 * workers.current().threads)))  # a few ranges per thread
+        ranges = [(r, min(rows, r + step)) for r in range(0, rows, step)]
+        workers.current().run(lambda i, t: k.lowrank_rows(left, right, scale, offset, dst, *ranges[i]), len(ranges))
 
     def _bias(self, start, n, dst, base) -> None:
         b = _decode_rows(self.bias, start, start + n)

@@ -28,79 +28,79 @@ to an aligned buffer on other architectures.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-_JIT = dict(parallel=True, cache=True, nogil=True)
+from .bits import JIT, bits_f32, f32_bits
 
 
 # --------------------------------------------------------------------- decode
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def decode_bf16(src, base, dst):
     """uint16 BF16 bit patterns -> float32 (exact: the pattern is the float32's top half)."""
     n = dst.shape[0]
     if base.shape[0] != 0:
-        for i in prange(n):
-            dst[i] = np.uint32(np.uint32(src[i]) << 16).view(np.float32) - base[i]
+        for i in range(n):
+            dst[i] = bits_f32(np.uint32(src[i]) << 16) - base[i]
     else:
-        for i in prange(n):
-            dst[i] = np.uint32(np.uint32(src[i]) << 16).view(np.float32)
+        for i in range(n):
+            dst[i] = bits_f32(np.uint32(src[i]) << 16)
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def decode_lut(src, lut, base, dst):
     """uint16 / uint8 bit patterns -> float32 through a float32 table (F16, FP8)."""
     n = dst.shape[0]
     if base.shape[0] != 0:
-        for i in prange(n):
+        for i in range(n):
             dst[i] = lut[src[i]] - base[i]
     else:
-        for i in prange(n):
+        for i in range(n):
             dst[i] = lut[src[i]]
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def decode_f32(src, base, dst):
     """float32 -> float32 (copy, or difference with base)."""
     n = dst.shape[0]
     if base.shape[0] != 0:
-        for i in prange(n):
+        for i in range(n):
             dst[i] = src[i] - base[i]
     else:
-        for i in prange(n):
+        for i in range(n):
             dst[i] = src[i]
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def decode_f64(src, base, dst):
     """float64 -> float32, rounded to nearest even (as NumPy's astype), then - base."""
     n = dst.shape[0]
     if base.shape[0] != 0:
-        for i in prange(n):
+        for i in range(n):
             dst[i] = np.float32(src[i]) - base[i]
     else:
-        for i in prange(n):
+        for i in range(n):
             dst[i] = np.float32(src[i])
 
 
 # --------------------------------------------------------------------- encode
 
 
-@njit(cache=True, nogil=True)
+@njit(**JIT)
 def bf16_bits(x):
     """float32 -> BF16 bit pattern (as int64), round-to-nearest-even on the bit pattern.
 
     Overflow rounds to +-Inf, Inf stays Inf, subnormals round like normals (no
     flush). Every NaN becomes sign | 0x7FC0, the quiet NaN ml_dtypes produces.
     """
-    u = np.int64(np.float32(x).view(np.uint32))
+    u = np.int64(f32_bits(np.float32(x)))
     if (u & 0x7FFFFFFF) > 0x7F800000:
         return ((u >> 16) & 0x8000) | 0x7FC0
     return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
 
 
-@njit(cache=True, nogil=True)
+@njit(**JIT)
 def f16_bits(x):
     """float32 -> IEEE binary16 bit pattern (as int64), round-to-nearest-even incl. subnormals.
 
@@ -116,11 +116,11 @@ def f16_bits(x):
     bits. The sum is never subnormal, so even a process running with FTZ/DAZ set gets
     the same result.
     """
-    u = np.int64(np.float32(x).view(np.uint32))
+    u = np.int64(f32_bits(np.float32(x)))
     a = u & 0x7FFFFFFF
-    ax = np.uint32(a).view(np.float32)
+    ax = bits_f32(np.uint32(a))
     # |x| < 2**-14: subnormal half or zero
-    sub = np.int64(np.float32(ax + np.float32(0.5)).view(np.uint32)) - 0x3F000000
+    sub = np.int64(f32_bits(np.float32(ax + np.float32(0.5)))) - 0x3F000000
     # normal half: rebias the exponent (127 -> 15) and round on the bit pattern;
     # a carry out of the mantissa bumps the exponent (65520 -> Inf)
     nrm = (a - 0x37FFF001 + ((a >> 13) & 1)) >> 13
@@ -132,46 +132,46 @@ def f16_bits(x):
     return ((u >> 16) & 0x8000) | h
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def encode_bf16(src, dst):
     """float32 -> BF16 bit patterns (bf16_bits)."""
     n = dst.shape[0]
-    for i in prange(n):
+    for i in range(n):
         dst[i] = np.uint16(bf16_bits(src[i]))
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def encode_f16(src, dst):
     """float32 -> binary16 bit patterns (f16_bits)."""
     n = dst.shape[0]
-    for i in prange(n):
+    for i in range(n):
         dst[i] = np.uint16(f16_bits(src[i]))
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def encode_f32(src, dst):
     """float32 -> float32 (copy)."""
     n = dst.shape[0]
-    for i in prange(n):
+    for i in range(n):
         dst[i] = src[i]
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def encode_f64(src, dst):
     """float32 -> float64 (exact widening)."""
     n = dst.shape[0]
-    for i in prange(n):
+    for i in range(n):
         dst[i] = np.float64(src[i])
 
 
 # --------------------------------------------------------------------- checks
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def count_all_ones(bits, mask):
     """How many of `bits` have every bit of `mask` set: with an exponent mask, the
     encoded values that are Inf or NaN (e.g. a finite float32 that overflowed F16)."""
     total = 0
-    for i in prange(bits.shape[0]):
+    for i in range(bits.shape[0]):
         total += (bits[i] & mask) == mask
     return total

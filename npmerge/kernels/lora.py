@@ -22,28 +22,31 @@ it is the same for any thread count and any split of the flat range into calls.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
+
+from .bits import JIT
 
 # Columns accumulated at once per row: the float64 accumulators (8 KiB) stay in L1.
 COL_BLOCK = 1024
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def lowrank_rows(left, right, scale, offset, out):
-    """out[k - offset] = tau[k // cols, k % cols] for k in [offset, offset + out.size).
+@njit(**JIT)
+def lowrank_rows(left, right, scale, offset, out, p0, p1):
+    """out[k - offset] = tau[k // cols, k % cols] for the k in [offset, offset + out.size)
+    of rows p0..p1 of the block.
 
     left: (rows, r) float32; right: (r, cols) float32; scale: float64; `offset` is
     the flat index of out[0] inside the rows x cols block (0 <= offset < cols), and
-    the block's rows cover exactly the elements asked for.
+    the block's rows cover exactly the elements asked for. Rows are independent, so
+    callers split them among threads.
     """
-    rows = left.shape[0]
     r = left.shape[1]
     cols = right.shape[1]
     n = out.shape[0]
-    for p in prange(rows):
+    acc = np.empty(min(COL_BLOCK, cols), np.float64)
+    for p in range(p0, p1):
         lo = max(p * cols, offset)
         hi = min((p + 1) * cols, offset + n)
-        acc = np.empty(min(COL_BLOCK, cols), np.float64)
         for c0 in range(lo - p * cols, hi - p * cols, COL_BLOCK):
             c1 = min(c0 + COL_BLOCK, hi - p * cols)
             w = c1 - c0

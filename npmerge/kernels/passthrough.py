@@ -6,36 +6,24 @@ unscaled ones the recipe asks to convert (`dtype`/`out_dtype`), which are decode
 rounded as `dtype` says and encoded without arithmetic.
 """
 
-import numba
-import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from .span import block_scratch, load_rows, store
+from .span import JIT, encode, load_rows
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def scale(addrs, modes, luts, rnd, has_base, lo, hi, block, scaled, factor, out_addr, out_mode, threads):
-    """Elements lo..hi of model 1 (slot 1), times `factor` (float32) if `scaled`, encoded
-    into the output buffer; return how many encoded values are Inf/NaN."""
-    nm = addrs.shape[0] - 1
-    nb = (hi - lo + block - 1) // block
-    bad = np.zeros(nb, np.int64)
-    rows_t, base_t = block_scratch(threads, nm, block)
-    o_t = np.empty((threads, block), np.float32)
-    for b in prange(nb):
-        s = lo + b * block
-        n = min(block, hi - s)
-        t = numba.get_thread_id()
-        rows, o = rows_t[t], o_t[t]
-        load_rows(addrs, modes, luts, rnd, has_base, False, s, n, rows, base_t[t])
+@njit(**JIT)
+def scale(inp, out, lo, a, z, block, scaled, factor, rows, base, o):
+    """Elements a..z of model 1 (slot 1), times `factor` (float32) if `scaled`, encoded
+    into the output; return how many encoded values are Inf/NaN."""
+    bad = 0
+    for s in range(a, z, block):
+        n = min(block, z - s)
+        load_rows(inp, inp[6], s, n, rows, base)  # no base: model values
         if scaled:
             for e in range(n):
                 o[e] = rows[0, e] * factor
         else:
             for e in range(n):
                 o[e] = rows[0, e]
-        bad[b] = store(o, n, out_addr, out_mode, s - lo)
-    total = 0
-    for b in range(nb):
-        total += bad[b]
-    return total
+        bad += encode(out, o, n, s - lo)
+    return bad

@@ -13,6 +13,8 @@ uint64 (32-bit values; products of two of them are exact).
 import numpy as np
 from numba import njit
 
+from .bits import JIT
+
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
 
@@ -33,7 +35,7 @@ def stream(name: str, i: int) -> int:
     return h
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(**JIT, inline="always")
 def philox(c0, c1, c2, c3, k0, k1):
     """Philox-4x32-10 of a counter (c0..c3) under key (k0, k1), all uint64 holding 32-bit
     words. A round: (hi(M1 c2) ^ c1 ^ k0, lo(M1 c2), hi(M0 c0) ^ c3 ^ k1, lo(M0 c0));
@@ -47,7 +49,7 @@ def philox(c0, c1, c2, c3, k0, k1):
     return c0, c1, c2, c3
 
 
-@njit(cache=True, nogil=True)
+@njit(**JIT)
 def uniform24(seed, s, e0, n, out):
     """out[t] = u * 2**24 (the top 24 bits of the word) of element e0 + t, t < n, for
     key `seed` and stream `s` (uint64); out is uint32. One Philox call per 4 elements:

@@ -1,171 +1,124 @@
-"""Block plumbing shared by the fused span kernels: any input -> float32 rows of one
-block, a block of float32 results -> the output's storage, and the engine's first-pass
-check (delta norms, NaN/Inf counts).
+"""Block plumbing shared by every span kernel: any input -> float32 rows of one block,
+float32 results -> the output's storage, and the engine's first-pass checks (delta
+norms, NaN/Inf counts).
 
-A span kernel covers a large range of one tensor (MiBs) in one parallel region; inside
-it each thread takes cache-sized blocks and runs the whole pipeline on them (decode ->
-method math -> encode), so decoded float32 rows never leave the cache and there is one
-barrier per span instead of one per kernel per small chunk.
+A span kernel is a small serial `nogil` function over one *piece* of a span (a range of
+whole blocks); the engine's workers (npmerge/workers.py) run the pieces of a span on
+their threads. Inside a piece the kernel runs the whole pipeline block by block
+(decode -> method math -> encode), so decoded float32 rows never leave the cache.
 
-Inputs are passed as *addresses* plus a *mode* per input (slot 0 the base, 1.. the
-models), not as arrays: numba types a tuple of arrays by its length and a typed List
-costs a JIT compile in every process, while an int64 array of addresses gives one
-compiled signature for any number of models and any mix of dtypes. An address points
-at element 0 of the whole tensor's raw storage (a read-only memory map, kept alive by
-the engine for the call), or at a float32 buffer a non-mapped source filled, shifted so
-that element indices stay absolute. Kernels only ever read through input addresses.
+Inputs reach a kernel as one tuple `inp = (dec_base, dec_models, rnd, addrs, flags,
+luts, has_base)`:
 
-mode = storage kind (low 3 bits) | DELTA when the source delivers task-vector values
-(a LoRA adapter) instead of model values. `rnd` rounds every model-valued input to
-BF16 or F16 first (a recipe's `dtype:`).
+    dec_*   the address of the decoder of the base's and of the models' storage dtype
+            (codecs.py); the models share one (the engine decodes models of mixed dtypes
+            to float32 first)
+    rnd     the address of the rounder of a recipe's `dtype:` (applied to model values)
+    addrs   int64 addresses of element 0 of each input's storage (slot 0 the base, 1.. the
+            models): a read-only memory map, or a float32 buffer a computed source filled,
+            shifted so that element indices stay absolute. An int64 array gives one
+            compiled signature for any number of models; kernels only read through it.
+    flags   int64 per slot: DELTA when the source delivers task-vector values (a LoRA
+            adapter) instead of model values
+    luts    the address of the decode tables (dtypes.span_luts)
+
+The output is `out = (encoder, addr)`: the address of the output dtype's encoder and of
+the span's element `lo` in the output buffer. Conversions are C functions called through
+their addresses (bits.call_*), so each kernel is compiled once whatever the dtypes.
 """
 
-import numba
 import numpy as np
-from numba import carray, njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
 
 from ..dtypes import SPAN_DELTA as DELTA
-from ..dtypes import SPAN_KIND, SPAN_ROUND
-from .convert import bf16_bits, f16_bits
+from .bits import HELPER, JIT, address, call_int5, call_void, call_void3, f32_bits
 
-BF16, F16, F32, F64 = SPAN_KIND["BF16"], SPAN_KIND["F16"], SPAN_KIND["F32"], SPAN_KIND["F64"]
-E4M3 = SPAN_KIND["F8_E4M3"]
-KIND = 7
-# Offsets of the decode tables in the one float32 `luts` array (dtypes.span_luts).
-LUT_F16, LUT_E4M3, LUT_E5M2 = 0, 65536, 65536 + 256
-ROUND_NONE, ROUND_BF16 = SPAN_ROUND[None], SPAN_ROUND["BF16"]
 EXP32 = 0x7F800000
 
 
-@intrinsic
-def _voidptr(typingctx, addr):
-    """int64 address -> void* (for numba.carray)."""
-    sig = types.voidptr(addr)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-
-    return sig, codegen
+# ------------------------------------------------------------------ rows of a block
 
 
-@njit(cache=True, nogil=True)
-def load(addr, mode, luts, rnd, lo, n, dst):
-    """dst[:n] = float32 values of elements lo .. lo+n-1 of one input (exact widening;
-    F64 rounds to nearest even), then rounded to BF16/F16 if `rnd` (model values only)."""
-    kind = mode & KIND
-    if kind == BF16:
-        s16 = carray(_voidptr(addr + 2 * lo), (n,), np.uint16)
-        for e in range(n):
-            dst[e] = np.uint32(np.uint32(s16[e]) << 16).view(np.float32)
-    elif kind == F32:
-        s32 = carray(_voidptr(addr + 4 * lo), (n,), np.float32)
-        for e in range(n):
-            dst[e] = s32[e]
-    elif kind == F16:
-        h16 = carray(_voidptr(addr + 2 * lo), (n,), np.uint16)
-        for e in range(n):
-            dst[e] = luts[LUT_F16 + np.int64(h16[e])]
-    elif kind == F64:
-        s64 = carray(_voidptr(addr + 8 * lo), (n,), np.float64)
-        for e in range(n):
-            dst[e] = np.float32(s64[e])
-    else:
-        s8 = carray(_voidptr(addr + lo), (n,), np.uint8)
-        off = LUT_E4M3 if kind == E4M3 else LUT_E5M2
-        for e in range(n):
-            dst[e] = luts[off + np.int64(s8[e])]
-    if rnd != ROUND_NONE and (mode & DELTA) == 0:
-        if rnd == ROUND_BF16:
-            for e in range(n):
-                dst[e] = np.uint32(np.uint32(bf16_bits(dst[e])) << 16).view(np.float32)
-        else:
-            for e in range(n):
-                dst[e] = luts[LUT_F16 + f16_bits(dst[e])]
-
-
-@njit(cache=True, nogil=True)
-def load_rows(addrs, modes, luts, rnd, has_base, deltas, lo, n, rows, base):
-    """One block of every input: base[:n] (if has_base) and rows[i, :n] for each model,
-    as task vectors M - B (float32 subtraction) when `deltas`, else as model values
-    (a DELTA input then becomes B + tau)."""
-    nm = addrs.shape[0] - 1
-    if has_base:
-        load(addrs[0], modes[0], luts, rnd, lo, n, base)
-    for i in range(nm):
+@njit(**HELPER)
+def _prepare(inp, deltas, n, rows, base):
+    """Decoded values -> what kernels see: a recipe's `dtype:` rounds every model value
+    (not a DELTA input's task vector); then model values become task vectors M - B
+    (float32) when `deltas`, and a DELTA input becomes model values B + tau when not."""
+    rnd, flags, luts, has_base = inp[2], inp[4], inp[5], inp[6]
+    if has_base and (flags[0] & DELTA) == 0:
+        call_void3(rnd, n, address(base), luts)
+    for i in range(rows.shape[0]):
+        if (flags[1 + i] & DELTA) == 0:
+            call_void3(rnd, n, address(rows[i]), luts)
+    if not has_base:
+        return
+    for i in range(rows.shape[0]):
         r = rows[i]
-        load(addrs[1 + i], modes[1 + i], luts, rnd, lo, n, r)
-        if has_base:
-            is_delta = (modes[1 + i] & DELTA) != 0
-            if deltas and not is_delta:
-                for e in range(n):
-                    r[e] = r[e] - base[e]
-            elif is_delta and not deltas:
-                for e in range(n):
-                    r[e] = base[e] + r[e]
+        is_delta = (flags[1 + i] & DELTA) != 0
+        if deltas and not is_delta:
+            for e in range(n):
+                r[e] = r[e] - base[e]
+        elif is_delta and not deltas:
+            for e in range(n):
+                r[e] = base[e] + r[e]
 
 
-@njit(cache=True, nogil=True)
-def store(vals, n, out_addr, out_mode, at):
-    """Encode vals[:n] into the output buffer at element `at` (BF16/F16 round to nearest
-    even, F32 copy, F64 widen); return how many encoded values are Inf/NaN."""
-    bad = 0
-    vbits = vals.view(np.uint32)
-    if out_mode == BF16:
-        o16 = carray(_voidptr(out_addr + 2 * at), (n,), np.uint16)
-        for e in range(n):
-            h = bf16_bits(vals[e])
-            o16[e] = np.uint16(h)
-            bad += (h & 0x7F80) == 0x7F80
-    elif out_mode == F16:
-        h16 = carray(_voidptr(out_addr + 2 * at), (n,), np.uint16)
-        for e in range(n):
-            h = f16_bits(vals[e])
-            h16[e] = np.uint16(h)
-            bad += (h & 0x7C00) == 0x7C00
-    elif out_mode == F32:
-        o32 = carray(_voidptr(out_addr + 4 * at), (n,), np.float32)
-        for e in range(n):
-            o32[e] = vals[e]
-            bad += (vbits[e] & EXP32) == EXP32
-    else:
-        o64 = carray(_voidptr(out_addr + 8 * at), (n,), np.float64)
-        for e in range(n):
-            o64[e] = np.float64(vals[e])
-            bad += (vbits[e] & EXP32) == EXP32
-    return bad
+@njit(**HELPER)
+def load_rows(inp, deltas, lo, n, rows, base):
+    """One block of every input: base[:n] (if there is a base) and rows[i, :n] for each
+    model, as task vectors M - B when `deltas`, else as model values."""
+    dec_base, dec_models, addrs, luts = inp[0], inp[1], inp[3], inp[5]
+    call_void(dec_base, addrs[0], 0, lo, n, address(base), luts)
+    for i in range(rows.shape[0]):
+        call_void(dec_models, addrs[1 + i], 0, lo, n, address(rows[i]), luts)
+    _prepare(inp, deltas, n, rows, base)
 
 
-@njit(cache=True, nogil=True)
-def mulmod(a, b, m):
-    """(a * b) % m for 0 <= a, b < m < 2**62 without overflow (double and add): the
-    remainder of the rank rule's even thinning at a tie ordinal (SEMANTICS.md)."""
-    r = 0
-    a = a % m
-    while b > 0:
-        if b & 1:
-            r += a
-            if r >= m:
-                r -= m
-        a += a
-        if a >= m:
-            a -= m
-        b >>= 1
-    return r
+@njit(**HELPER)
+def gather_rows(inp, deltas, idx, n, rows, base):
+    """load_rows() of the elements idx[:n] (scattered positions)."""
+    dec_base, dec_models, addrs, luts = inp[0], inp[1], inp[3], inp[5]
+    call_void(dec_base, addrs[0], address(idx), 0, n, address(base), luts)
+    for i in range(rows.shape[0]):
+        call_void(dec_models, addrs[1 + i], address(idx), 0, n, address(rows[i]), luts)
+    _prepare(inp, deltas, n, rows, base)
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER)
+def load_one(inp, slot, lo, n, dst):
+    """dst[:n] = elements lo..lo+n-1 of input `slot` alone (0 the base), rounded as
+    load_rows rounds it."""
+    call_void(inp[0] if slot == 0 else inp[1], inp[3][slot], 0, lo, n, address(dst), inp[5])
+    if (inp[4][slot] & DELTA) == 0:
+        call_void3(inp[2], n, address(dst), inp[5])
+
+
+@njit(**HELPER)
+def encode(out, vals, n, at):
+    """Encode vals[:n] into the output at element `at` (relative to the span's first);
+    return how many encoded values are Inf/NaN."""
+    return call_int5(out[0], address(vals), n, out[1], 0, at)
+
+
+@njit(**HELPER)
+def scatter(out, vals, n, idx, lo):
+    """encode() of vals[j] into element idx[j] - lo of the output, for j < n."""
+    return call_int5(out[0], address(vals), n, out[1], address(idx), lo)
+
+
+# ------------------------------------------------------------------ checks and sums
+
+
+@njit(**HELPER)
 def count_nonfinite(x, n):
     """NaN/Inf among x[:n] (exponent bits all ones; an integer loop that vectorises)."""
-    bits = x.view(np.uint32)
     bad = 0
     for e in range(n):
-        bad += (bits[e] & EXP32) == EXP32
+        bad += (f32_bits(x[e]) & EXP32) == EXP32
     return bad
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER)
 def sumsq(x, n):
     """float64 sum of x[:n]**2 by the reduction rule (SEMANTICS-2 A): element e goes to
     accumulator e mod 8 in increasing e, combined ((A0+A1)+(A2+A3))+((A4+A5)+(A6+A7)).
@@ -177,46 +130,49 @@ def sumsq(x, n):
         v4 = np.float64(x[e + 4]); v5 = np.float64(x[e + 5]); v6 = np.float64(x[e + 6]); v7 = np.float64(x[e + 7])
         a0 += v0 * v0; a1 += v1 * v1; a2 += v2 * v2; a3 += v3 * v3
         a4 += v4 * v4; a5 += v5 * v5; a6 += v6 * v6; a7 += v7 * v7
-    lanes = np.array([a0, a1, a2, a3, a4, a5, a6, a7])
-    for e in range(main, n):
-        v = np.float64(x[e])
-        lanes[e - main] += v * v
+    tail = n - main  # the last elements continue lanes 0, 1, ...
+    if tail > 0:
+        a0 += np.float64(x[main]) * np.float64(x[main])
+    if tail > 1:
+        a1 += np.float64(x[main + 1]) * np.float64(x[main + 1])
+    if tail > 2:
+        a2 += np.float64(x[main + 2]) * np.float64(x[main + 2])
+    if tail > 3:
+        a3 += np.float64(x[main + 3]) * np.float64(x[main + 3])
+    if tail > 4:
+        a4 += np.float64(x[main + 4]) * np.float64(x[main + 4])
+    if tail > 5:
+        a5 += np.float64(x[main + 5]) * np.float64(x[main + 5])
+    if tail > 6:
+        a6 += np.float64(x[main + 6]) * np.float64(x[main + 6])
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+@njit(**HELPER)
+def lanes8(lanes):
+    """The reduction rule's combine of 8 float64 lanes: ((A0+A1)+(A2+A3))+((A4+A5)+(A6+A7))."""
     return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
 
 
-@njit(cache=True, nogil=True)
+@njit(**HELPER)
 def check_block(rows, base, n, has_base, sums, gb, bad):
     """The engine's first-pass checks on one decoded block (block gb of the tensor):
     float64 sums of squares of the rows into sums[i, gb] (skipped if `sums` has no
     columns), NaN/Inf counts into bad[0] (base) and bad[1 + i]."""
     if has_base:
-        bad[0] = count_nonfinite(base, n)
+        bad[0] += count_nonfinite(base, n)
     for i in range(rows.shape[0]):
-        bad[1 + i] = count_nonfinite(rows[i], n)
+        bad[1 + i] += count_nonfinite(rows[i], n)
         if sums.shape[1] != 0:
             sums[i, gb] = sumsq(rows[i], n)
 
 
-@njit(cache=True, nogil=True)
-def block_scratch(nt, nm, block):
-    """Decode buffers (rows, base) for each of nt threads of a parallel region, allocated
-    once per call and taken with numba.get_thread_id(). Blocks that allocated their own
-    made a region slower with two threads than with one (TIES's tie count: 4.3 vs 1.9 ns
-    per element on the 1B set's tensors). Callers pass nt: numba.get_num_threads() in a
-    kernel would make it uncacheable."""
-    return np.empty((nt, nm, block), np.float32), np.empty((nt, block), np.float32)
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def check(addrs, modes, luts, rnd, has_base, lo, hi, block, sums, bad, threads):
-    """check_block over elements lo..hi (lo a multiple of `block`) for drivers whose
-    kernels do not run it themselves: rows are task vectors when there is a base."""
-    nm = addrs.shape[0] - 1
-    nb = (hi - lo + block - 1) // block
-    rows_t, base_t = block_scratch(threads, nm, block)
-    for b in prange(nb):
-        s = lo + b * block
-        n = min(block, hi - s)
-        t = numba.get_thread_id()
-        load_rows(addrs, modes, luts, rnd, has_base, has_base, s, n, rows_t[t], base_t[t])
-        check_block(rows_t[t], base_t[t], n, has_base, sums, lo // block + b, bad[b])
+@njit(**JIT)
+def check(inp, a, z, block, sums, bad, rows, base):
+    """check_block over elements a..z (a on the block grid) for drivers whose kernels do
+    not run it themselves: rows are task vectors when there is a base."""
+    has_base = inp[6]
+    for s in range(a, z, block):
+        n = min(block, z - s)
+        load_rows(inp, has_base, s, n, rows, base)
+        check_block(rows, base, n, has_base, sums, s // block, bad)

@@ -26,8 +26,6 @@ from .registry import Param, boolean, choice
 
 _CONSENSUS = {None: 0, "sum": 1, "count": 2}
 SPARSIFIERS = (None, "magnitude", "outliers", "random", "della")
-_NO_SUMS = np.zeros((0, 0), np.float64)
-_NO_BAD = np.zeros((0, 0), np.int64)
 
 TIES_STATS = (
     Stat("kept", "kept"),
@@ -119,7 +117,12 @@ class FamilyDriver(Driver):
         self.passes = (["hist_hi", "hist_lo"] if ranks else []) + (["sums"] if l1 else []) + ["merge"]
         self.whole_rows = row if any(p.kind == "della" for p in self.plans) else 0
         self.counts = np.zeros(1 + 3 * ctx.n_models, np.int64)
+        kinds = {p.kind for p in self.plans}  # which merge kernel: a method compiles only its own
+        self.kernel = ("plain" if kinds <= {"all"} and self.consensus == 0 else "della" if "della" in kinds
+                       else "random" if "random" in kinds else "rank")
         self.sel = None  # the kernels' SELECT table, built on the first feed
+        self._scratch = None  # per thread: (family.Scratch, family.RowScratch or None)
+        self._counts = None
         self._hist = None
         self._lanes = None
         self._found: dict[tuple[int, int], tuple[int, int, int]] = {}  # (model, side) -> (t, greater, m)
@@ -155,6 +158,7 @@ class FamilyDriver(Driver):
         boundaries = sum(len(b) for b in self.bounds)
         if boundaries:
             need += t * max(nm, boundaries) * (1 << 16) * 8
+            need += 4 * span  # the merge pass's list of pending (tied) elements
         if "sums" in self.passes:
             need += 2 * nm * -(-self.ctx.numel // constants.BLOCK) * 8 * 8
         if any(p.kind in ("random", "della") for p in self.plans):
@@ -175,6 +179,8 @@ class FamilyDriver(Driver):
             for i, p in enumerate(self.plans):
                 s = sel[i]
                 s["kind"], s["rescale"], s["factor"] = kinds[p.kind], scales[p.rescale], p.factor
+                if p.kind == "none":  # boundaries that keep nothing (rank kernels read only these)
+                    s["t_lo"] = k.NO_TOP
                 s["l1"] = p.rescale == "l1"
                 if p.kind in ("random", "della"):
                     s["stream"] = kernels.load("philox").stream(self.ctx.name, self.ctx.stream_index[i])
@@ -187,37 +193,104 @@ class FamilyDriver(Driver):
         k = kernels.load("family")
         sel = self._table(k)
         nm = self.ctx.n_models
+        if self._scratch is None:
+            C = self.whole_rows
+            self._scratch = [(k.scratch(nm, span.block), k.row_scratch(C) if C else None)
+                             for _ in range(self.ctx.threads)]
+            self._counts = np.zeros((self.ctx.threads, 2 + 3 * nm), np.int64)
         if pass_name in ("merge", "sums"):
-            l1 = pass_name == "sums"
-            if l1 and self._lanes is None:
-                self._lanes = np.zeros((2, nm, -(-self.ctx.numel // constants.BLOCK), 8), np.float64)
-            # the sums pass runs on the reduction grid (SEMANTICS-2 A), the merge pass on blocks
-            grid = constants.BLOCK if l1 else span.block
-            if span.check and grid % span.block:  # check blocks that do not nest in the grid (tests)
-                kernels.load("span").check(*span.inputs, span.lo, span.hi, span.block, span.sums, span.bad,
-                                           self.ctx.threads)
-                span.check = False
-            return k.run(*span.inputs, span.lo, span.hi, grid, span.block, *self._checks(span), sel, self.seed,
-                         self.weights, self.consensus, self.normalize, self.eps, self.lam, l1,
-                         self._lanes if l1 else _NO_LANES, span.out_addr, span.out_mode, self.counts, self.ctx.threads)
-        if pass_name == "hist_hi":
-            if self._hist is None:
-                self._hist = np.zeros((self.ctx.threads, nm, 2 * k.HI_BUCKETS), np.int64)
-            active = np.array([bool(b) for b in self.bounds], np.bool_)
-            k.hist_hi(*span.inputs, span.lo, span.hi, span.block, *self._checks(span), active, self._hist)
-        else:
-            if self._hist is None:
-                self._hist = np.zeros((self.ctx.threads, len(self._slots), k.LO_BUCKETS), np.int64)
-            models, buckets = (np.array(c, np.int64) for c in zip(*self._slots))
-            k.hist_lo(*span.inputs, span.lo, span.hi, span.block, models, buckets, self._hist)
+            return self._merge(k, sel, span, pass_name == "sums")
+        if self._hist is None:
+            shape = (nm, 2 * k.HI_BUCKETS) if pass_name == "hist_hi" else (len(self._slots), k.LO_BUCKETS)
+            self._hist = np.zeros((self.ctx.threads, *shape), np.int64)
+        active = np.array([bool(b) for b in self.bounds], np.bool_)
+        models, buckets = (np.array(c, np.int64) for c in zip(*self._slots)) if pass_name == "hist_lo" else (_NONE, _NONE)
+        span.run(lambda a, z, t: k.hist(span.inp, a, z, span.block, *span.checks(t), active, models, buckets,
+                                        self._hist[t], self._scratch[t][0]))
         return 0
 
+    def _merge(self, k, sel, span: Span, l1: bool) -> int:
+        """The merge pass, or (l1) the sums pass of the l1 rescale, over one span; return
+        the merge pass's count of Inf/NaN outputs."""
+        nm = self.ctx.n_models
+        if l1 and self._lanes is None:
+            self._lanes = np.zeros((2, nm, -(-self.ctx.numel // constants.BLOCK), 8), np.float64)
+        # the sums pass runs on the reduction grid (SEMANTICS-2 A), the merge pass on blocks
+        grid = constants.BLOCK if l1 else span.block
+        if span.check and (grid % span.block or self.kernel == "rank"):  # blocks not nesting in the grid (tests)
+            span.run_checks()
+        counts = self._counts
+        counts[:] = 0
+        m = k.MergeArgs(self.weights, self.consensus, self.normalize, self.eps, self.lam)
+        sc = [s for s, _ in self._scratch]
+        rs = [r for _, r in self._scratch]
+        inp, out, lo, block, lanes, seed = span.inp, span.out, span.lo, span.block, self._lanes, self.seed
+        if self.kernel == "rank":
+            self._merge_rank(k, sel, span, grid, l1, m)
+        elif self.kernel == "plain":
+            span.run(lambda a, z, t: k.merge_plain(inp, out, lo, a, z, block, *span.checks(t), m, counts[t], sc[t]))
+        elif self.kernel == "random" and l1:
+            span.run(lambda a, z, t: k.sums_random(inp, a, z, block, grid, *span.checks(t), sel, seed, lanes, sc[t]),
+                     grid)
+        elif self.kernel == "random":
+            span.run(lambda a, z, t: k.merge_random(inp, out, lo, a, z, block, *span.checks(t), sel, seed, m,
+                                                    counts[t], sc[t]))
+        elif l1:
+            span.run(lambda a, z, t: k.sums_della(inp, a, z, block, grid, *span.checks(t), sel, seed, lanes, sc[t],
+                                                  rs[t]), grid)
+        else:
+            span.run(lambda a, z, t: k.merge_della(inp, out, lo, a, z, block, *span.checks(t), sel, seed, m,
+                                                   counts[t], sc[t], rs[t]))
+        if not l1:
+            self.counts += counts[:, :-1].sum(axis=0)
+        return int(counts[:, -1].sum())
+
+    def _merge_rank(self, k, sel, span: Span, grid: int, l1: bool, m) -> None:
+        """Rank selection with thinned boundary ties. The sums pass counts each piece's
+        ties first (count_ties) and thins inline; the merge pass leaves tied elements
+        pending and merges them per piece afterwards (fixup_rank). Both thin from each
+        piece's first tie ordinals: the running ordinals in sel plus the ties of the
+        pieces before it."""
+        nm = self.ctx.n_models
+        thin = k.thins(sel)
+        ps = span.pieces(grid)
+        piece = {p: i for i, p in enumerate(ps)}
+        ties = np.zeros((len(ps), nm, 2), np.int64)
+        sc = [s for s, _ in self._scratch]
+        inp, out, lo, block, counts = span.inp, span.out, span.lo, span.block, self._counts
+        if l1:
+            thin[~sel["l1"]] = False  # models the sums pass skips
+            if thin.any():
+                span.run(lambda a, z, t: k.count_ties(inp, a, z, block, sel, thin, ties[piece[a, z]], sc[t]), grid)
+            rem = self._remainders(sel, thin, ties)
+            span.run(lambda a, z, t: k.sums_rank(inp, a, z, block, grid, sel, thin, rem[piece[a, z]], self._lanes,
+                                                 sc[t]), grid)
+            return
+        pending = np.empty(span.hi - span.lo, np.int32)  # each piece lists its own in its part
+        zero = np.zeros((nm, 2), np.int64)
+        listed = span.run(lambda a, z, t: k.merge_rank(inp, out, lo, a, z, block, sel, thin, zero,
+                                                       pending[a - lo:z - lo], ties[piece[a, z]], False, m, counts[t],
+                                                       sc[t]), grid)
+        if thin.any():
+            rem = self._remainders(sel, thin, ties)
+            span.run(lambda a, z, t: k.merge_rank(inp, out, lo, a, z, block, sel, thin, rem[piece[a, z]],
+                                                  pending[a - lo:a - lo + listed[piece[a, z]]], ties[0], True, m,
+                                                  counts[t], sc[t]), grid)
+
     @staticmethod
-    def _checks(span: Span) -> tuple:
-        """The fused kernels' check arguments: the engine's first-pass checks, or none."""
-        if span.check:
-            return span.checks
-        return False, _NO_SUMS, _NO_BAD
+    def _remainders(sel: np.ndarray, thin: np.ndarray, ties: np.ndarray) -> np.ndarray:
+        """Per piece, model and side the thinning remainder r = j * q mod m at the piece's
+        first tie ordinal j: the running ordinal in sel (j_hi, j_lo) plus the ties of the
+        pieces before it. The running ordinals advance past the span."""
+        first = np.stack([sel["j_hi"], sel["j_lo"]], axis=1)
+        starts = first + np.cumsum(ties, axis=0) - ties
+        sel["j_hi"], sel["j_lo"] = (first + ties.sum(axis=0)).T
+        q = np.stack([sel["q_hi"], sel["q_lo"]], axis=1)
+        m = np.where(thin, np.stack([sel["m_hi"], sel["m_lo"]], axis=1), 1)
+        rem = np.zeros_like(starts)
+        for p, i, side in zip(*np.nonzero(np.broadcast_to(thin, starts.shape))):
+            rem[p, i, side] = int(starts[p, i, side]) * int(q[i, side]) % int(m[i, side])  # Python ints: exact
+        return rem
 
     def end_pass(self, pass_name: str) -> None:
         """hist_hi: each boundary's value, or the bucket the low-bits pass must resolve;
@@ -315,6 +388,7 @@ class FamilyDriver(Driver):
 
 
 _NO_LANES = np.zeros((2, 0, 0, 8), np.float64)
+_NONE = np.zeros(0, np.int64)
 
 
 def _locate(hist: np.ndarray, k: int) -> tuple[int, int]:

@@ -20,11 +20,16 @@ class PassthroughDriver(Driver):
         scale = ctx.model_params[0].get("scale") if ctx.model_params else None
         self.scaled = scale is not None
         self.factor = np.float32(scale if self.scaled else 1.0)  # fl32(scale), once
+        self._buffers = None  # per thread: rows, base, output block
 
     def feed(self, pass_name: str, span: Span) -> int:
         k = kernels.load("passthrough")
-        return k.scale(*span.inputs, span.lo, span.hi, span.block, self.scaled, self.factor, span.out_addr,
-                       span.out_mode, self.ctx.threads)
+        if self._buffers is None:
+            self._buffers = [(np.empty((1, span.block), np.float32), np.empty(span.block, np.float32),
+                              np.empty(span.block, np.float32)) for _ in range(span.workers.threads)]
+        sc = self._buffers
+        return sum(span.run(lambda a, z, t: k.scale(span.inp, span.out, span.lo, a, z, span.block, self.scaled,
+                                                    self.factor, *sc[t])))
 
 
 SCALE = Param("scale", None, number, "multiply the model's tensors by this factor (not given: copy them unchanged)",

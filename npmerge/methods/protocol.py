@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..constants import PIECE_BLOCKS
+from ..workers import Workers, pieces
+
 
 @dataclass(frozen=True)
 class Stat:
@@ -60,33 +63,57 @@ class TensorContext:
 
 @dataclass
 class Span:
-    """Elements lo..hi of the tensor, as the kernels take them (see kernels/span.py):
-    input addresses and modes (slot 0 the base), decode tables, input rounding, and the
-    output buffer (element lo at its start) in writing passes."""
+    """Elements lo..hi of the tensor, as the kernels take them (see kernels/span.py): the
+    inputs tuple, the output (kind marker, address of element lo) in writing passes, and
+    the workers that run its pieces."""
 
     lo: int
     hi: int
     block: int
-    addrs: np.ndarray
-    modes: np.ndarray
-    luts: np.ndarray
-    rnd: int
-    has_base: bool
-    out_addr: int = 0
-    out_mode: int = 0
+    inp: tuple
+    workers: "Workers"
+    out: tuple = ()  # (encoder, address) in writing passes
     check: bool = False  # first pass: run kernels/span.py check_block on every block
     sums: np.ndarray | None = None  # float64[models, blocks of the tensor]: sums of squares
-    bad: np.ndarray | None = None  # int64[blocks of the span, 1 + models]: NaN/Inf counts
+    bad: np.ndarray | None = None  # int64[threads, 1 + models]: NaN/Inf counts
+    check_scratch: list = field(default_factory=list)  # per thread, for run_checks (kept by the engine)
 
     @property
-    def inputs(self) -> tuple:
-        """The leading kernel arguments: (addrs, modes, luts, rnd, has_base)."""
-        return self.addrs, self.modes, self.luts, self.rnd, self.has_base
+    def has_base(self) -> bool:
+        return self.inp[6]
 
-    @property
-    def checks(self) -> tuple:
-        """The check arguments of a fused kernel: (check, sums, bad)."""
-        return self.check, self.sums, self.bad
+    def pieces(self, grid: int) -> list[tuple[int, int]]:
+        """The span cut into pieces of PIECE_BLOCKS grid blocks (edges on the grid)."""
+        return pieces(self.lo, self.hi, grid, PIECE_BLOCKS * grid)
+
+    def run(self, task, grid: int | None = None) -> list:
+        """[task(a, z, slot) for each piece a..z], pieces in parallel on the workers
+        (slot: the running thread's index, for its scratch buffers)."""
+        ps = self.pieces(grid or self.block)
+        return self.workers.run(lambda p, slot: task(*ps[p], slot), len(ps))
+
+    def run_checks(self) -> None:
+        """The first-pass checks as a pass of their own (for drivers whose kernels do not
+        run them); span.check is then cleared."""
+        from .. import kernels
+
+        k = kernels.load("span")
+        nm = len(self.inp[3]) - 1
+        scratch = self.check_scratch
+        while len(scratch) < self.workers.threads:
+            scratch.append((np.empty((nm, self.block), np.float32), np.empty(self.block, np.float32)))
+        self.run(lambda a, z, slot: k.check(self.inp, a, z, self.block, self.sums, self.bad[slot], *scratch[slot]))
+        self.check = False
+
+    def checks(self, slot: int) -> tuple:
+        """A fused kernel's check arguments for the thread in `slot`: (check, sums, bad)."""
+        if self.check:
+            return True, self.sums, self.bad[slot]
+        return False, _NO_SUMS, _NO_BAD
+
+
+_NO_SUMS = np.zeros((0, 0), np.float64)
+_NO_BAD = np.zeros(0, np.int64)
 
 
 @dataclass

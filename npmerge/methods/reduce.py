@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from .. import kernels
-from ..constants import BLOCK
+from ..constants import BLOCK, PIECE_BLOCKS
 from .protocol import Driver, Span, Stat, TensorContext
 
 FLAT, ROWS, COLUMNS = "flat", "rows", "columns"
@@ -43,6 +43,7 @@ class VectorSums:
             self.C = max(self.C, 1)
             self.nvec, self.length = (1 if layout == FLAT else n // self.C), self.C
         self._sums = None
+        self._buffers = None  # per thread: kernels.reduce.Scratch
 
     @staticmethod
     def nbytes(ctx: TensorContext, layout: str, npairs: int) -> int:
@@ -55,24 +56,37 @@ class VectorSums:
 
     def feed(self, span: Span) -> None:
         k = kernels.load("reduce")
-        npairs, block = len(self.pa), span.block
+        npairs, block, threads = len(self.pa), span.block, span.workers.threads
         if self._sums is None:
             nbr = -(-self.length // block)
             self._sums = np.zeros((npairs, self.nvec * nbr), np.float64)
             self._carry = [np.zeros((npairs, 8), np.float64) for _ in range(2)]
             if self.layout == COLUMNS:
                 self._lanes = np.zeros((npairs, 8, self.W), np.float64)
+        nm = len(span.inp[3]) - 1
         if self.layout == COLUMNS:
             # Column ranges the threads take: enough to share, none wider than a block.
-            chunks = max(-(-self.W // block), min(4 * self.ctx.threads, self.W // 64), 1)
-            k.launch(span, k.COLUMNS, deltas=self.deltas, C=self.R, W=self.W, chunks=chunks, pa=self.pa, pb=self.pb,
-                     lanes=self._lanes, sums=self._sums)
+            chunks = max(-(-self.W // block), min(4 * threads, self.W // 64), 1)
+            sc = self._scratch(k, nm, -(-self.W // chunks), threads)
+            ranges = _ranges(chunks, max(1, chunks // (4 * threads)))
+            span.workers.run(lambda p, t: k.column_sums(span.inp, self.deltas, span.lo, span.hi, block, self.R, self.W,
+                                                        chunks, *ranges[p], self.pa, self.pb, self._lanes, self._sums,
+                                                        sc[t]), len(ranges))
             return
         carry_in, carry_out = self._carry
         carry_out[:] = 0.0
-        k.launch(span, k.SUMS, deltas=self.deltas, C=self.C, pa=self.pa, pb=self.pb, carry_in=carry_in,
-                 carry_out=carry_out, sums=self._sums)
+        items = row_items(span.lo, span.hi, self.C, block)
+        sc = self._scratch(k, nm, block, threads)
+        ranges = _ranges(int(items[-1]), PIECE_BLOCKS)
+        span.workers.run(lambda p, t: k.row_sums(span.inp, self.deltas, span.lo, span.hi, block, self.C, items,
+                                                 *ranges[p], self.pa, self.pb, carry_in, carry_out, self._sums, sc[t]),
+                         len(ranges))
         self._carry.reverse()  # this span's unfinished lanes continue in the next
+
+    def _scratch(self, k, nm: int, cap: int, threads: int) -> list:
+        if self._buffers is None or self._buffers[0].rows.shape[1] < cap:
+            self._buffers = [k.scratch(nm, cap, wide=True) for _ in range(threads)]
+        return self._buffers
 
     def result(self) -> np.ndarray:
         """float64[npairs, nvec]: each vector's block sums added exactly (math.fsum)."""
@@ -86,6 +100,34 @@ class VectorSums:
         out = np.empty(npairs * self.nvec, np.float64)
         kernels.load("reduce").exact_rows(blocks, out)
         return out.reshape(npairs, self.nvec)
+
+
+def row_items(lo: int, hi: int, C: int, block: int) -> np.ndarray:
+    """The work items of elements lo..hi for sums over vectors of C consecutive elements
+    (kernels.reduce.row_sums): (k0, k1, g, head_end, tail_start, count) — a head piece up
+    to the first row block that starts in the span, groups of g whole row blocks k0..k1
+    (several short rows per group), a tail piece from the last row block that ends beyond."""
+    nbr = -(-C // block)
+
+    def start(k):
+        return (k // nbr) * C + (k % nbr) * block
+
+    r = lo // C
+    j = -(-(lo - r * C) // block)
+    if j >= nbr:
+        r, j = r + 1, 0
+    k0 = r * nbr + j
+    r = hi // C
+    k1 = max(k0, r * nbr + (hi - r * C) // block)
+    head_end = min(hi, start(k0))
+    tail_start = max(head_end, start(k1))
+    g = max(1, block // C) if nbr == 1 else 1
+    return np.array([k0, k1, g, head_end, tail_start, -(-(k1 - k0) // g) + 2], np.int64)
+
+
+def _ranges(count: int, size: int) -> list[tuple[int, int]]:
+    """0..count in ranges of `size` (the work items one call of a kernel takes)."""
+    return [(i, min(count, i + size)) for i in range(0, count, size)]
 
 
 def slerp_coefficients(c: float, t: float) -> tuple[float, float]:
@@ -107,6 +149,7 @@ class BlendDriver(Driver):
         self.sums = VectorSums(ctx, layout, pairs, self.reduce_deltas)
         self.npairs = len(pairs)
         self.ca = self.cb = None
+        self._buffers = None  # per thread: kernels.reduce.Scratch
 
     def work_bytes(self, span: int) -> int:
         """Accumulators and coefficients, and the kernel's per-thread float64 copies of a
@@ -122,9 +165,12 @@ class BlendDriver(Driver):
         k = kernels.load("reduce")
         s = self.sums
         per_col = s.layout == COLUMNS
-        deltas = self.ctx.has_base and self.op == "NUSLERP"  # SLERP and Model Stock blend model values
-        return k.launch(span, getattr(k, self.op), deltas=deltas, C=max(self.ctx.numel, 1),
-                        W=s.W if per_col else s.C, per_col=per_col, ca=self.ca, cb=self.cb)
+        op, W = getattr(k, self.op), s.W if per_col else s.C
+        if self._buffers is None:
+            self._buffers = [k.scratch(self.ctx.n_models, span.block, coef=True) for _ in range(span.workers.threads)]
+        sc = self._buffers
+        return sum(span.run(lambda a, z, t: k.blend(span.inp, span.out, op, span.lo, a, z, span.block, W, per_col,
+                                                    self.ca, self.cb, sc[t])))
 
     def end_pass(self, pass_name: str) -> None:
         if pass_name == "reduce":

@@ -57,7 +57,7 @@ class SceDriver(Driver):
             self.passes = ["sums", "merge"]
         if "sums" not in self.passes:
             self._set_weights()
-        self._hist = self._nan = self._sums = self._ties = self._tie_start = None
+        self._hist = self._nan = self._sums = self._ties = self._tie_rem = self._buffers = None
         self._tie_pos = 0
 
     def _keep_none(self) -> None:
@@ -83,27 +83,32 @@ class SceDriver(Driver):
             blocks = -(-self.ctx.numel // block)
             self._sums = np.zeros((nm, blocks), np.float64)
             self._ties = np.zeros(blocks, np.int64)
-            self._tie_start = np.zeros(blocks, np.int64)
-        shift, mode = 0, k.SCE_MERGE
+            self._tie_rem = np.zeros(blocks, np.int64)
+            self._buffers = [k.scratch(nm, block, variance=True) for _ in range(span.workers.threads)]
+        shift, op = 0, k.SCE_MERGE
         if pass_name in HIST_PASSES:
-            shift, mode = int(pass_name[4:]), k.SCE_HIST
+            shift, op = int(pass_name[4:]), k.SCE_HIST
             if self._hist is None:
-                self._hist = np.zeros((self.ctx.threads, 2 * k.BUCKETS), np.int64)
-                self._nan = np.zeros(self.ctx.threads, np.int64)
+                self._hist = np.zeros((span.workers.threads, 2 * k.BUCKETS), np.int64)
+                self._nan = np.zeros((span.workers.threads, 1), np.int64)
         elif pass_name == "sums":
-            mode = k.SCE_SUMS
-            if self.thin:  # ordinal of each block's first tie, carried across spans
+            op = k.SCE_SUMS
+            if self.thin:  # each block's first tie ordinal, carried across spans, as a remainder
                 self._call(k, span, k.SCE_TIES, 0)
                 counts = self._ties[first:first + nb]
-                self._tie_start[first:first + nb] = self._tie_pos + np.cumsum(counts) - counts
+                starts = self._tie_pos + np.cumsum(counts) - counts
+                self._tie_rem[first:first + nb] = [int(j) * self.tq % self.tm for j in starts.tolist()]
                 self._tie_pos += int(counts.sum())
-        return self._call(k, span, mode, shift)
+        return self._call(k, span, op, shift)
 
     def _call(self, k, span: Span, op: int, shift: int) -> int:
-        return k.launch(span, op, deltas=True, C=max(self.ctx.numel, 1), selecting=self.selecting, shift=shift, prefix=self.prefix,
-                        t=self.t, tq=self.tq, tm=self.tm, hist=self._hist if self._hist is not None else _NO_HIST,
-                        nan=self._nan if self._nan is not None else _NO_COUNT, tie_start=self._tie_start,
-                        ties=self._ties, sums=self._sums, weights=self.weights)
+        hist = self._hist if self._hist is not None else _NO_HIST
+        nan = self._nan if self._nan is not None else _NO_HIST
+        sc = self._buffers
+        return sum(span.run(lambda a, z, t: k.sce(
+            span.inp, span.out, op, span.lo, a, z, span.block, self.selecting, shift, self.prefix, self.t, self.tq,
+            self.tm, self._tie_rem, self._ties, hist[t] if len(hist) else _NO_COUNT, nan[t] if len(nan) else _NO_COUNT,
+            self._sums, self.weights, sc[t])))
 
     def end_pass(self, pass_name: str) -> None:
         if pass_name in HIST_PASSES:
