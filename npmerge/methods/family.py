@@ -122,6 +122,7 @@ class FamilyDriver(Driver):
                        else "random" if "random" in kinds else "rank")
         self.sel = None  # the kernels' SELECT table, built on the first feed
         self._scratch = None  # per thread: (family.Scratch, family.RowScratch or None)
+        self._kept_bits = None  # DELLA: the sums pass's masks, one bit per element and model (ctx.cache)
         self._counts = None
         self._hist = None
         self._lanes = None
@@ -166,6 +167,14 @@ class FamilyDriver(Driver):
         if self.whole_rows:  # a row of the model and of the base, magnitudes, order, the sort's copies
             need += t * (self.whole_rows * (4 + 4 + 4 + 8 + 4 + 8) + 3 * 2048 * 8)
         return need
+
+    @property
+    def cache_bytes(self) -> int:
+        """DELLA with the l1 rescale ranks every row twice (sums, merge) unless the sums
+        pass keeps its masks: one bit per element and model, where the budget has room."""
+        if self.kernel == "della" and "sums" in self.passes:
+            return self.ctx.n_models * -(-self.ctx.numel // 8)
+        return 0
 
     # -- passes ----------------------------------------------------------------
     def _table(self, k) -> np.ndarray:
@@ -236,10 +245,14 @@ class FamilyDriver(Driver):
             span.run(lambda a, z, t: k.merge_random(inp, out, lo, a, z, block, *span.checks(t), sel, seed, m,
                                                     counts[t], sc[t]))
         elif l1:
-            span.run(lambda a, z, t: k.sums_della(inp, a, z, block, grid, *span.checks(t), sel, seed, lanes, sc[t],
-                                                  rs[t]), grid)
+            if self.ctx.cache and self._kept_bits is None:
+                self._kept_bits = np.zeros((nm, -(-self.ctx.numel // 8)), np.uint8)
+            bits = self._kept_bits if self._kept_bits is not None else _NO_BITS
+            span.run(lambda a, z, t: k.sums_della(inp, a, z, block, grid, *span.checks(t), sel, seed, bits, lanes,
+                                                  sc[t], rs[t]), grid)
         else:
-            span.run(lambda a, z, t: k.merge_della(inp, out, lo, a, z, block, *span.checks(t), sel, seed, m,
+            bits = self._kept_bits if self._kept_bits is not None else _NO_BITS
+            span.run(lambda a, z, t: k.merge_della(inp, out, lo, a, z, block, *span.checks(t), sel, seed, bits, m,
                                                    counts[t], sc[t], rs[t]))
         if not l1:
             self.counts += counts[:, :-1].sum(axis=0)
@@ -389,6 +402,7 @@ class FamilyDriver(Driver):
 
 _NO_LANES = np.zeros((2, 0, 0, 8), np.float64)
 _NONE = np.zeros(0, np.int64)
+_NO_BITS = np.zeros((0, 0), np.uint8)
 
 
 def _locate(hist: np.ndarray, k: int) -> tuple[int, int]:
