@@ -21,7 +21,7 @@ from .dtypes import DECODABLE, ITEMSIZE, SPAN_DELTA, span_luts, unaligned_ok
 from .errors import IncompatibleModels
 from .io.sources import TensorSource
 from .methods.protocol import Span, TensorContext
-from . import workers
+from . import precompile, workers
 from .workers import Workers
 
 Progress = Callable[[int, str], None]  # (bytes advanced, tensor name)
@@ -145,6 +145,7 @@ class Engine:
         workers.activate(self.workers)
         self.pipe = WritePipe(writer, max(plan.span, 1) * 8)
         self.stats: dict[str, dict] = {}
+        self._precompile = None  # the helper compiling the first merge's later kernels (precompile.py)
 
     @staticmethod
     def _prefetch(job) -> None:
@@ -163,6 +164,8 @@ class Engine:
         from concurrent.futures import ThreadPoolExecutor
 
         prefetcher = ThreadPoolExecutor(1, thread_name_prefix="npmerge-prefetch")
+        first = next((job for _, job in todo if not job.copy), None)
+        self._precompile = precompile.start(first, self.threads) if first is not None else None
         try:
             for i, shard in enumerate(self.layout.shards):
                 resumed = self.writer.resumed_stats(i)
@@ -239,6 +242,9 @@ class Engine:
             nonfinite = bad.sum(axis=0)
             if done == 0:  # before the driver draws conclusions from non-finite inputs
                 self._refuse_nonfinite(job, nonfinite)
+                if self._precompile is not None:  # the later passes' kernels, compiled meanwhile
+                    self._precompile.wait()
+                    self._precompile = None
             driver.end_pass(pass_name)
             done += 1
         self.pipe.wait()

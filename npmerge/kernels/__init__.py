@@ -139,6 +139,17 @@ def load(name: str):
     return module
 
 
+def is_cached(name: str) -> bool:
+    """Whether the kernel "module.function" has fresh compiled code in the cache (numba's
+    index for it exists and matches the source); False when that cannot be told."""
+    module, function = name.split(".")
+    try:
+        index = getattr(load(module), function)._cache._cache_file._load_index()
+    except (AttributeError, OSError, EOFError, ValueError):
+        return False
+    return bool(index)
+
+
 def compiled() -> list[str]:
     """The kernels (and helpers) this process compiled so far, in order."""
     return list(_compiled)

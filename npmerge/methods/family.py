@@ -168,6 +168,11 @@ class FamilyDriver(Driver):
             need += t * (self.whole_rows * (4 + 4 + 4 + 8 + 4 + 8) + 3 * 2048 * 8)
         return need
 
+    def kernel_for(self, pass_name: str) -> str:
+        if pass_name.startswith("hist"):
+            return "family.hist"
+        return f"family.{'sums' if pass_name == 'sums' else 'merge'}_{self.kernel}"
+
     @property
     def cache_bytes(self) -> int:
         """DELLA with the l1 rescale ranks every row twice (sums, merge) unless the sums
@@ -213,7 +218,8 @@ class FamilyDriver(Driver):
             shape = (nm, 2 * k.HI_BUCKETS) if pass_name == "hist_hi" else (len(self._slots), k.LO_BUCKETS)
             self._hist = np.zeros((self.ctx.threads, *shape), np.int64)
         active = np.array([bool(b) for b in self.bounds], np.bool_)
-        models, buckets = (np.array(c, np.int64) for c in zip(*self._slots)) if pass_name == "hist_lo" else (_NONE, _NONE)
+        models, buckets = ((np.array(c, np.int64) for c in zip(*self._slots)) if pass_name == "hist_lo" and self._slots
+                           else (_NONE, _NONE))
         span.run(lambda a, z, t: k.hist(span.inp, a, z, span.block, *span.checks(t), active, models, buckets,
                                         self._hist[t], self._scratch[t][0]))
         return 0

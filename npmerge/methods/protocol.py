@@ -131,6 +131,11 @@ class Driver:
     # materialised for every row the span touches.
     whole_rows = 0
 
+    def kernel_for(self, pass_name: str) -> str | None:
+        """The kernel ("module.function" of npmerge.kernels) a pass runs, if one (the
+        precompile helper compiles a merge's later kernels while it runs the first)."""
+        return None
+
     def writes(self, pass_name: str) -> bool:
         """Whether this pass produces the output (every element exactly once)."""
         return pass_name == "merge"

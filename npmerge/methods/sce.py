@@ -77,6 +77,9 @@ class SceDriver(Driver):
         hist = self.ctx.threads * 2 * (1 << 16) * 8 if self.selecting else 0
         return hist + 8 * blocks * (self.ctx.n_models + 2) + self.ctx.threads * BLOCK * 32
 
+    def kernel_for(self, pass_name: str) -> str:
+        return "reduce.sce"
+
     # -- passes ----------------------------------------------------------------
     def feed(self, pass_name: str, span: Span) -> int:
         k = kernels.load("reduce")
