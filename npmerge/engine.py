@@ -21,7 +21,7 @@ from .dtypes import DECODABLE, ITEMSIZE, SPAN_DELTA, span_luts, unaligned_ok
 from .errors import IncompatibleModels
 from .io.sources import TensorSource
 from .methods.protocol import Span, TensorContext
-from . import workers
+from . import precompile, workers
 from .workers import Workers
 
 Progress = Callable[[int, str], None]  # (bytes advanced, tensor name)
@@ -145,6 +145,7 @@ class Engine:
         workers.activate(self.workers)
         self.pipe = WritePipe(writer, max(plan.span, 1) * 8)
         self.stats: dict[str, dict] = {}
+        self._precompile = None  # the helper compiling the first merge's later kernels (precompile.py)
 
     @staticmethod
     def _prefetch(job) -> None:
@@ -163,6 +164,8 @@ class Engine:
         from concurrent.futures import ThreadPoolExecutor
 
         prefetcher = ThreadPoolExecutor(1, thread_name_prefix="npmerge-prefetch")
+        first = next((job for _, job in todo if not job.copy), None)
+        self._precompile = precompile.start(first, self.threads) if first is not None else None
         try:
             for i, shard in enumerate(self.layout.shards):
                 resumed = self.writer.resumed_stats(i)
@@ -211,7 +214,7 @@ class Engine:
         `block`: the reduction grid and kernel block size (BLOCK; tests use small ones)."""
         n, nm = job.numel, len(job.models)
         ctx = TensorContext(job.name, job.shape, n, job.params, job.model_params, job.base is not None,
-                            self.threads, job.stream_index)
+                            self.threads, job.stream_index, job.driver_cache)
         driver = job.method.driver(ctx)
         inputs = SpanInputs(job.base, job.models, job.span, job.input_round, block, driver.whole_rows)
         sums = np.zeros((nm, -(-n // block)), np.float64)
@@ -239,6 +242,9 @@ class Engine:
             nonfinite = bad.sum(axis=0)
             if done == 0:  # before the driver draws conclusions from non-finite inputs
                 self._refuse_nonfinite(job, nonfinite)
+                if self._precompile is not None:  # the later passes' kernels, compiled meanwhile
+                    self._precompile.wait()
+                    self._precompile = None
             driver.end_pass(pass_name)
             done += 1
         self.pipe.wait()
@@ -285,7 +291,7 @@ class _Collect:
 def run_arrays(method: str, base, models, params: dict, model_params: list[dict], *, dtype: str = "F32",
                model_dtype: str | None = None, out_dtype: str = "F32", shape=None, name: str = "tensor", span: int | None = None,
                threads: int | None = None, allow_nonfinite: bool = False, input_round: str | None = None,
-               block: int = BLOCK, driver: bool = False):
+               block: int = BLOCK, driver: bool = False, driver_cache: bool = False):
     """Merge one in-memory tensor exactly as a real merge does (tests, warmup): inputs are
     raw storage arrays of `dtype` (float32 for F32, uint16 bit patterns for BF16/F16, ...;
     the models of `model_dtype` if given);
@@ -308,7 +314,7 @@ def run_arrays(method: str, base, models, params: dict, model_params: list[dict]
     if span % block:
         raise ValueError(f"span {span} is not a multiple of block {block}")
     job = TensorJob(name, shape, numel, out_dtype, False, m, b, srcs, g, tuple(mp), 1, span,
-                    input_round=input_round, stream_index=tuple(range(len(srcs))))
+                    input_round=input_round, stream_index=tuple(range(len(srcs))), driver_cache=driver_cache)
     writer = _Collect(numel * ITEMSIZE[out_dtype])
     plan = SimpleNamespace(jobs=[job], layout=None, allow_nonfinite=allow_nonfinite, threads=threads, span=span)
     engine = Engine(plan, writer)

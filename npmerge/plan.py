@@ -70,6 +70,7 @@ class TensorJob:
     stream_index: tuple[int, ...] = ()  # per model: its random stream (SEMANTICS-2 A)
     layer: int | None = None  # output layer index; None outside the layer stack
     members: tuple[int, ...] = ()  # per model: its index in Plan.models (empty: 0, 1, ... in order)
+    driver_cache: bool = False  # the budget has room for the driver's optional cache
 
     @property
     def sources(self) -> tuple[TensorSource, ...]:
@@ -164,7 +165,8 @@ def build_plan(recipe: Recipe, *, max_memory=None, threads: int | None = None,
         span, work = choose_span(jobs, budget, threads)
         jobs = [replace(j, span=min(span, -(-j.numel // constants.BLOCK) * constants.BLOCK) or constants.BLOCK)
                 for j in jobs]
-        work = max(work, cache_computed(jobs, budget, threads, span))
+        jobs, cached = cache_computed(jobs, budget, threads, span)
+        work = max(work, cached)
     except BaseException:
         for c in opened:
             c.close()

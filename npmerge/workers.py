@@ -66,7 +66,11 @@ def activate(pool: Workers | None) -> None:
 
 def pieces(lo: int, hi: int, grid: int, size: int) -> Sequence[tuple[int, int]]:
     """lo..hi cut into pieces of about `size` elements whose inner edges lie on multiples
-    of `grid` (a piece never splits a block of the grid; lo need not be on it)."""
+    of `grid` (a piece never splits a block of the grid; lo need not be on it). An empty
+    range is one empty piece: a kernel called on it compiles and does nothing
+    (npmerge/precompile.py)."""
+    if hi <= lo:
+        return [(lo, lo)]
     step = max(grid, size // grid * grid)
     edges = [lo] + list(range((lo // step + 1) * step, hi, step)) + [hi]
     return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]

@@ -57,16 +57,17 @@ def test_bench_tiny_ties(tmp_path):
 
 def test_bench_cold_jit(tmp_path):
     """--cold-jit: the demo merge and a method's first merge from empty kernel caches, warmup
-    cold and cached; every figure present and positive."""
+    cold and cached; every figure present and positive. (Cold by design: the one test that
+    compiles kernels the session already compiled; passthrough has the fewest.)"""
     out = tmp_path / "cold.json"
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--cold-jit", "--methods", "linear", "--repeat", "1",
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--cold-jit", "--methods", "passthrough", "--repeat", "1",
            "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     r = json.loads(out.read_text())
     for key in ("demo_cold", "warmup_cold", "warmup_cached", "demo_cached"):
         assert r[key]["wall"] > 0 and r[key]["cpu"] > 0, key
-    assert list(r["first_merge"]) == ["linear"] and r["first_merge"]["linear"]["wall"] > 0
+    assert list(r["first_merge"]) == ["passthrough"] and r["first_merge"]["passthrough"]["wall"] > 0
     assert r["demo_cold"]["compiled"] and r["demo_cached"]["cached"] and not r["demo_cold"]["cached"]
-    assert any(k.startswith("family.merge_plain") for k in r["first_merge"]["linear"]["compiled"])
+    assert any(k.startswith("passthrough.scale") for k in r["first_merge"]["passthrough"]["compiled"])
     assert "Cold start" in proc.stdout

@@ -45,12 +45,13 @@ def grid(block: int):
         ref.BLOCK = saved
 
 
-def merge(method, base, models, params=None, model_params=None, *, block=BLOCK, spans=None):
-    """run_arrays with kernel blocks of `block` and spans of `spans` blocks (default: one span)."""
+def merge(method, base, models, params=None, model_params=None, *, block=BLOCK, spans=None, cache=False):
+    """run_arrays with kernel blocks of `block` and spans of `spans` blocks (default: one span);
+    `cache`: the driver may keep its optional cache (SCE: collect the threshold's bucket)."""
     span = block * spans if spans else None
     mp = model_params if model_params is not None else [{} for _ in models]
     out, stats, drv = run_arrays(method, base, models, params or {}, mp, block=block, span=span, driver=True,
-                                 shape=models[0].shape)
+                                 shape=models[0].shape, driver_cache=cache)
     return out.reshape(models[0].shape), stats, drv
 
 
@@ -337,10 +338,13 @@ def sce_selected(base, models, sigma) -> float:
 @pytest.mark.parametrize("sigma", [1.0, 0.999, 0.5, 0.1, 1e-4, 0.0, -1.0])
 @pytest.mark.parametrize("nm", [1, 2, 3])
 @pytest.mark.parametrize("block,spans", [(8, 3), (64, 2), (BLOCK, None)])
-def test_sce_matches_reference(sigma, nm, block, spans):
+@pytest.mark.parametrize("cache", [False, True])
+def test_sce_matches_reference(sigma, nm, block, spans, cache):
+    """The threshold found by radix passes alone, and (cache) by collecting the keys of its
+    top-16-bit bucket."""
     rng = np.random.default_rng(23 + nm)
     base, models = sce_inputs(rng, 2000, nm)
-    got, stats, drv = merge("sce", base, models, {"select_topk": sigma}, block=block, spans=spans)
+    got, stats, drv = merge("sce", base, models, {"select_topk": sigma}, block=block, spans=spans, cache=cache)
     with grid(block):
         want = ref.sce(base, models, select_topk=sigma)
     assert same(got, want)
@@ -349,16 +353,29 @@ def test_sce_matches_reference(sigma, nm, block, spans):
     assert stats["passes"] == len(drv.passes) <= 6
 
 
+def test_sce_collects_the_threshold_bucket_only_with_room():
+    """With memory granted, one pass collecting the keys of the threshold's top-16-bit
+    bucket replaces the further digit passes; without, the digit passes run. Same bytes."""
+    rng = np.random.default_rng(24)
+    base, models = sce_inputs(rng, 2000, 2)
+    radix, _, plain = merge("sce", base, models, {"select_topk": 0.5})
+    collected, _, drv = merge("sce", base, models, {"select_topk": 0.5}, cache=True)
+    assert plain.passes == ["hist48", "hist32", "sums", "merge"]
+    assert drv.passes == ["hist48", "collect", "sums", "merge"]
+    assert same(radix, collected) and (plain.t, plain.tq, plain.tm) == (drv.t, drv.tq, drv.tm)
+
+
 def test_sce_thins_ties_across_spans():
     """A boundary group of equal variances larger than a span: thinned evenly by flat
     index, the running ordinal carried across blocks and spans."""
     rng = np.random.default_rng(29)
     base, models = sce_inputs(rng, 5000, 3, levels=3)
     for sigma in (0.3, 0.55, 0.71):
-        got, _, drv = merge("sce", base, models, {"select_topk": sigma}, block=16, spans=5)
-        with grid(16):
-            assert same(got, ref.sce(base, models, select_topk=sigma))
-        assert 0 < drv.tq < drv.tm, "the case must thin a tie group"
+        for cache in (False, True):
+            got, _, drv = merge("sce", base, models, {"select_topk": sigma}, block=16, spans=5, cache=cache)
+            with grid(16):
+                assert same(got, ref.sce(base, models, select_topk=sigma))
+            assert 0 < drv.tq < drv.tm, "the case must thin a tie group"
 
 
 def test_sce_weights_and_zero_q():
@@ -385,7 +402,7 @@ def test_sce_weights_and_zero_q():
 def test_sce_property(n, nm, levels, block, spans, sigma, seed):
     rng = np.random.default_rng(seed)
     base, models = sce_inputs(rng, n, nm, levels)
-    got, _, _ = merge("sce", base, models, {"select_topk": sigma}, block=block, spans=spans)
+    got, _, _ = merge("sce", base, models, {"select_topk": sigma}, block=block, spans=spans, cache=seed % 2 == 0)
     with grid(block):
         assert same(got, ref.sce(base, models, select_topk=sigma))
 

@@ -39,7 +39,7 @@ def bits(x):
     return np.asarray(x, np.float32).view(np.uint32)
 
 
-def merge(method, base, models, weights, densities, extra=None, *, name="t", span=None, block=BLOCK, **g):
+def merge(method, base, models, weights, densities, extra=None, *, name="t", span=None, block=BLOCK, cache=False, **g):
     """run_arrays with per-model weight/density (and gamma/epsilon); spans of about
     `span` elements rounded to whole blocks. Returns (output, stats, driver)."""
     key = TABLE[method][4]
@@ -52,7 +52,7 @@ def merge(method, base, models, weights, densities, extra=None, *, name="t", spa
     span = max(block, (span or models[0].size) // block * block)
     if TABLE[method][0] == "outliers":
         g.pop("seed", None)  # deterministic: breadcrumbs has no seed
-    return run_arrays(method, base, models, g, mp, name=name, span=span, block=block, driver=True)
+    return run_arrays(method, base, models, g, mp, name=name, span=span, block=block, driver=True, driver_cache=cache)
 
 
 def reference(method, base, models, weights, densities, extra=None, *, name="t", **g):
@@ -151,14 +151,18 @@ def test_methods_match_reference(method, shape, span, block):
     assert ("sign_conflict" in stats) == (TABLE[method][1] is not None)
 
 
-@pytest.mark.parametrize("method", ["dare_linear", "della_linear", "dare_ties", "della"])
+@pytest.mark.parametrize("method,cache", [("dare_linear", False), ("della_linear", False), ("dare_ties", False),
+                                          ("della", False), ("della_linear", True), ("della", True)])
 @pytest.mark.parametrize("rescale", [True, "l1", "inverse", False])
-def test_rescale_modes(method, rescale):
+def test_rescale_modes(method, cache, rescale):
+    """Every rescale mode; DELLA also with the sums pass's masks kept for the merge pass
+    (Driver.cache_bytes, granted by the budget)."""
     rng = np.random.default_rng(6)
     base, models = f32_models(rng, (9, 17), 2)
     w, d = [0.6, 1.3], [0.35, 0.6]
     extra = [0.2, 0.1] if TABLE[method][4] else None
-    got, stats, _ = merge(method, base, models, w, d, extra, span=32, block=16, rescale=rescale, seed=3)
+    got, stats, drv = merge(method, base, models, w, d, extra, span=32, block=16, rescale=rescale, seed=3, cache=cache)
+    assert (drv._kept_bits is not None) == (cache and rescale in (True, "l1") and "della" in method)
     want = reference(method, base, models, w, d, extra, rescale=True if rescale == "l1" else rescale, seed=3)
     assert np.array_equal(bits(got), bits(want))
     if rescale in (True, "l1"):  # the factor each model's kept deltas were multiplied by

@@ -57,7 +57,7 @@ def cache_dir_candidates() -> list[Path]:
     ]
 
 
-def _numba_subdir(source_dir: Path) -> str:
+def numba_subdir(source_dir: Path) -> str:
     """The directory numba caches a source directory's functions in under NUMBA_CACHE_DIR
     (numba.core.caching.UserProvidedCacheLocator.get_suitable_cache_subpath)."""
     import hashlib
@@ -69,7 +69,7 @@ def _numba_subdir(source_dir: Path) -> str:
 def _link_read_only_cache(overlay: Path) -> None:
     """Link each compiled kernel of the read-only in-tree cache into the overlay (once;
     an index numba rewrote after compiling more kernels is a real file and stays)."""
-    target = overlay / _numba_subdir(_PACKAGE_DIR)
+    target = overlay / numba_subdir(_PACKAGE_DIR)
     target.mkdir(parents=True, exist_ok=True)
     for src in IN_TREE.iterdir():
         if src.suffix in (".nbi", ".nbc"):
@@ -137,6 +137,17 @@ def load(name: str):
         module = importlib.import_module(f"{__name__}.{name}")
         _loaded[name] = module
     return module
+
+
+def is_cached(name: str) -> bool:
+    """Whether the kernel "module.function" has fresh compiled code in the cache (numba's
+    index for it exists and matches the source); False when that cannot be told."""
+    module, function = name.split(".")
+    try:
+        index = getattr(load(module), function)._cache._cache_file._load_index()
+    except (AttributeError, OSError, EOFError, ValueError):
+        return False
+    return bool(index)
 
 
 def compiled() -> list[str]:

@@ -622,25 +622,58 @@ def sums_random(inp, a, z, block, grid, check, sums, bad, sel, seed, lanes, sc):
                 _add_abs(rows[i], sc.u[i], n, s, lanes[0, i, s // grid], lanes[1, i, s // grid])
 
 
+@njit(**HELPER)
+def _store_bits(keep, n, e0, bits):
+    """Bit (e0 + e) & 7 of bits[(e0 + e) >> 3] = keep[e] (bits zeroed beforehand): whole
+    bytes at once, bit by bit only at the ends."""
+    e = 0
+    while e < n and (e0 + e) & 7:
+        if keep[e]:
+            bits[(e0 + e) >> 3] |= np.uint8(1 << ((e0 + e) & 7))
+        e += 1
+    while e + 8 <= n:
+        b = np.uint8(0)
+        for q in range(8):
+            b |= np.uint8(keep[e + q]) << np.uint8(q)
+        bits[(e0 + e) >> 3] = b
+        e += 8
+    for t in range(e, n):
+        if keep[t]:
+            bits[(e0 + t) >> 3] |= np.uint8(1 << ((e0 + t) & 7))
+
+
+@njit(**HELPER)
+def _load_bits(bits, n, e0, keep):
+    for e in range(n):
+        keep[e] = ((bits[(e0 + e) >> 3] >> ((e0 + e) & 7)) & 1) != 0
+
+
 @njit(**JIT)
-def merge_della(inp, out, lo, a, z, block, check, sums, bad, sel, seed, m, cnt, sc, rs):
-    """DELLA: random masks with row-rank probabilities (rs: the thread's RowScratch)."""
+def merge_della(inp, out, lo, a, z, block, check, sums, bad, sel, seed, kept_bits, m, cnt, sc, rs):
+    """DELLA: random masks with row-rank probabilities (rs: the thread's RowScratch). The
+    masks of the models the sums pass ranked are read from kept_bits[i] when it holds them
+    (the sums pass stored them: the rows are not ranked twice)."""
     rows, base, keep = sc.rows, sc.base, sc.keep
     has_base = inp[6]
+    cached = kept_bits.shape[1] != 0
     for s in range(a, z, block):
         n = min(block, z - s)
         load_rows(inp, has_base, s, n, rows, base)
         if check:
             check_block(rows, base, n, has_base, sums, s // block, bad)
         for i in range(rows.shape[0]):
-            _keep_della(inp, i, sel[i], seed, s, n, keep, sc.u24, sc.prob, rs)
+            if cached and sel[i].l1:
+                _load_bits(kept_bits[i], n, s, keep)
+            else:
+                _keep_della(inp, i, sel[i], seed, s, n, keep, sc.u24, sc.prob, rs)
             cnt[1 + 3 * i] += _apply(rows[i], keep, n, sel[i], sc.prob, m.weights[i], sc.u[i])
         _merge_out(out, lo, s, n, base, has_base, m, cnt, sc)
 
 
 @njit(**JIT)
-def sums_della(inp, a, z, block, grid, check, sums, bad, sel, seed, lanes, sc, rs):
-    """DELLA's l1 sums pass (see sums_random)."""
+def sums_della(inp, a, z, block, grid, check, sums, bad, sel, seed, kept_bits, lanes, sc, rs):
+    """DELLA's l1 sums pass (see sums_random); stores each model's mask into kept_bits[i]
+    when it has room (a ranks cache for the merge pass)."""
     has_base = inp[6]
     rows, base, keep = sc.rows, sc.base, sc.keep
     for s in range(a, z, block):
@@ -651,5 +684,7 @@ def sums_della(inp, a, z, block, grid, check, sums, bad, sel, seed, lanes, sc, r
         for i in range(rows.shape[0]):
             if sel[i].l1:
                 _keep_della(inp, i, sel[i], seed, s, n, keep, sc.u24, sc.prob, rs)
+                if kept_bits.shape[1] != 0:
+                    _store_bits(keep, n, s, kept_bits[i])
                 _apply(rows[i], keep, n, sel[i], sc.prob, ONE, sc.u[i])
                 _add_abs(rows[i], sc.u[i], n, s, lanes[0, i, s // grid], lanes[1, i, s // grid])

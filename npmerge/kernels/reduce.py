@@ -41,20 +41,24 @@ SCE_HIST = 0  # radix histogram of the variance keys (one 16-bit digit)
 SCE_TIES = 1  # per block: elements whose key equals the threshold
 SCE_SUMS = 2  # per block and model: sum of squares of the selected task vector
 SCE_MERGE = 3  # elect, weight, merge, encode
+SCE_COLLECT = 4  # the variance keys of one top-16-bit bucket
 
 DIGIT = 16
 BUCKETS = 1 << DIGIT
 NO_KEY = np.iinfo(np.int64).max  # threshold that selects nothing
 
 # One thread's buffers (`cap` elements each): decoded rows and base, output, float64
-# copies of every input (reductions), per-element coefficients (blends), SCE's variances.
-Scratch = namedtuple("Scratch", "rows base o wide coef v mu")
+# copies of every input (reductions), per-element coefficients (blends); SCE's variances,
+# selection mask and float32 sums.
+Scratch = namedtuple("Scratch", "rows base o wide coef v mu keep f32s")
 
 
 def scratch(nm: int, cap: int, wide: bool = False, coef: bool = False, variance: bool = False) -> Scratch:
+    sce = cap if variance else 0
     return Scratch(np.empty((nm, cap), np.float32), np.empty(cap, np.float32), np.empty(cap, np.float32),
                    np.empty((nm + 1 if wide else 0, cap), np.float64), np.empty((2 if coef else 0, cap), np.float32),
-                   np.empty(cap if variance else 0, np.float64), np.empty(cap if variance else 0, np.float64))
+                   np.empty(sce, np.float64), np.empty(sce, np.float64), np.empty(sce, np.uint8),
+                   np.empty((3, sce), np.float32))
 
 
 # ------------------------------------------------------------------ reductions
@@ -321,36 +325,45 @@ def _variance(rows, n, mu, v):
 
 
 @njit(**HELPER)
-def _select(rows, v, n, t, tq, tm, rem):
+def _select(rows, v, n, t, tq, tm, rem, keep):
     """Zero (+0.0) every model's element e unless keep(v, 0, k) holds: key > t, or
     key == t and the tie is kept (all when tq >= tm, else the even thinning with the
     running remainder `rem`, returned). Keys are the int64 bits of the variances."""
+    ties = 0
     for e in range(n):
         key = f64_bits(v[e])
-        keep = key > t
-        if key == t:
-            if tq < tm:
-                keep = rem + tq >= tm
-                rem = rem + tq - (tm if keep else 0)
-            else:
-                keep = tq > 0
-        if not keep:
-            for i in range(rows.shape[0]):
-                rows[i, e] = np.float32(0.0)
+        keep[e] = key > t
+        ties += key == t
+    if ties:
+        for e in range(n):
+            if f64_bits(v[e]) == t:
+                if tq < tm:
+                    k = rem + tq >= tm
+                    rem = rem + tq - (tm if k else 0)
+                else:
+                    k = tq > 0
+                keep[e] = k
+    zero = np.float32(0.0)
+    for i in range(rows.shape[0]):
+        x = rows[i]
+        for e in range(n):
+            x[e] = x[e] if keep[e] else zero
     return rem
 
 
 @njit(**JIT)
-def sce(inp, out, op, lo, a, z, block, selecting, shift, prefix, t, tq, tm, tie_rem, ties, hist, nan, sums, weights,
+def sce(inp, out, op, lo, a, z, block, selecting, shift, prefix, t, tq, tm, tie_rem, ties, found, tally, sums, weights,
         sc):
     """SCE over elements a..z (whole blocks, index s // block from element 0) of the task
     vectors tau_i = M_i - B; with `selecting`, element e is ranked by the variance v of
     the tau_i at e, as the int64 key of its float64 bits (v >= 0 orders like its bits).
     Returns how many encoded values are Inf/NaN (SCE_MERGE).
 
-    SCE_HIST   hist[2*d + (lower bits != 0)] += 1, d = (key >> shift) & 0xFFFF, for keys
+    SCE_HIST   found[2*d + (lower bits != 0)] += 1, d = (key >> shift) & 0xFFFF, for keys
                whose bits above the digit equal `prefix` (prefix < 0: all); NaN
-               variances counted in nan[0] (hist, nan: the thread's own)
+               variances counted in tally[0] (found, tally: the thread's own)
+    SCE_COLLECT  every key whose top 16 bits equal `prefix` appended to found (tally[0]:
+               how many so far)
     SCE_TIES   ties[blk] = #{key == t}
     SCE_SUMS   sums[i, blk] = sum of squares of the selected tau_i (the reduction rule)
     SCE_MERGE  o = the merged block (float32 `weights`)
@@ -371,9 +384,17 @@ def sce(inp, out, op, lo, a, z, block, selecting, shift, prefix, t, tq, tm, tie_
             for e in range(n):
                 key = f64_bits(v[e])
                 if v[e] != v[e]:
-                    nan[0] += 1
+                    tally[0] += 1
                 elif prefix < 0 or (key >> (shift + DIGIT)) == prefix:
-                    hist[2 * ((key >> shift) & (BUCKETS - 1)) + np.int64((key & low_mask) != 0)] += 1
+                    found[2 * ((key >> shift) & (BUCKETS - 1)) + np.int64((key & low_mask) != 0)] += 1
+            continue
+        if op == SCE_COLLECT:
+            c = tally[0]
+            for e in range(n):  # branch-free append
+                key = f64_bits(v[e])
+                found[c] = key
+                c += (key >> 48) == prefix
+            tally[0] = c
             continue
         if op == SCE_TIES:
             c = 0
@@ -382,26 +403,32 @@ def sce(inp, out, op, lo, a, z, block, selecting, shift, prefix, t, tq, tm, tie_
             ties[blk] = c
             continue
         if selecting:
-            _select(rows, v, n, t, tq, tm, tie_rem[blk])
+            _select(rows, v, n, t, tq, tm, tie_rem[blk], sc.keep)
         if op == SCE_SUMS:
             for i in range(nm):
                 sums[i, blk] = sumsq(rows[i], n)
             continue
         # merge: elect s = sign(sum tau) (+ at 0), keep the agreeing w_i*tau_i, divide by
-        # max(sum of their w_i, fl32(1e-6)), add the base (float32, model order from +0)
-        eps = np.float32(1e-6)
+        # max(sum of their w_i, fl32(1e-6)), add the base (float32, model order from +0;
+        # model-major loops over the block, which vectorise)
+        eps, zero = np.float32(1e-6), np.float32(0.0)
+        total, num, den = sc.f32s[0], sc.f32s[1], sc.f32s[2]
         for e in range(n):
-            total = np.float32(0.0)
-            for i in range(nm):
-                total += rows[i, e]
-            num = np.float32(0.0)
-            den = np.float32(0.0)
-            for i in range(nm):
-                w = weights[i]
-                x = rows[i, e]
-                agree = (x > 0) if total >= 0 else (x < 0)
-                num += (w * x) if agree else np.float32(0.0)
-                den += w if agree else np.float32(0.0)
-            o[e] = base[e] + num / (eps if den < eps else den)
+            total[e] = zero
+            num[e] = zero
+            den[e] = zero
+        for i in range(nm):
+            x = rows[i]
+            for e in range(n):
+                total[e] += x[e]
+        for i in range(nm):
+            w, x = weights[i], rows[i]
+            for e in range(n):
+                agree = (x[e] > 0) if total[e] >= 0 else (x[e] < 0)
+                num[e] += (w * x[e]) if agree else zero
+                den[e] += w if agree else zero
+        for e in range(n):
+            d = den[e]
+            o[e] = base[e] + num[e] / (eps if d < eps else d)
         bad += encode(out, o, n, s - lo)
     return bad

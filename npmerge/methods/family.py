@@ -122,6 +122,7 @@ class FamilyDriver(Driver):
                        else "random" if "random" in kinds else "rank")
         self.sel = None  # the kernels' SELECT table, built on the first feed
         self._scratch = None  # per thread: (family.Scratch, family.RowScratch or None)
+        self._kept_bits = None  # DELLA: the sums pass's masks, one bit per element and model (ctx.cache)
         self._counts = None
         self._hist = None
         self._lanes = None
@@ -167,6 +168,19 @@ class FamilyDriver(Driver):
             need += t * (self.whole_rows * (4 + 4 + 4 + 8 + 4 + 8) + 3 * 2048 * 8)
         return need
 
+    def kernel_for(self, pass_name: str) -> str:
+        if pass_name.startswith("hist"):
+            return "family.hist"
+        return f"family.{'sums' if pass_name == 'sums' else 'merge'}_{self.kernel}"
+
+    @property
+    def cache_bytes(self) -> int:
+        """DELLA with the l1 rescale ranks every row twice (sums, merge) unless the sums
+        pass keeps its masks: one bit per element and model, where the budget has room."""
+        if self.kernel == "della" and "sums" in self.passes:
+            return self.ctx.n_models * -(-self.ctx.numel // 8)
+        return 0
+
     # -- passes ----------------------------------------------------------------
     def _table(self, k) -> np.ndarray:
         """The kernels' SELECT record per model (rank boundaries filled in by end_pass)."""
@@ -204,7 +218,8 @@ class FamilyDriver(Driver):
             shape = (nm, 2 * k.HI_BUCKETS) if pass_name == "hist_hi" else (len(self._slots), k.LO_BUCKETS)
             self._hist = np.zeros((self.ctx.threads, *shape), np.int64)
         active = np.array([bool(b) for b in self.bounds], np.bool_)
-        models, buckets = (np.array(c, np.int64) for c in zip(*self._slots)) if pass_name == "hist_lo" else (_NONE, _NONE)
+        models, buckets = ((np.array(c, np.int64) for c in zip(*self._slots)) if pass_name == "hist_lo" and self._slots
+                           else (_NONE, _NONE))
         span.run(lambda a, z, t: k.hist(span.inp, a, z, span.block, *span.checks(t), active, models, buckets,
                                         self._hist[t], self._scratch[t][0]))
         return 0
@@ -236,10 +251,14 @@ class FamilyDriver(Driver):
             span.run(lambda a, z, t: k.merge_random(inp, out, lo, a, z, block, *span.checks(t), sel, seed, m,
                                                     counts[t], sc[t]))
         elif l1:
-            span.run(lambda a, z, t: k.sums_della(inp, a, z, block, grid, *span.checks(t), sel, seed, lanes, sc[t],
-                                                  rs[t]), grid)
+            if self.ctx.cache and self._kept_bits is None:
+                self._kept_bits = np.zeros((nm, -(-self.ctx.numel // 8)), np.uint8)
+            bits = self._kept_bits if self._kept_bits is not None else _NO_BITS
+            span.run(lambda a, z, t: k.sums_della(inp, a, z, block, grid, *span.checks(t), sel, seed, bits, lanes,
+                                                  sc[t], rs[t]), grid)
         else:
-            span.run(lambda a, z, t: k.merge_della(inp, out, lo, a, z, block, *span.checks(t), sel, seed, m,
+            bits = self._kept_bits if self._kept_bits is not None else _NO_BITS
+            span.run(lambda a, z, t: k.merge_della(inp, out, lo, a, z, block, *span.checks(t), sel, seed, bits, m,
                                                    counts[t], sc[t], rs[t]))
         if not l1:
             self.counts += counts[:, :-1].sum(axis=0)
@@ -389,6 +408,7 @@ class FamilyDriver(Driver):
 
 _NO_LANES = np.zeros((2, 0, 0, 8), np.float64)
 _NONE = np.zeros(0, np.int64)
+_NO_BITS = np.zeros((0, 0), np.uint8)
 
 
 def _locate(hist: np.ndarray, k: int) -> tuple[int, int]:

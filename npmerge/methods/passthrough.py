@@ -22,6 +22,9 @@ class PassthroughDriver(Driver):
         self.factor = np.float32(scale if self.scaled else 1.0)  # fl32(scale), once
         self._buffers = None  # per thread: rows, base, output block
 
+    def kernel_for(self, pass_name: str) -> str:
+        return "passthrough.scale"
+
     def feed(self, pass_name: str, span: Span) -> int:
         k = kernels.load("passthrough")
         if self._buffers is None:

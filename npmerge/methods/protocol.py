@@ -49,6 +49,7 @@ class TensorContext:
     has_base: bool
     threads: int
     stream_index: tuple[int, ...] = ()  # per model: index i of its random stream (SEMANTICS-2 A)
+    cache: bool = False  # the budget has room for the driver's optional cache (Driver.cache_bytes)
 
     @property
     def n_models(self) -> int:
@@ -130,6 +131,11 @@ class Driver:
     # materialised for every row the span touches.
     whole_rows = 0
 
+    def kernel_for(self, pass_name: str) -> str | None:
+        """The kernel ("module.function" of npmerge.kernels) a pass runs, if one (the
+        precompile helper compiles a merge's later kernels while it runs the first)."""
+        return None
+
     def writes(self, pass_name: str) -> bool:
         """Whether this pass produces the output (every element exactly once)."""
         return pass_name == "merge"
@@ -147,4 +153,10 @@ class Driver:
 
     def work_bytes(self, span: int) -> int:
         """Working memory this driver needs beyond the engine's buffers, for spans of `span` elements."""
+        return 0
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory of an optional cache that saves work (kept only when ctx.cache: the plan
+        grants it where the budget has room); 0: none."""
         return 0

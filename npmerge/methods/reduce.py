@@ -148,7 +148,7 @@ class BlendDriver(Driver):
         super().__init__(ctx, ["reduce", "merge"])
         self.sums = VectorSums(ctx, layout, pairs, self.reduce_deltas)
         self.npairs = len(pairs)
-        self.ca = self.cb = None
+        self.ca = self.cb = np.zeros(0, np.float32)  # each vector's coefficients, after the reduce pass
         self._buffers = None  # per thread: kernels.reduce.Scratch
 
     def work_bytes(self, span: int) -> int:
@@ -157,6 +157,11 @@ class BlendDriver(Driver):
         per_thread = BLOCK * (8 * (self.ctx.n_models + 1) + 8)
         return VectorSums.nbytes(self.ctx, self.sums.layout, self.npairs) + 8 * self.sums.nvec + \
             self.ctx.threads * per_thread
+
+    def kernel_for(self, pass_name: str) -> str:
+        if pass_name == "merge":
+            return "reduce.blend"
+        return "reduce.column_sums" if self.sums.layout == COLUMNS else "reduce.row_sums"
 
     def feed(self, pass_name: str, span: Span) -> int:
         if pass_name == "reduce":

@@ -10,9 +10,10 @@ Deliberate difference from mergekit: mergekit gives every model the weight 1/N w
 Q = Σ q_i < 1e-6, an absolute threshold that many LLM fine-tunes fall under (3 models,
 delta RMS < 6e-4), silently turning the weighting off. npmerge uses 1/N only when Q = 0.
 
-Passes: up to four radix-histogram passes over the float64 variance keys (16-bit digits,
-stopping as soon as the k-th largest is settled), one reduction pass for the q_i of the
-selected deltas, the merge.
+Passes: a radix histogram of the top 16 bits of the float64 variance keys; unless that
+settles the k-th largest, one pass collecting the keys of its bucket (sorted in memory),
+or, where the budget has no room for them, up to three more 16-bit digit passes; one
+reduction pass for the q_i of the selected deltas; the merge.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class SceDriver(Driver):
         if "sums" not in self.passes:
             self._set_weights()
         self._hist = self._nan = self._sums = self._ties = self._tie_rem = self._buffers = None
+        self._found = None  # per thread: the keys the collect pass found
+        self._bucket = 0  # how many keys the collect pass finds (the bucket's count)
         self._tie_pos = 0
 
     def _keep_none(self) -> None:
@@ -74,6 +77,9 @@ class SceDriver(Driver):
         hist = self.ctx.threads * 2 * (1 << 16) * 8 if self.selecting else 0
         return hist + 8 * blocks * (self.ctx.n_models + 2) + self.ctx.threads * BLOCK * 32
 
+    def kernel_for(self, pass_name: str) -> str:
+        return "reduce.sce"
+
     # -- passes ----------------------------------------------------------------
     def feed(self, pass_name: str, span: Span) -> int:
         k = kernels.load("reduce")
@@ -86,6 +92,12 @@ class SceDriver(Driver):
             self._tie_rem = np.zeros(blocks, np.int64)
             self._buffers = [k.scratch(nm, block, variance=True) for _ in range(span.workers.threads)]
         shift, op = 0, k.SCE_MERGE
+        if pass_name == "collect":
+            op = k.SCE_COLLECT
+            if self._found is None:
+                self._found = np.empty((span.workers.threads, self._bucket + 1), np.int64)  # + 1: see the kernel
+                self._nan = np.zeros((span.workers.threads, 1), np.int64)
+            return self._call(k, span, op, 0, self._found)
         if pass_name in HIST_PASSES:
             shift, op = int(pass_name[4:]), k.SCE_HIST
             if self._hist is None:
@@ -101,8 +113,8 @@ class SceDriver(Driver):
                 self._tie_pos += int(counts.sum())
         return self._call(k, span, op, shift)
 
-    def _call(self, k, span: Span, op: int, shift: int) -> int:
-        hist = self._hist if self._hist is not None else _NO_HIST
+    def _call(self, k, span: Span, op: int, shift: int, found=None) -> int:
+        hist = found if found is not None else self._hist if self._hist is not None else _NO_HIST
         nan = self._nan if self._nan is not None else _NO_HIST
         sc = self._buffers
         return sum(span.run(lambda a, z, t: k.sce(
@@ -113,6 +125,8 @@ class SceDriver(Driver):
     def end_pass(self, pass_name: str) -> None:
         if pass_name in HIST_PASSES:
             self._end_digit(int(pass_name[4:]))
+        elif pass_name == "collect":
+            self._end_collect()
         elif pass_name == "sums":
             out = np.empty(self.ctx.n_models, np.float64)
             kernels.load("reduce").exact_rows(self._sums, out)
@@ -154,8 +168,36 @@ class SceDriver(Driver):
         else:
             self.prefix = (max(self.prefix, 0) << 16) | d
             self.above += above_in
+            if shift == DIGIT_SHIFTS[0] and self.ctx.cache and total[d] <= self._collectable:
+                self._bucket = int(total[d])  # its keys fit the granted memory: collect them in one pass
+                at = self.passes.index(f"hist{shift}") + 1
+                self.passes[at:] = ["collect"] + [p for p in self.passes[at:] if p not in HIST_PASSES]
             return
         self._drop_after(f"hist{shift}", HIST_PASSES)
+
+    @property
+    def _collectable(self) -> int:
+        """The keys one collect pass may hold per thread: a sixteenth of the tensor."""
+        return -(-self.ctx.numel // 16)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Per thread, room for the keys of one top-16-bit bucket (up to `_collectable`):
+        then one collect pass replaces three more histogram passes."""
+        return self.ctx.threads * 8 * (self._collectable + 1) if self.selecting else 0
+
+    def _end_collect(self) -> None:
+        """The k-th largest key among the collected bucket (the (need)-th from its top):
+        the threshold t, how many keys above it (kept) and how many equal it (tm, of which
+        tq are kept)."""
+        counts = self._nan[:, 0]
+        keys = np.sort(np.concatenate([self._found[i, :counts[i]] for i in range(len(counts))]))[::-1]
+        self._found = self._nan = None
+        need = self.k - self.above
+        t = int(keys[need - 1])
+        larger = int(np.searchsorted(-keys, -t, side="left"))  # keys > t (keys descending)
+        equal = int(np.searchsorted(-keys, -t, side="right")) - larger
+        self.t, self.tq, self.tm = t, need - larger, equal
 
     def _drop_after(self, current: str, names) -> None:
         """Remove the passes `names` that would follow the pass now ending."""
