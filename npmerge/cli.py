@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def run() -> None:
+def entry() -> None:
     """The `npmerge` script and `python -m npmerge`: main(), then exit without tearing the
     interpreter down: with numba loaded that takes ~0.4 s, a third of a cached run, and
     there is nothing left to do (every file is written and closed, every thread joined)."""
