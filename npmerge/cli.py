@@ -451,3 +451,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write("Error: interrupted\n")
         code = 130
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def entry() -> None:
+    """The `npmerge` script and `python -m npmerge`: main(), then exit without tearing the
+    interpreter down: with numba loaded that takes ~0.4 s, a third of a cached run, and
+    there is nothing left to do (every file is written and closed, every thread joined)."""
+    try:
+        main()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    else:
+        code = 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -29,6 +29,10 @@ DEFAULT_SHARD_BYTES = 5_000_000_000
 # a second kernel over the same span (e.g. TIES tie counting, then merging) finds it.
 MAX_SPAN_ELEMENTS = 1 << 21
 
+# Input bytes the engine asks the kernel to read ahead of the tensor it merges (page cache,
+# not npmerge's memory): reading from disk overlaps computing when inputs exceed RAM.
+READAHEAD_BYTES = 2 << 30
+
 # Default --max-memory: this fraction of available RAM, capped.
 DEFAULT_MEMORY_FRACTION = 0.25
 DEFAULT_MEMORY_CAP = 4 << 30

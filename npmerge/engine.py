@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from . import kernels
-from .constants import BLOCK
+from .constants import BLOCK, READAHEAD_BYTES
 from .dtypes import DECODABLE, ITEMSIZE, SPAN_DELTA, span_luts, unaligned_ok
 from .errors import IncompatibleModels
 from .io.sources import TensorSource
@@ -97,6 +97,29 @@ class SpanInputs:
         return Span(lo, hi, self.block, self.inp, workers, check_scratch=self._check_scratch)
 
 
+class _Readahead:
+    """Asks for the inputs of the tensors after the current one, in merge order, up to
+    READAHEAD_BYTES of input ahead (a tensor at least): reading from disk overlaps the
+    computation even where a small tensor is followed by a large one. Within the page
+    cache a tensor's passes need, on every machine npmerge's memory default leaves room."""
+
+    def __init__(self, todo: list, pool, prefetch):
+        self.todo, self.pool, self.prefetch = todo, pool, prefetch
+        self.asked = 0  # todo[:asked] have been prefetched (or are the current one)
+        self.current = -1
+        self.position = {id(job): i for i, job in enumerate(todo)}
+
+    def started(self, job) -> None:
+        self.current = self.position[id(job)]
+        self.asked = max(self.asked, self.current + 1)
+        ahead = sum(j.read_bytes for j in self.todo[self.current + 1:self.asked])
+        while self.asked < len(self.todo) and (ahead == 0 or ahead < READAHEAD_BYTES):
+            nxt = self.todo[self.asked]
+            self.pool.submit(self.prefetch, nxt)
+            ahead += nxt.read_bytes
+            self.asked += 1
+
+
 class WritePipe:
     """Hands output to the writer on a background thread (pwrite and the running sha256
     release the GIL), so writing span i overlaps computing span i+1. Two output
@@ -158,13 +181,13 @@ class Engine:
         """Shard by shard, in each shard's data order: output is written sequentially and
         each shard is final (fsynced) as soon as its last tensor is done."""
         jobs = {job.name: job for job in self.jobs}
-        todo = [(i, jobs[n]) for i, shard in enumerate(self.layout.shards) if self.writer.resumed_stats(i) is None
+        todo = [jobs[n] for i, shard in enumerate(self.layout.shards) if self.writer.resumed_stats(i) is None
                 for n in shard.tensors]
-        upcoming = iter(todo[1:] + [(None, None)])
         from concurrent.futures import ThreadPoolExecutor
 
         prefetcher = ThreadPoolExecutor(1, thread_name_prefix="npmerge-prefetch")
-        first = next((job for _, job in todo if not job.copy), None)
+        ahead = _Readahead(todo, prefetcher, self._prefetch)
+        first = next((job for job in todo if not job.copy), None)
         self._precompile = precompile.start(first, self.threads) if first is not None else None
         try:
             for i, shard in enumerate(self.layout.shards):
@@ -174,9 +197,8 @@ class Engine:
                     self.progress(sum(jobs[n].read_bytes * jobs[n].passes for n in shard.tensors), "resumed")
                     continue
                 for name in shard.tensors:
-                    job, (_, after) = jobs[name], next(upcoming)
-                    if after is not None:  # start reading the next tensor while this one computes
-                        prefetcher.submit(self._prefetch, after)
+                    job = jobs[name]
+                    ahead.started(job)  # keep reading the next tensors while this one computes
                     if job.copy:
                         self._copy(job)
                     else:

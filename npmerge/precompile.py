@@ -8,6 +8,9 @@ the shared cache: it builds the method's driver for a tiny tensor and feeds it a
 span for each later pass (an empty span calls each kernel once on nothing). Before its
 second pass the merge waits for the helper, then loads those kernels from the cache.
 
+The helper is forked where the platform can (it starts compiling at once, with numba
+already imported), else started as `python -m npmerge.precompile`.
+
 Nothing depends on the helper: if it fails, is killed or is slow, the merge compiles what
 it still needs itself, to the same bytes. It is not started when every later kernel is
 already cached or when the merge runs on one thread (--threads 1).
@@ -15,28 +18,38 @@ already cached or when the merge runs on one thread (--threads 1).
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 
 HELPER_TIMEOUT = 120  # seconds the merge waits for the helper at most
 
 
 class Precompiler:
-    """The helper process of one merge (or nothing to wait for)."""
+    """The helper process of one merge (or nothing to wait for): a Popen, or a forked pid."""
 
-    def __init__(self, proc: subprocess.Popen | None = None):
+    def __init__(self, proc: subprocess.Popen | int | None = None):
         self.proc = proc
 
     def wait(self) -> None:
         """Wait until the helper finished (its kernels are then in the cache)."""
-        if self.proc is None:
-            return
-        try:
-            self.proc.wait(timeout=HELPER_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if isinstance(self.proc, int):
+            deadline = time.monotonic() + HELPER_TIMEOUT
+            while os.waitpid(self.proc, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    os.kill(self.proc, signal.SIGKILL)
+                    os.waitpid(self.proc, 0)
+                    break
+                time.sleep(0.005)
+        elif self.proc is not None:
+            try:
+                self.proc.wait(timeout=HELPER_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.proc = None
 
 
@@ -54,6 +67,12 @@ def start(job, threads: int) -> Precompiler:
     spec = {"method": job.method.name, "params": job.params, "model_params": job.model_params,
             "shape": job.shape, "has_base": job.base is not None, "base_dtype": job.base.dtype if job.base else None,
             "model_dtype": job.models[0].dtype, "out_dtype": job.out_dtype}
+    if hasattr(os, "fork"):
+        codecs = kernels.load("codecs")  # the merge needs them first anyway: not compiled twice
+        for dtype in {spec["base_dtype"], spec["model_dtype"], "F32"}:
+            codecs.decoder(dtype)
+        codecs.encoder(spec["out_dtype"]), codecs.encoder(None), codecs.rounder(job.input_round)
+        return Precompiler(_fork(spec))
     try:
         proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -62,6 +81,23 @@ def start(job, threads: int) -> Precompiler:
     except OSError:
         return Precompiler()
     return Precompiler(proc)
+
+
+def _fork(spec: dict) -> int:
+    """The helper as a child of this process (numba imported, nothing to start up)."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:  # the child: never returns to the merge
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the merge; the merge stops this
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        compile_later_passes(spec)
+        code = 0
+    finally:
+        os._exit(code)
 
 
 def _later_kernels(driver) -> list[str]:

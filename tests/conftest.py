@@ -22,6 +22,7 @@ def compiled_kernels():
     from npmerge import kernels, warmup
 
     where = Path(kernels.ensure_cache_dir() or tempfile.gettempdir())
+    where.mkdir(parents=True, exist_ok=True)
     with open(where / ".npmerge-tests.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         warmup.compile_kernels()

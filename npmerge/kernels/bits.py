@@ -19,37 +19,20 @@ JIT = dict(cache=CACHE, nogil=True)
 HELPER = dict(nogil=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 
 
-@intrinsic
-def f32_bits(typingctx, x):
-    """The uint32 bit pattern of a float32."""
-    sig = types.uint32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
-@intrinsic
-def bits_f32(typingctx, u):
-    """The float32 whose bit pattern is the uint32 `u`."""
-    sig = types.float32(types.uint32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
+def _bitcast(source, target, llvm_target, doc: str):
+    """An intrinsic reinterpreting a `source` scalar's bits as a `target` scalar."""
+    def cast(typingctx, x):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], llvm_target)
+        return target(source), codegen
+    cast.__doc__ = doc
+    return intrinsic(cast)
 
 
-@intrinsic
-def f64_bits(typingctx, x):
-    """The int64 bit pattern of a float64 (non-negative floats order like it)."""
-    sig = types.int64(types.float64)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return sig, codegen
+f32_bits = _bitcast(types.float32, types.uint32, ir.IntType(32), "The uint32 bit pattern of a float32.")
+bits_f32 = _bitcast(types.uint32, types.float32, ir.FloatType(), "The float32 whose bit pattern is the uint32.")
+f64_bits = _bitcast(types.float64, types.int64, ir.IntType(64),
+                    "The int64 bit pattern of a float64 (non-negative floats order like it).")
 
 
 @intrinsic
