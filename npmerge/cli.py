@@ -3,7 +3,7 @@
 Thin on purpose: no business logic here. Results go to stdout (`info`, the `--dry-run`
 plan, the final summary, `--json`), progress and diagnostics (notes, `Error:`/`Hint:`)
 to stderr. Errors, usage errors included, print `Error:` and `Hint:` lines and exit with
-the error's code (FORMAT-AND-SAFETY.md §5); Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129,
+the error's code (docs/format-and-safety.md §4); Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129,
 never leaving an output directory (finished shards stay in staging for --resume).
 NPMERGE_DEBUG=1 shows tracebacks. Models are named by path or Hub id (io/hub.py).
 """

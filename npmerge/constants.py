@@ -1,6 +1,6 @@
 """Every tuning constant of npmerge, in one place.
 
-BLOCK is part of the output contract (SEMANTICS-2 A): float reductions (norms, dot
+BLOCK is part of the output contract (docs/semantics.md §A): float reductions (norms, dot
 products) are accumulated per BLOCK elements and combined exactly, and spans are always
 whole multiples of BLOCK, so results never depend on span size or thread count.
 """

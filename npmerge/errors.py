@@ -1,7 +1,7 @@
 """The errors npmerge raises on bad input: one message that names the file, tensor
 and model concerned, an optional hint saying what to do, and a process exit code.
 
-Exit codes follow FORMAT-AND-SAFETY.md §5 so that scripts can tell a typo in a
+Exit codes follow docs/format-and-safety.md §4 so that scripts can tell a typo in a
 recipe (2) from a corrupt download (3), incompatible models (4) or a full disk (5).
 Anything else escaping the CLI is a bug in npmerge (1).
 """

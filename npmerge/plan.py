@@ -6,7 +6,7 @@ small for one span. The plan fixes every tensor's inputs, parameters, output
 dtype and shard position, and the span size that keeps working memory within
 --max-memory.
 
-Parameters are resolved per tensor (SEMANTICS-2 D): each job carries its own values,
+Parameters are resolved per tensor (docs/recipes.md): each job carries its own values,
 found by the precedence model -> slice -> top level -> method default (global
 parameters from the slice and the top level only), filters matched against the
 model's input tensor name for per-model parameters and the output name for global
@@ -67,7 +67,7 @@ class TensorJob:
     passes: int  # most passes over the inputs the driver may take (progress accounting)
     span: int  # elements per span, a multiple of BLOCK
     input_round: str | None = None  # a recipe's `dtype:` (inputs rounded to it first)
-    stream_index: tuple[int, ...] = ()  # per model: its random stream (SEMANTICS-2 A)
+    stream_index: tuple[int, ...] = ()  # per model: its random stream (docs/semantics.md §A)
     layer: int | None = None  # output layer index; None outside the layer stack
     members: tuple[int, ...] = ()  # per model: its index in Plan.models (empty: 0, 1, ... in order)
     driver_cache: bool = False  # the budget has room for the driver's optional cache

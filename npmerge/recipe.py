@@ -1,5 +1,5 @@
 """The frozen Recipe: what to merge and how, from CLI flags or mergekit-style YAML
-(SEMANTICS-2 D).
+(docs/recipes.md).
 
 A recipe never touches tensors. Everything that can be checked without opening a
 model is checked here: keys (misspelled ones get a "did you mean"), the shape and type

@@ -1,4 +1,4 @@
-"""Parameter values of a recipe (SEMANTICS-2 D): scalars, gradients and filter lists,
+"""Parameter values of a recipe (docs/recipes.md): scalars, gradients and filter lists,
 checked when the recipe is read and evaluated per tensor when the merge is planned.
 
 A *setting* is what a recipe writes for one parameter at one level:

@@ -1,4 +1,4 @@
-"""The bad-input catalogue through the real CLI: FORMAT-AND-SAFETY.md §5 (42 cases) and
+"""The bad-input catalogue through the real CLI: docs/format-and-safety.md §5 (42 cases) and
 the list in issue 5 ("A bad-input catalogue as tests").
 
 Every refused case runs `npmerge ...` in-process (safety_helpers.run) and checks:
@@ -179,7 +179,7 @@ def no_space(free: int):
 
 @dataclass(frozen=True)
 class Case:
-    id: str  # "sNN-...": FORMAT-AND-SAFETY.md §5 case NN; "i5-...": issue 5's list
+    id: str  # "sNN-...": docs/format-and-safety.md §5, case NN; "i5-...": issue 5's list
     build: Callable  # (work dir, monkeypatch) -> CLI args; "-o <work>/out" is added unless given
     code: int
     phrases: tuple = ()  # in the first line; "{tmp}" is the work dir, "{pid}"/"{host}" this process

@@ -1,4 +1,4 @@
-"""Recipes: mergekit-style YAML in (SEMANTICS-2 D), re-runnable YAML out, errors where
+"""Recipes: mergekit-style YAML in (docs/recipes.md), re-runnable YAML out, errors where
 mergekit is silent. The values grammar is checked against tests/reference.py; whole
 merges against it are in test_recipe_corpus.py."""
 

@@ -1,5 +1,5 @@
 """Issue 5, end to end: interruption, resume, disk full, locks, changed inputs,
-read-only inputs and --force, through the real CLI (FORMAT-AND-SAFETY.md §4).
+read-only inputs and --force, through the real CLI (docs/format-and-safety.md §3).
 
 Three tests run a real, slowed `python -m npmerge` subprocess (NPMERGE_TEST_SLOW
 sleeps before each data write) and signal it; everything else runs in-process with

@@ -240,7 +240,7 @@ def _raw(model: str, name: str):
 
 
 def _rule_a_column_mean(x: np.ndarray) -> np.ndarray:
-    """SEMANTICS-2 A per column, written plainly: lanes e mod 8, 16384-row blocks, exact block total."""
+    """docs/semantics.md §A per column, written plainly: lanes e mod 8, 16384-row blocks, exact block total."""
     n, h = x.shape
     out = np.empty(h, dtype=np.float32)
     for c in range(h):
@@ -312,6 +312,22 @@ def test_permuted_rows_padding_mean_over_several_blocks():
     tail = np.empty(8 * hidden, dtype=np.float32)
     src.read(n * hidden, 8 * hidden, tail)
     assert np.array_equal(tail.reshape(8, hidden), np.broadcast_to(expected, (8, hidden)))
+
+
+def test_padding_mean_of_non_finite_columns_follows_ieee():
+    """+Inf and -Inf in one padding column (different blocks) give NaN, +Inf alone +Inf: the
+    IEEE sum of the non-finite block sums, as the reference (math.fsum alone raised)."""
+    n, hidden = 40000, 3
+    t = _mem([f"t{i}" for i in range(n)])
+    v = build_output_vocab("base", [("m", t)], 0, pad_to_multiple_of=40008)
+    x = np.ones((n, hidden), np.float32)
+    x[[0, 20000], 0] = [np.inf, -np.inf]
+    x[5, 1] = np.inf
+    got = PermutedRows(v, 0, [(x, "F32")]).pad_row()
+    assert np.isnan(got[0]) and got[1] == np.inf and got[2] == 1.0
+    plain = {"vocab": dict(t.vocab), "added": [], "rows": n, "assumed": False}
+    want = ref.permuted_rows(v.by_id, n, v.size, [plain], 0, 0, [x])[n]
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(got[1:], want[1:])
 
 
 def test_mean_of_three_models_is_a_float64_sum_rounded_once():

@@ -2,7 +2,7 @@
 sharded directory with model.safetensors.index.json.
 
 Opening a checkpoint validates every header and the index against the shards
-(FORMAT-AND-SAFETY.md §3.3) before anything else happens, so a corrupt download
+(docs/format-and-safety.md §2) before anything else happens, so a corrupt download
 fails in seconds with the file named, never mid-merge.
 """
 

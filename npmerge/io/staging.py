@@ -2,7 +2,7 @@
 
 `.<out>.npmerge-partial/` sits next to OUT (same filesystem, so the commit is one
 rename). Besides the output files it holds what makes a run safe to interrupt and
-resume (FORMAT-AND-SAFETY.md §4.3):
+resume (docs/format-and-safety.md §3):
 
 - `npmerge.lock`: pid, host and start time of the run writing it (O_EXCL, so two runs
   never share a staging dir); removed whenever the run ends;

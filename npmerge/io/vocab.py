@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -46,7 +45,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..constants import BLOCK
 from ..errors import IncompatibleModels, InvalidCheckpoint, RecipeError
+from ..reduction import combine_lanes, exact_sum
 from .sources import TensorSource
 
 # Fill rules for an output row a model lacks (OutputVocab.fill).
@@ -70,7 +71,6 @@ TOKENIZER_FILES = (
 )
 
 _ADDED_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
-_BLOCK = 16384  # SEMANTICS-2 A reduction block (rows, for the per-column padding mean)
 _LANES = 8
 
 
@@ -274,7 +274,7 @@ class OutputVocab:
       ZERO: 0. COPY: row `rows[donor][t]` of model `donor`. MEAN: over the models j
       having t, ascending j, fl32((x_j1 + x_j2 + ...) / |P|), the sum in float64 from +0
       and the division in float64. PAD: the model's own column mean over output rows
-      [0, n_tokens): per column the SEMANTICS-2 A reduction over rows (blocks of 16384
+      [0, n_tokens): per column the docs/semantics.md §A reduction over rows (blocks of 16384
       rows, lane = row mod 8), divided by n_tokens in float64, rounded once to float32.
       OWN: no model lacks t.
     """
@@ -720,7 +720,7 @@ class PermutedRows:
         return row_map_fingerprint(self.vocab, self.model, self.hidden)
 
     def pad_row(self) -> np.ndarray:
-        """The value of padding rows: per column, the SEMANTICS-2 A mean over output rows [0, n_tokens)
+        """The value of padding rows: per column, the docs/semantics.md §A mean over output rows [0, n_tokens)
         (computed once, `chunk` elements at a time)."""
         if self._pad is None:
             self._pad = _column_mean(self, self.vocab.n_tokens)
@@ -738,7 +738,7 @@ class PermutedRows:
         read = 40 * (n + 2 * hidden) + 8 * n
         if vocab.size == vocab.n_tokens:
             return read
-        blocks = -(-vocab.n_tokens // _BLOCK)
+        blocks = -(-vocab.n_tokens // BLOCK)
         step = max(chunk, _LANES * hidden) + 2 * hidden
         return read + 40 * step + 16 * hidden * (blocks + 6)
 
@@ -842,21 +842,21 @@ def row_map_fingerprint(vocab: OutputVocab, model: int, hidden: int) -> str:
 
 
 def _column_mean(src: PermutedRows, n: int) -> np.ndarray:
-    """Per column of output rows [0, n): fl32(sum / n), the sum by the SEMANTICS-2 A rule over rows."""
+    """Per column of output rows [0, n): fl32(sum / n), the sum by the docs/semantics.md §A rule over rows."""
     h = src.hidden
     if n == 0:
         return np.zeros(h, dtype=np.float32)
     step = max(_LANES, src.chunk // max(h, 1) // _LANES * _LANES)  # rows per decoded piece, a multiple of 8
     block_sums = []
-    for b0 in range(0, n, _BLOCK):
-        b1 = min(n, b0 + _BLOCK)
+    for b0 in range(0, n, BLOCK):
+        b1 = min(n, b0 + BLOCK)
         acc = np.zeros((_LANES, h), dtype=np.float64)
         for p0 in range(b0, b1, step):
             x = src.rows(p0, min(b1, p0 + step))
             for k in range(0, x.shape[0], _LANES):
                 m = min(_LANES, x.shape[0] - k)
                 acc[:m] += x[k:k + m]
-        block_sums.append(((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])))
+        block_sums.append(combine_lanes(acc.T))
     sums = np.stack(block_sums, axis=1)
-    total = np.array([math.fsum(col) for col in sums], dtype=np.float64)
+    total = np.array([exact_sum(col) for col in sums], dtype=np.float64)
     return (total / n).astype(np.float32)

@@ -6,7 +6,7 @@ with `os.pwrite` from caller buffers, never through a writable memmap: on a full
 a memmap store is a SIGBUS with no cleanup, a pwrite is an ENOSPC we can report.
 The model is built in a staging sibling `.<out>.npmerge-partial/` (io/staging.py) and
 renamed into place in one step, so a half-written model never looks complete
-(FORMAT-AND-SAFETY §4). Each shard is final (fsynced, renamed, sha256 recorded in the
+(docs/format-and-safety.md §3). Each shard is final (fsynced, renamed, sha256 recorded in the
 staging manifest) as soon as it is done: an interrupted run keeps those for `--resume`.
 
 `NPMERGE_TEST_SLOW=<seconds>` (tests only) sleeps before every data write.

@@ -440,7 +440,7 @@ def _merge(u, base, n, has_base, m, cnt, sc):
 @njit(**HELPER)
 def _add_abs(x, y, n, e0, x_lanes, y_lanes):
     """x_lanes[(e0 + e) % 8] += |x[e]| and y_lanes[...] += |y[e]| (float64) for e < n in
-    increasing e: the reduction rule's lanes (SEMANTICS-2 A), both sums in one loop."""
+    increasing e: the reduction rule's lanes (docs/semantics.md §A), both sums in one loop."""
     head = min(n, (8 - (e0 & 7)) & 7)
     for e in range(head):
         x_lanes[(e0 + e) & 7] += abs(np.float64(x[e]))

@@ -1,7 +1,7 @@
 """Span kernels of the methods that reduce a tensor before they merge it (SLERP, NuSLERP,
 Model Stock, SCE): exact float64 sums over vectors, then float32 blends.
 
-Reductions follow SEMANTICS-2 A (tests/reference.py `reduce_sum`): float64 terms; blocks
+Reductions follow docs/semantics.md §A (tests/reference.py `reduce_sum`): float64 terms; blocks
 of `block` elements relative to the vector (the whole tensor, a row along the last axis,
 or a column of the (shape[0], -1) view); in a block element e goes to lane e mod 8 in
 increasing e; block sum ((A0+A1)+(A2+A3))+((A4+A5)+(A6+A7)); the block sums of a vector

@@ -24,7 +24,7 @@ EPSILON = Param("epsilon", 0.15, epsilon, "keep probabilities span density - eps
 
 def check_bounds(global_params: dict, model_params: list[dict], models: list[str]) -> None:
     """For 0 < density < 1 every probability must lie in (0, 1): density - epsilon > 0
-    and density + epsilon < 1 (SEMANTICS-2 B)."""
+    and density + epsilon < 1 (docs/semantics.md §B)."""
     for p, who in zip(model_params, models):
         rho, eps = p["density"], p["epsilon"]
         if 0 < rho < 1 and not (rho - eps > 0 and rho + eps < 1):

@@ -108,7 +108,7 @@ class Param:
 
 @dataclass(frozen=True)
 class Method:
-    """One merge method (SEMANTICS.md, SEMANTICS-2.md)."""
+    """One merge method (docs/semantics.md)."""
 
     name: str  # recipe name, e.g. "task_arithmetic"
     title: str

@@ -1,4 +1,4 @@
-"""SCE: select, calculate, erase (FuseChat, Wan et al., 2024), SEMANTICS-2 C.
+"""SCE: select, calculate, erase (FuseChat, Wan et al., 2024), docs/semantics.md §C.
 
 Per tensor: with select_topk σ < 1 keep only the k = floor(σ·#{v ≠ 0}) elements whose
 variance v across the task vectors is largest (the shared rank selection keep(v, 0, k),
