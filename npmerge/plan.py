@@ -80,6 +80,11 @@ class TensorJob:
     def read_bytes(self) -> int:
         return sum(s.nbytes for s in self.sources)
 
+    @property
+    def member_indices(self) -> tuple[int, ...]:
+        """Per model of this tensor: its index in Plan.models."""
+        return self.members or tuple(range(len(self.models)))
+
 
 @dataclass
 class Plan:
@@ -339,7 +344,7 @@ def _jobs(recipe: Recipe, method: Method, base: Checkpoint | None, models: list[
     if mixed:
         notes.append(f"{len(mixed)} tensor(s) have different dtypes across models; all are decoded to float32")
     for i, m in enumerate(models):
-        weights = [p["weight"] for j in jobs for k, p in zip(_members(j), j.model_params) if k == i and "weight" in p]
+        weights = [p["weight"] for j in jobs for k, p in zip(j.member_indices, j.model_params) if k == i and "weight" in p]
         if any(w < 0 for w in weights):
             notes.append(f"model {i + 1} has a negative weight ({min(weights)}): its "
                          + ("task vector is subtracted" if base else "weights are subtracted"))
@@ -355,10 +360,6 @@ def _read(src: _Source, slot: int, name: str, feeding, inputs, vocab: OutputVoca
     if vocab is None or vocab.identity(slot):
         return source(src.ckpt, name)
     return VocabRowsSource(vocab, slot, [source(c, n) for (_, c), n in zip(inputs, feeding.inputs)], src.ckpt.label)
-
-
-def _members(job: TensorJob) -> tuple[int, ...]:
-    return job.members or tuple(range(len(job.models)))
 
 
 def _unchanged(src: TensorSource, out_dtype: str, rounding: str | None) -> bool:

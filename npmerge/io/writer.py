@@ -35,10 +35,9 @@ from ..dtypes import DTYPES
 from ..errors import InvalidCheckpoint, OutputError, RecipeError
 from ..units import human_bytes
 from . import staging as st
+from .checkpoint import INDEX_NAME, SINGLE_NAME
 from .staging import SPACE_MARGIN, Staging, writing
 
-SINGLE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 _MAX_SHARDS = 99_999  # the 5-digit shard name pattern
 # Test hook: seconds to sleep before each data write, so tests can interrupt a real merge mid-way.
 _SLOW_ENV = "NPMERGE_TEST_SLOW"

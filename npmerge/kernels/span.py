@@ -106,6 +106,15 @@ def scatter(out, vals, n, idx, lo):
     return call_int5(out[0], address(vals), n, out[1], address(idx), lo)
 
 
+@njit(inline="always")
+def thin_step(rem, q, m):
+    """The rank rule's even thinning (docs/semantics.md §A.3) at the next element of a tie
+    group: the j-th of m is kept iff r + q >= m, with r = j*q mod m the running remainder.
+    Returns (kept, the next remainder)."""
+    kept = rem + q >= m
+    return kept, rem + q - (m if kept else 0)
+
+
 # ------------------------------------------------------------------ checks and sums
 
 

@@ -333,7 +333,7 @@ class FamilyDriver(Driver):
                 self._fill_ranks()
             return
         for i, side, rank, slot, above in self._pending:
-            lo, above_in_bucket = _locate(hist[slot], rank + 1 - above)
+            lo, above_in_bucket = locate(hist[slot], rank + 1 - above)
             bucket = self._slots[slot][1]
             self._found[i, side] = ((bucket << 16) | lo, above + above_in_bucket, int(hist[slot, lo]))
         self._fill_ranks()
@@ -346,7 +346,7 @@ class FamilyDriver(Driver):
         bucket's floor value (bucket << 16), which the others equal. If the wanted one lies
         beyond the former, it is the floor: value and group are known now. Otherwise the
         low-bits pass histograms the bucket (one slot per model and bucket)."""
-        bucket, above = _locate(hist, rank + 1)
+        bucket, above = locate(hist, rank + 1)
         larger = int(nonzero_lo[bucket])
         if rank + 1 - above > larger:
             self._found[i, side] = (bucket << 16, above + larger, int(hist[bucket]) - larger)
@@ -411,8 +411,9 @@ _NONE = np.zeros(0, np.int64)
 _NO_BITS = np.zeros((0, 0), np.uint8)
 
 
-def _locate(hist: np.ndarray, k: int) -> tuple[int, int]:
-    """The bucket holding the k-th largest element, and how many lie above it."""
+def locate(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """The bucket of a radix histogram holding the k-th largest element, and how many lie
+    above it (the exact rank selection of TIES, breadcrumbs and SCE)."""
     from_top = np.cumsum(hist[::-1])
     pos = int(np.searchsorted(from_top, k))  # first bucket (from the top) where the count reaches k
     bucket = len(hist) - 1 - pos
