@@ -14,6 +14,10 @@ BLOCK = 1 << 14
 # enough that two threads share a span evenly.
 PIECE_BLOCKS = 16
 
+# A model's weights: one file, or an index naming the shards (Hugging Face's names).
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
 # The official library's header cap (decimal 100 MB, `N == MAX_HEADER_BYTES` allowed).
 MAX_HEADER_BYTES = 100_000_000
 

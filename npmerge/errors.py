@@ -8,6 +8,19 @@ Anything else escaping the CLI is a bug in npmerge (1).
 
 from __future__ import annotations
 
+import reprlib
+
+SHOWN = 80  # characters of a user's value quoted in a message
+
+
+def shown(value) -> str:
+    """repr(value) cut to SHOWN characters: a message quotes what was given, never
+    megabytes of it (a recipe value may be a huge list or an expanded alias)."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 6, 6, SHOWN, SHOWN
+    text = r.repr(value)
+    return text if len(text) <= SHOWN else text[:SHOWN - 3] + "..."
+
 
 class NpmergeError(Exception):
     """Base class: a user-facing failure with a message and an optional hint."""

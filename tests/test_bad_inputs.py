@@ -562,6 +562,20 @@ REFUSED = [
     Case("i5-bad-out-dtype", cli(*TIES, "--out-dtype", "int8"), 2, ("unsupported output dtype 'int8'",), "bfloat16"),
     Case("i5-zero-threads", cli(*TIES, "--threads", "0"), 2, ("--threads must be >= 1, got 0",), False),
 
+    # issue 26: hostile recipes get a short, clean error at load time
+    Case("i26-yaml-deep-flow", recipe("merge_method: linear\nmodels: " + "[" * 50_000 + "]" * 50_000 + "\n"),
+         2, ("recipe.yml is not valid YAML: line 2", "nesting deeper than 64 levels")),
+    Case("i26-yaml-deep-block", recipe("".join("  " * i + f"k{i}:\n" for i in range(3_000))),
+         2, ("recipe.yml is not valid YAML: line 64", "nesting deeper than 64 levels")),
+    Case("i26-yaml-alias-bomb", recipe(ties_yaml("{density: [&a0 [1,1,1,1,1,1,1,1,1,1], "
+                                                 + ", ".join(f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8))
+                                                 + "]}")),
+         2, ("recipe.yml is not valid YAML", "aliases expand it to more than 100,000 values")),
+    Case("i26-huge-value-quoted-short", recipe(ties_yaml("{density: [" + ", ".join(["abc"] * 90_000) + "]}")),
+         2, ("a gradient must be a list of numbers (or of booleans), got ['abc', 'abc',",), "[0.2, 0.5, 0.8]"),
+    Case("i26-huge-unknown-key", recipe(ties_yaml(extra="? " + "x" * 200_000 + "\n: 1\n")),
+         2, ("recipe.yml: unknown key 'xxxxxxxx", "more characters)"), "known keys"),
+
     # §34 the same model twice
     Case("s34-same-path-twice", cli("linear", FA, FA),
          2, (f"model 2 '{FA}' is the same model as model 1 '{FA}'",), "weight it instead"),
@@ -632,6 +646,7 @@ def _run_case(case: Case, tmp_path: Path, monkeypatch, *extra: str):
 def test_refused(case, tmp_path, monkeypatch):
     res, phrases = _run_case(case, tmp_path, monkeypatch)
     assert_error(res, case.code, *phrases, hint=bool(case.hint))
+    assert max(map(len, res.err.splitlines())) <= 1100, "a message line quotes too much of the input"
     if isinstance(case.hint, str):
         hints = [line for line in res.err.splitlines() if line.startswith("Hint: ")]
         assert any(case.hint in h for h in hints), res.err
@@ -737,6 +752,24 @@ def _base_in_models(t):
     return ["run", t / "r.yml"]
 
 
+def _merge_keys(t):
+    """YAML merge keys (`<<: *defaults`), as published recipes use them."""
+    (t / "r.yml").write_text(f"merge_method: ties\nbase_model: {BASE}\nmodels:\n  - model: {FA}\n"
+                             f"    parameters: &p {{density: 0.5, weight: 1.0}}\n  - model: {FB}\n"
+                             f"    parameters:\n      <<: *p\n      weight: 0.5\n")
+    return ["run", t / "r.yml"]
+
+
+def _same_as_spelled_out(t, out):
+    (t / "plain.yml").write_text(f"merge_method: ties\nbase_model: {BASE}\nmodels:\n  - model: {FA}\n"
+                                 f"    parameters: {{density: 0.5, weight: 1.0}}\n  - model: {FB}\n"
+                                 f"    parameters: {{density: 0.5, weight: 0.5}}\n")
+    assert run("run", t / "plain.yml", "-o", t / "plain", "-q").code == 0
+    assert (out / "model.safetensors").read_bytes() == (t / "plain" / "model.safetensors").read_bytes()
+    shutil.rmtree(t / "plain")
+    (t / "plain.yml").unlink()
+
+
 ACCEPTED = [
     Accepted("s22-hf-cache-symlinks", _hf_cache, None),
     Accepted("s30-mixed-dtypes", _f16_copy, "have different dtypes across models; all are decoded to float32"),
@@ -749,6 +782,7 @@ ACCEPTED = [
     Accepted("s34-base-listed-in-models", _base_in_models,
              f"parameters of the base model '{BASE}' are ignored (weight): the base contributes no task vector"),
     Accepted("s36-force", _force, None, _old_output_replaced),
+    Accepted("i26-yaml-merge-keys", _merge_keys, None, _same_as_spelled_out),
     Accepted("s29-tied-lm-head", _tied_lm_head, "'lm_head.weight' is merged, with the embeddings "
              "'model.embed_tokens.weight' as the head of tied, dead; config.json gets "
              "tie_word_embeddings: false", _tied_heads_merged),

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidCheckpoint
-from .checkpoint import INDEX_NAME, SINGLE_NAME
+from ..constants import INDEX_NAME, SINGLE_NAME
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEFAULT_REVISION = "main"

@@ -32,10 +32,10 @@ import numpy as np
 
 from ..constants import DEFAULT_SHARD_BYTES, MAX_HEADER_BYTES, OUTPUT_METADATA, WRITE_PIECE_BYTES, WRITEBACK_BYTES
 from ..dtypes import DTYPES
-from ..errors import InvalidCheckpoint, OutputError, RecipeError
+from ..errors import InvalidCheckpoint, OutputError, RecipeError, shown
 from ..units import human_bytes
 from . import staging as st
-from .checkpoint import INDEX_NAME, SINGLE_NAME
+from ..constants import INDEX_NAME, SINGLE_NAME
 from .staging import SPACE_MARGIN, Staging, writing
 
 _MAX_SHARDS = 99_999  # the 5-digit shard name pattern
@@ -143,7 +143,7 @@ def plan_shards(tensors: Sequence[OutputTensor], shard_bytes: int = DEFAULT_SHAR
     the limit, so a tensor larger than the limit sits alone.
     """
     if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, (int, np.integer)) or shard_bytes < 1:
-        raise RecipeError(f"shard size must be a positive number of bytes, got {shard_bytes!r}")
+        raise RecipeError(f"shard size must be a positive number of bytes, got {shown(shard_bytes)}")
     tensors, seen = list(tensors), set()
     for t in tensors:
         _check_tensor(t, seen)

@@ -5,7 +5,7 @@ election (`della`) or without (`della_linear`)."""
 import math
 from typing import Any
 
-from ..errors import RecipeError
+from ..errors import RecipeError, shown
 from . import family
 from .registry import DENSITY, LAMBDA, SEED, WEIGHT, Method, Param, register
 
@@ -14,7 +14,7 @@ PAPER = "https://arxiv.org/abs/2406.11617"
 
 def epsilon(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-        raise RecipeError(f"{name} must be a number >= 0, got {value!r}",
+        raise RecipeError(f"{name} must be a number >= 0, got {shown(value)}",
                           hint="epsilon is the spread of keep probabilities around density, e.g. 0.15")
     return float(value)
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .. import constants, kernels
-from ..errors import RecipeError
+from ..errors import RecipeError, shown
 from ..reduction import combine_lanes, exact_sum
 from .protocol import Driver, Span, Stat, TensorContext
 from .registry import Param, boolean, choice
@@ -444,7 +444,7 @@ def rescale_check(inverse: bool):
                               hint="use rescale: true (l1) or false")
         if isinstance(value, (bool, str)) and value in _RESCALE:
             return _RESCALE[value]
-        raise RecipeError(f"{name} must be one of {', '.join(options)}, got {value!r}",
+        raise RecipeError(f"{name} must be one of {', '.join(options)}, got {shown(value)}",
                           hint="true (= l1): scale kept deltas by sum|tau| / sum|kept tau|"
                                + ("; inverse: by 1/p" if inverse else "") + "; false: no rescale")
     check.options = options
