@@ -18,6 +18,10 @@ PIECE_BLOCKS = 16
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
+# Rows of an output vocabulary that name no token (id gaps, padding) may exceed the rows
+# that do by at most this many; more means a damaged tokenizer or an absurd padding multiple.
+VOCAB_SLACK = 1 << 16
+
 # The official library's header cap (decimal 100 MB, `N == MAX_HEADER_BYTES` allowed).
 MAX_HEADER_BYTES = 100_000_000
 

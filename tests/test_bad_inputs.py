@@ -60,6 +60,7 @@ from test_safetensors_format import BAD as HOSTILE
 BASE, FA, FB = LLAMA_F32 / "base", LLAMA_F32 / "ft-a", LLAMA_F32 / "ft-b"  # F32, single file
 SA, SB = LLAMA / "ft-a", LLAMA / "ft-b"  # BF16, two shards and an index
 INT = FIXTURES / "tiny-int"
+VOCAB = FIXTURES / "tiny-vocab"
 TIES = ["ties", BASE, FA, FB]
 INDEX, S1, S2 = "model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -414,6 +415,30 @@ def _parent_is_file(t, mp):
     return ["linear", FA, FB, "-o", t / "file" / "out"]
 
 
+def _chat_tokenizer(edit: Callable[[list], None], source: str | None = None) -> Callable:
+    """tiny-vocab's ft-chat copied to <tmp>/chat with `edit` applied to tokenizer.json's
+    added_tokens (and tokenizer_config.json's decoder made to agree); merged with the base,
+    `source` (default: the copy) the tokenizer source."""
+    def build(t, mp):
+        shutil.copytree(VOCAB / "ft-chat", t / "chat")
+        tj = t / "chat" / "tokenizer.json"
+        data = json.loads(tj.read_text())
+        edit(data["added_tokens"])
+        tj.write_text(json.dumps(data))
+        tc = t / "chat" / "tokenizer_config.json"
+        config = json.loads(tc.read_text())
+        config["added_tokens_decoder"] = {str(a["id"]): a for a in data["added_tokens"]}
+        tc.write_text(json.dumps(config))
+        return ["linear", VOCAB / "base", t / "chat", "--tokenizer-source", source or t / "chat"]
+    return build
+
+
+def _set_last_id(value: int) -> Callable[[list], None]:
+    def edit(added):
+        added[-1]["id"] = value
+    return edit
+
+
 def _f8(w: bytes) -> bytes:
     return mk({"w": ent("F8_E4M3", [4], (0, 4)), "w_scale_inv": ent("F32", [1], (4, 8))}, w + D4)
 
@@ -563,6 +588,17 @@ REFUSED = [
     Case("i5-zero-threads", cli(*TIES, "--threads", "0"), 2, ("--threads must be >= 1, got 0",), False),
 
     # issue 26: hostile recipes get a short, clean error at load time
+    Case("i26-added-token-id-1e20", _chat_tokenizer(_set_last_id(10**20)),
+         3, ("{tmp}/chat/tokenizer.json: token '<|im_end|>' has id 100,000,000,000,000,000,000, far beyond",),
+         "fetch it again"),
+    Case("i26-added-token-id-1e9", _chat_tokenizer(_set_last_id(10**9)),
+         3, ("token '<|im_end|>' has id 1,000,000,000, far beyond the other 81 tokens: the output vocabulary would "
+             "have 1,000,000,001 rows",)),
+    Case("i26-pad-to-multiple-huge", recipe(f"merge_method: linear\nmodels: [{{model: {VOCAB}/base}}, {{model: {VOCAB}/ft-chat}}]\n"
+                                            "tokenizer: {source: union, pad_to_multiple_of: 1000000000000}\n"),
+         2, ("tokenizer.pad_to_multiple_of 1,000,000,000,000 would pad 82 token rows to 1,000,000,000,000",), "64 or 128"),
+    Case("i26-added-token-at-two-ids", _chat_tokenizer(lambda added: added.append(dict(added[-1], id=79)), "union"),
+         3, ("{tmp}/chat/tokenizer.json: added token '<|im_end|>' is listed at two ids, 81 and 79",), "one entry per token"),
     Case("i26-yaml-deep-flow", recipe("merge_method: linear\nmodels: " + "[" * 50_000 + "]" * 50_000 + "\n"),
          2, ("recipe.yml is not valid YAML: line 2", "nesting deeper than 64 levels")),
     Case("i26-yaml-deep-block", recipe("".join("  " * i + f"k{i}:\n" for i in range(3_000))),

@@ -16,6 +16,7 @@ import math
 import numpy as np
 import pytest
 
+from npmerge.constants import VOCAB_SLACK
 from npmerge.errors import IncompatibleModels, InvalidCheckpoint, RecipeError
 from npmerge.io.safetensors import SafetensorsFile
 from npmerge.io.vocab import (COPY, MEAN, OWN, PAD, TOKENIZER_FILES, ZERO, AddedToken, PermutedRows, Tokenizer,
@@ -205,6 +206,43 @@ def test_pad_to_multiple_of_holes_and_errors():
     assert "base, union" not in e.value.hint and "m" in e.value.hint
     with pytest.raises(RecipeError, match="pad_to_multiple_of"):
         build_output_vocab("base", [("m", t)], 0, pad_to_multiple_of=0)
+
+
+def test_vocabulary_mostly_without_tokens_is_refused_before_any_table():
+    """Rows naming no token may exceed those that do by VOCAB_SLACK: the bound is accepted,
+    one more refused (an id far beyond the others, or a padding multiple)."""
+    def source_with_far_id(far: int):
+        return _mem(["a", "b"], rows=2), Tokenizer(None, {"a": 0, "b": 1, "far": far}, (), 2, "WordLevel", 3)
+
+    ok = 3 + VOCAB_SLACK + 2  # 3 tokens, ids 0, 1 and ok: 3 + VOCAB_SLACK holes
+    base, src = source_with_far_id(ok)
+    assert build_output_vocab("src", [("base", base), ("src", src)], 0).size == ok + 1
+    base, src = source_with_far_id(ok + 1)
+    with pytest.raises(InvalidCheckpoint, match=f"token 'far' has id {ok + 1:,}, far beyond the other 2 tokens"):
+        build_output_vocab("src", [("base", base), ("src", src)], 0)
+    base, src = source_with_far_id(10**20)
+    with pytest.raises(InvalidCheckpoint, match="would have 100,000,000,000,000,000,001 rows"):
+        build_output_vocab("src", [("base", base), ("src", src)], 0)
+    t = _mem(["a", "b", "c", "d"])
+    assert build_output_vocab("base", [("m", t)], 0, pad_to_multiple_of=2 * 4 + VOCAB_SLACK).size == 2 * 4 + VOCAB_SLACK
+    with pytest.raises(RecipeError, match=f"pad_to_multiple_of {2 * 4 + VOCAB_SLACK + 1:,} would pad 4 token rows"):
+        build_output_vocab("base", [("m", t)], 0, pad_to_multiple_of=2 * 4 + VOCAB_SLACK + 1)
+
+
+def test_added_token_at_two_ids_is_refused(tmp_path):
+    """Listed twice in tokenizer.json, or at one id there and another in tokenizer_config.json."""
+    tj = {"added_tokens": [{"id": 2, "content": "<end>", "special": True}, {"id": 1, "content": "<end>", "special": True}],
+          "model": {"type": "WordLevel", "vocab": {"a": 0}}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(InvalidCheckpoint, match="tokenizer.json: added token '<end>' is listed at two ids, 2 and 1"):
+        read_tokenizer(tmp_path)
+    tj["added_tokens"].pop()
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    assert read_tokenizer(tmp_path).vocab == {"a": 0, "<end>": 2}
+    tc = {"added_tokens_decoder": {"2": {"content": "<end>"}, "5": {"content": "<end>", "special": True}}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tc))
+    with pytest.raises(InvalidCheckpoint, match="tokenizer_config.json: added token '<end>' is listed at two ids, 2 and 5"):
+        read_tokenizer(tmp_path)
 
 
 def test_renamed_reserved_token_keeps_one_row():

@@ -45,8 +45,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..constants import BLOCK
-from ..errors import IncompatibleModels, InvalidCheckpoint, RecipeError
+from ..constants import BLOCK, VOCAB_SLACK
+from ..errors import IncompatibleModels, InvalidCheckpoint, RecipeError, shown
 from ..reduction import combine_lanes, exact_sum
 from .sources import TensorSource
 
@@ -169,6 +169,16 @@ def _added_from_json(entry, where: str, key_id=None) -> AddedToken:
     return AddedToken(tid, entry["content"], **flags)
 
 
+def _add_once(added: dict[int, AddedToken], ids: dict[str, int], a: AddedToken, where: str) -> None:
+    """Add `a` to `added` (by id) and `ids` (by content), refusing a token listed at two ids:
+    the tokenizers library encodes it as one of them, so a model sized for the other breaks."""
+    other = ids.setdefault(a.content, a.id)
+    if other != a.id:
+        raise InvalidCheckpoint(f"{where}: added token {shown(a.content)} is listed at two ids, {other} and {a.id}",
+                                hint="keep one entry per token (re-save the tokenizer with transformers)")
+    added[a.id] = a
+
+
 def read_tokenizer(model_dir, rows: int | None = None, *, fallback: Tokenizer | None = None) -> Tokenizer:
     """Read `model_dir`'s tokenizer.json (+ tokenizer_config.json's added_tokens_decoder).
 
@@ -215,7 +225,10 @@ def read_tokenizer(model_dir, rows: int | None = None, *, fallback: Tokenizer | 
     entries = data.get("added_tokens") or []
     if not isinstance(entries, list):
         raise InvalidCheckpoint(f"{where}: 'added_tokens' is not a list")
-    added = {a.id: a for a in (_added_from_json(e, where) for e in entries)}
+    added: dict[int, AddedToken] = {}
+    ids: dict[str, int] = {}
+    for a in (_added_from_json(e, where) for e in entries):
+        _add_once(added, ids, a, where)
     tc_path = root / "tokenizer_config.json"
     chat_template = None
     if tc_path.is_file():
@@ -236,7 +249,7 @@ def read_tokenizer(model_dir, rows: int | None = None, *, fallback: Tokenizer | 
                         f"and {a.content!r} in tokenizer_config.json",
                         hint="re-save the tokenizer with transformers so both files agree")
                 if known is None:  # transformers adds these on load
-                    added[a.id] = a
+                    _add_once(added, ids, a, f"{where} and {tc_path}")
     for a in added.values():
         vocab[a.content] = a.id
     if rows is None:
@@ -378,6 +391,7 @@ def build_output_vocab(source, tokenizers: Sequence[tuple[str, Tokenizer]], base
     size = n_tokens
     if pad_to_multiple_of and size % pad_to_multiple_of:
         size += pad_to_multiple_of - size % pad_to_multiple_of
+    _check_size(names, n_tokens, size, pad_to_multiple_of, toks[src])
     holes = n_tokens - len(names)
     if holes:
         notes.append(f"{holes} id(s) below {n_tokens} name no token of the output vocabulary: their rows are zero")
@@ -412,6 +426,21 @@ def build_output_vocab(source, tokenizers: Sequence[tuple[str, Tokenizer]], base
     vocab = OutputVocab(name, src, base, labels, tuple(t.rows for t in toks), tokens, names, added_out, n_tokens,
                         size, tuple(rows), fill, donor, strip_at, toks[src].assumed_from or toks[src].path, ())
     return replace(vocab, notes=tuple(notes + _summary(vocab, toks)))
+
+
+def _check_size(names: dict[int, str], n_tokens: int, size: int, pad: int | None, source: Tokenizer) -> None:
+    """Refuse, before any table of `size` entries exists, an output vocabulary that is
+    mostly rows without a token: an id far beyond the others (10**9 would be an 8 GB row
+    map per model, and an output that large) or a padding multiple larger than the vocabulary."""
+    if n_tokens - len(names) > len(names) + VOCAB_SLACK:
+        far = max(names)
+        raise InvalidCheckpoint(
+            f"{source.label}/tokenizer.json: token {shown(names[far])} has id {far:,}, far beyond the other {len(names) - 1:,} "
+            f"tokens: the output vocabulary would have {n_tokens:,} rows",
+            hint="the tokenizer file is damaged, or not this model's; fetch it again or choose another tokenizer source")
+    if size - n_tokens > n_tokens + VOCAB_SLACK:
+        raise RecipeError(f"tokenizer.pad_to_multiple_of {pad:,} would pad {n_tokens:,} token rows to {size:,}",
+                          hint="padding is for hardware alignment: a multiple such as 64 or 128")
 
 
 def _union(tokens: dict, added: dict, toks: Sequence[Tokenizer], base: int, notes: list) -> None:
