@@ -135,6 +135,7 @@ class Plan:
         out = {
             "npmerge_version": __version__,
             "recipe_sha256": hashlib.sha256(self.recipe.to_yaml().encode()).hexdigest(),
+            "recipe": self.recipe.to_data(),
             "inputs": [e for model in self.inputs for e in fingerprints(model)],
         }
         if self.vocab is not None:  # the row maps (built from tokenizer files the inputs above do not cover)

@@ -408,6 +408,13 @@ class Recipe:
         with every method default the recipe leaves open written at the top level."""
         import yaml
 
+        header = f"# npmerge {__version__} recipe; re-run with: npmerge run THIS_FILE -o OUT\n"
+        return header + yaml.dump(self.to_data(), Dumper=dumper(), sort_keys=False, default_flow_style=False,
+                                  allow_unicode=True)
+
+    def to_data(self) -> dict[str, Any]:
+        """The recipe `to_yaml` writes, as plain data (also kept in plan.json, so a refused
+        --resume can name what changed)."""
         method = registry.get(self.method)
         data: dict[str, Any] = {"merge_method": method.name}
         if self.base_model:
@@ -434,9 +441,7 @@ class Recipe:
             data["tokenizer_source"] = self.tokenizer_source
         if self.allow_nonfinite:
             data["npmerge"] = {"allow_nonfinite": True}
-        header = f"# npmerge {__version__} recipe; re-run with: npmerge run THIS_FILE -o OUT\n"
-        return header + yaml.dump(data, Dumper=dumper(), sort_keys=False, default_flow_style=False,
-                                  allow_unicode=True)
+        return data
 
 
 # ------------------------------------------------------------------ YAML parsing

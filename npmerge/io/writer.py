@@ -253,7 +253,8 @@ class OutputWriter:
         self.out_dir = st.resolve_out(out_dir)
         self.layout, self.force, self.check_space, self.resume = layout, force, check_space, resume
         self.inputs = [os.fspath(p) for p in inputs]
-        self.fingerprint = {**(fingerprint or {}), "layout_sha256": layout_digest(layout)}
+        self.fingerprint = {**(fingerprint or {}), "layout_sha256": layout_digest(layout),
+                            "layout": {"shards": len(layout.shards), "dtypes": {t.name: t.dtype for t in layout.tensors}}}
         self._stage = Staging(self.out_dir)
         self._old = self.out_dir.parent / f".{self.out_dir.name}.npmerge-old"
         self._sizes = {n: None for s in layout.shards for n in s.tensors}  # None: unknown (hand-built layout)
