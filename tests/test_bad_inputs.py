@@ -14,7 +14,9 @@ Cases whose right behaviour is acceptance (ACCEPTED) check success, the note in
 merge_report.json, and the same cleanliness.
 
 Every id starts with the §5 case number (`s27-...` is case 27); `i5-...` are the cases
-issue 5 adds (unknown method, recipe YAML errors, budget). Where each §5 case is tested:
+issue 5 adds (unknown method, recipe YAML errors, budget), `i26-...` issue 26's (hostile
+recipe YAML, tokenizer ids and padding, fan_in_fan_out; the --resume detail is in
+test_safety.py, the fuzzing in test_fuzz_inputs.py). Where each §5 case is tested:
 
   §1-20  header validation: test_hostile_header_through_cli runs every file of the hostile
          corpus of test_safetensors_format.py through the CLI, tagged with its § number by
@@ -61,6 +63,7 @@ BASE, FA, FB = LLAMA_F32 / "base", LLAMA_F32 / "ft-a", LLAMA_F32 / "ft-b"  # F32
 SA, SB = LLAMA / "ft-a", LLAMA / "ft-b"  # BF16, two shards and an index
 INT = FIXTURES / "tiny-int"
 VOCAB = FIXTURES / "tiny-vocab"
+LORA_QV = FIXTURES / "tiny-lora" / "tiny-llama" / "qv-f32"
 TIES = ["ties", BASE, FA, FB]
 INDEX, S1, S2 = "model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -806,6 +809,14 @@ def _same_as_spelled_out(t, out):
     (t / "plain.yml").unlink()
 
 
+def _linear_adapter_with_fan_in_fan_out(t):
+    """A Llama adapter saved with fan_in_fan_out: true (PEFT ignores it for nn.Linear)."""
+    shutil.copytree(LORA_QV, t / "adapter")
+    cfg = json.loads((t / "adapter" / "adapter_config.json").read_text())
+    (t / "adapter" / "adapter_config.json").write_text(json.dumps(dict(cfg, fan_in_fan_out=True)))
+    return ["task-arithmetic", LLAMA_F32 / "base", t / "adapter", "-w", "1"]
+
+
 ACCEPTED = [
     Accepted("s22-hf-cache-symlinks", _hf_cache, None),
     Accepted("s30-mixed-dtypes", _f16_copy, "have different dtypes across models; all are decoded to float32"),
@@ -819,6 +830,10 @@ ACCEPTED = [
              f"parameters of the base model '{BASE}' are ignored (weight): the base contributes no task vector"),
     Accepted("s36-force", _force, None, _old_output_replaced),
     Accepted("i26-yaml-merge-keys", _merge_keys, None, _same_as_spelled_out),
+    Accepted("i26-fan-in-fan-out-on-linear", _linear_adapter_with_fan_in_fan_out,
+             "adapter_config.json says fan_in_fan_out: true, but model.layers.0.self_attn.q_proj, "
+             "model.layers.0.self_attn.v_proj, model.layers.1.self_attn.q_proj, model.layers.1.self_attn.v_proj "
+             "are nn.Linear layers: applied as B @ A, as PEFT does"),
     Accepted("s29-tied-lm-head", _tied_lm_head, "'lm_head.weight' is merged, with the embeddings "
              "'model.embed_tokens.weight' as the head of tied, dead; config.json gets "
              "tie_word_embeddings: false", _tied_heads_merged),
