@@ -38,8 +38,9 @@ from .io.checkpoint import Checkpoint, TensorRef
 from .io.layout import LayoutPlan, ModelLayout, config_changes, embedding_name, is_vocab_tensor, plan_layout
 from .io.models import fingerprints, open_model, source
 from .io.sources import TensorSource
-from .io.vocab import OutputVocab, VocabRowsSource, build_output_vocab, compare_vocabs, read_tokenizer, \
-    write_tokenizer_files
+from .io.tokenizer import read_tokenizer, write_tokenizer_files
+from .io.vocab import OutputVocab, build_output_vocab, compare_vocabs
+from .io.vocab_rows import VocabRowsSource
 from .io.writer import OutputCheck, OutputTensor, ShardLayout, plan_shards
 from .methods import registry
 from .methods.registry import Method

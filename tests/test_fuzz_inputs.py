@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from helpers import FIXTURES, LLAMA_F32
 from npmerge.errors import NpmergeError
-from npmerge.io.vocab import build_output_vocab, read_tokenizer
+from npmerge.io.tokenizer import read_tokenizer
+from npmerge.io.vocab import build_output_vocab
 from safety_helpers import run
 
 MODELS = [str(LLAMA_F32 / m) for m in ("base", "ft-a", "ft-b")]

@@ -8,8 +8,6 @@ The model is built in a staging sibling `.<out>.npmerge-partial/` (io/staging.py
 renamed into place in one step, so a half-written model never looks complete
 (docs/format-and-safety.md §3). Each shard is final (fsynced, renamed, sha256 recorded in the
 staging manifest) as soon as it is done: an interrupted run keeps those for `--resume`.
-
-`NPMERGE_TEST_SLOW=<seconds>` (tests only) sleeps before every data write.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ import json
 import os
 import shutil
 import threading
-import time
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -40,7 +37,6 @@ from .staging import SPACE_MARGIN, Staging, writing
 
 _MAX_SHARDS = 99_999  # the 5-digit shard name pattern
 # Test hook: seconds to sleep before each data write, so tests can interrupt a real merge mid-way.
-_SLOW_ENV = "NPMERGE_TEST_SLOW"
 
 
 @dataclass(frozen=True)
@@ -268,7 +264,6 @@ class OutputWriter:
         self._resumed: set[int] = set()
         self._state = "new"  # new -> open -> committed | aborted
         self._shards_done = False
-        self._slow = float(os.environ.get(_SLOW_ENV) or 0)
         self.kept: str | None = None  # set by an abort that kept finished shards for --resume
 
     @property
@@ -397,8 +392,6 @@ class OutputWriter:
         if self._state != "open" or self._shards_done:
             raise RuntimeError(f"OutputWriter.write() on a writer that is {self._state}"
                                + (" (after finish_shards)" if self._shards_done else ""))
-        if self._slow:
-            time.sleep(self._slow)
         index, offset = self.layout.location(name)
         if index in self._done:
             raise RuntimeError(f"OutputWriter.write() to tensor {name!r} of shard {index}, which is finished")

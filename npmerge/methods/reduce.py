@@ -179,7 +179,7 @@ class BlendDriver(Driver):
 
     def end_pass(self, pass_name: str) -> None:
         if pass_name == "reduce":
-            self.vector_sums = self.sums.result()  # float64[npairs, nvec] (kept for tests)
+            self.vector_sums = self.sums.result()  # float64[npairs, nvec]: the norms and dot products reduced
             with np.errstate(all="ignore"):  # IEEE results are the defined results
                 ca, cb = self.coefficients(self.vector_sums)
             self.ca = np.ascontiguousarray(ca, np.float32).reshape(-1)
