@@ -3,7 +3,7 @@
 Thin on purpose: no business logic here. Results go to stdout (`info`, the `--dry-run`
 plan, the final summary, `--json`), progress and diagnostics (notes, `Error:`/`Hint:`)
 to stderr. Errors, usage errors included, print `Error:` and `Hint:` lines and exit with
-the error's code (FORMAT-AND-SAFETY.md §5); Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129,
+the error's code (docs/format-and-safety.md §4); Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129,
 never leaving an output directory (finished shards stay in staging for --resume).
 NPMERGE_DEBUG=1 shows tracebacks. Models are named by path or Hub id (io/hub.py).
 """
@@ -408,8 +408,16 @@ def _guard(body, json_out: bool) -> None:
             signal.signal(sig, handler)
 
 
+MESSAGE_LINE = 1000  # characters of an error or hint line shown (a value quoted in it may be huge)
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= MESSAGE_LINE else f"{line[:MESSAGE_LINE]}... ({len(line) - MESSAGE_LINE:,} more characters)"
+
+
 def _fail(code: int, kind: str, message: str, hints: list, json_out: bool):
-    hints = [h for h in hints if h]
+    hints = [_cut(str(h)) for h in hints if h]
+    message = "\n".join(_cut(line) for line in str(message).split("\n"))
     if json_out:
         typer.echo(json.dumps({"error": {"code": kind, "exit_code": code, "message": message,
                                          "hint": "; ".join(hints) or None}}))

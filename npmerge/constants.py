@@ -1,6 +1,6 @@
 """Every tuning constant of npmerge, in one place.
 
-BLOCK is part of the output contract (SEMANTICS-2 A): float reductions (norms, dot
+BLOCK is part of the output contract (docs/semantics.md §A): float reductions (norms, dot
 products) are accumulated per BLOCK elements and combined exactly, and spans are always
 whole multiples of BLOCK, so results never depend on span size or thread count.
 """
@@ -13,6 +13,14 @@ BLOCK = 1 << 14
 # enough that calling a kernel from Python costs ~1% of the piece (256 Ki elements), small
 # enough that two threads share a span evenly.
 PIECE_BLOCKS = 16
+
+# A model's weights: one file, or an index naming the shards (Hugging Face's names).
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+# Rows of an output vocabulary that name no token (id gaps, padding) may exceed the rows
+# that do by at most this many; more means a damaged tokenizer or an absurd padding multiple.
+VOCAB_SLACK = 1 << 16
 
 # The official library's header cap (decimal 100 MB, `N == MAX_HEADER_BYTES` allowed).
 MAX_HEADER_BYTES = 100_000_000

@@ -20,6 +20,7 @@ from .constants import BLOCK, READAHEAD_BYTES
 from .dtypes import DECODABLE, ITEMSIZE, SPAN_DELTA, span_luts, unaligned_ok
 from .errors import IncompatibleModels
 from .io.sources import TensorSource
+from .reduction import exact_sum
 from .methods.protocol import Span, TensorContext
 from . import precompile, workers
 from .workers import Workers
@@ -278,7 +279,7 @@ class Engine:
         self.progress(job.read_bytes * max(job.passes - done, 0), job.name)  # passes the driver skipped
         stats = driver.stats()
         for i, m in enumerate(stats["models"]):
-            m["l2"] = math.sqrt(math.fsum(sums[i].tolist()))  # exact sum of a fixed block grid
+            m["l2"] = math.sqrt(exact_sum(sums[i]))  # exact sum of a fixed block grid
         stats["numel"] = n
         stats["passes"] = done
         if nonfinite.any():  # only with --allow-nonfinite (else refused above): the report notes it

@@ -1,12 +1,25 @@
 """The errors npmerge raises on bad input: one message that names the file, tensor
 and model concerned, an optional hint saying what to do, and a process exit code.
 
-Exit codes follow FORMAT-AND-SAFETY.md §5 so that scripts can tell a typo in a
+Exit codes follow docs/format-and-safety.md §4 so that scripts can tell a typo in a
 recipe (2) from a corrupt download (3), incompatible models (4) or a full disk (5).
 Anything else escaping the CLI is a bug in npmerge (1).
 """
 
 from __future__ import annotations
+
+import reprlib
+
+SHOWN = 80  # characters of a user's value quoted in a message
+
+
+def shown(value) -> str:
+    """repr(value) cut to SHOWN characters: a message quotes what was given, never
+    megabytes of it (a recipe value may be a huge list or an expanded alias)."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 6, 6, SHOWN, SHOWN
+    text = r.repr(value)
+    return text if len(text) <= SHOWN else text[:SHOWN - 3] + "..."
 
 
 class NpmergeError(Exception):

@@ -1,5 +1,5 @@
 """Layers: which tensors belong to an architecture's layer stack, and the output tensors
-a recipe's slices make of them (SEMANTICS-2 D "Slices").
+a recipe's slices make of them (docs/recipes.md "Slices").
 
 The layer stack is found from tensor names alone, so any architecture works:
 
@@ -85,7 +85,7 @@ def is_pre(name: str) -> bool:
 
 
 def layer_t(j: int, length: int) -> float:
-    """Gradient position of offset j in a slice of `length` layers (SEMANTICS-2 D)."""
+    """Gradient position of offset j in a slice of `length` layers (docs/recipes.md)."""
     return 1.0 if length == 1 else j / (length - 1)
 
 

@@ -6,7 +6,7 @@ small for one span. The plan fixes every tensor's inputs, parameters, output
 dtype and shard position, and the span size that keeps working memory within
 --max-memory.
 
-Parameters are resolved per tensor (SEMANTICS-2 D): each job carries its own values,
+Parameters are resolved per tensor (docs/recipes.md): each job carries its own values,
 found by the precedence model -> slice -> top level -> method default (global
 parameters from the slice and the top level only), filters matched against the
 model's input tensor name for per-model parameters and the output name for global
@@ -38,8 +38,9 @@ from .io.checkpoint import Checkpoint, TensorRef
 from .io.layout import LayoutPlan, ModelLayout, config_changes, embedding_name, is_vocab_tensor, plan_layout
 from .io.models import fingerprints, open_model, source
 from .io.sources import TensorSource
-from .io.vocab import OutputVocab, VocabRowsSource, build_output_vocab, compare_vocabs, read_tokenizer, \
-    write_tokenizer_files
+from .io.tokenizer import read_tokenizer, write_tokenizer_files
+from .io.vocab import OutputVocab, build_output_vocab, compare_vocabs
+from .io.vocab_rows import VocabRowsSource
 from .io.writer import OutputCheck, OutputTensor, ShardLayout, plan_shards
 from .methods import registry
 from .methods.registry import Method
@@ -67,7 +68,7 @@ class TensorJob:
     passes: int  # most passes over the inputs the driver may take (progress accounting)
     span: int  # elements per span, a multiple of BLOCK
     input_round: str | None = None  # a recipe's `dtype:` (inputs rounded to it first)
-    stream_index: tuple[int, ...] = ()  # per model: its random stream (SEMANTICS-2 A)
+    stream_index: tuple[int, ...] = ()  # per model: its random stream (docs/semantics.md §A)
     layer: int | None = None  # output layer index; None outside the layer stack
     members: tuple[int, ...] = ()  # per model: its index in Plan.models (empty: 0, 1, ... in order)
     driver_cache: bool = False  # the budget has room for the driver's optional cache
@@ -79,6 +80,11 @@ class TensorJob:
     @property
     def read_bytes(self) -> int:
         return sum(s.nbytes for s in self.sources)
+
+    @property
+    def member_indices(self) -> tuple[int, ...]:
+        """Per model of this tensor: its index in Plan.models."""
+        return self.members or tuple(range(len(self.models)))
 
 
 @dataclass
@@ -130,6 +136,7 @@ class Plan:
         out = {
             "npmerge_version": __version__,
             "recipe_sha256": hashlib.sha256(self.recipe.to_yaml().encode()).hexdigest(),
+            "recipe": self.recipe.to_data(),
             "inputs": [e for model in self.inputs for e in fingerprints(model)],
         }
         if self.vocab is not None:  # the row maps (built from tokenizer files the inputs above do not cover)
@@ -339,7 +346,7 @@ def _jobs(recipe: Recipe, method: Method, base: Checkpoint | None, models: list[
     if mixed:
         notes.append(f"{len(mixed)} tensor(s) have different dtypes across models; all are decoded to float32")
     for i, m in enumerate(models):
-        weights = [p["weight"] for j in jobs for k, p in zip(_members(j), j.model_params) if k == i and "weight" in p]
+        weights = [p["weight"] for j in jobs for k, p in zip(j.member_indices, j.model_params) if k == i and "weight" in p]
         if any(w < 0 for w in weights):
             notes.append(f"model {i + 1} has a negative weight ({min(weights)}): its "
                          + ("task vector is subtracted" if base else "weights are subtracted"))
@@ -355,10 +362,6 @@ def _read(src: _Source, slot: int, name: str, feeding, inputs, vocab: OutputVoca
     if vocab is None or vocab.identity(slot):
         return source(src.ckpt, name)
     return VocabRowsSource(vocab, slot, [source(c, n) for (_, c), n in zip(inputs, feeding.inputs)], src.ckpt.label)
-
-
-def _members(job: TensorJob) -> tuple[int, ...]:
-    return job.members or tuple(range(len(job.models)))
 
 
 def _unchanged(src: TensorSource, out_dtype: str, rounding: str | None) -> bool:

@@ -16,10 +16,6 @@ from .layers import is_pre
 _ABSENT = object()
 
 
-def _members(job) -> tuple[int, ...]:
-    return job.members or tuple(range(len(job.models)))
-
-
 def _with_params(jobs):
     """Jobs that carry method parameters (not integer copies)."""
     return [j for j in jobs if j.model_params or j.params]
@@ -40,7 +36,7 @@ def headline(jobs, n_models: int) -> tuple[dict, list[dict]]:
     g = pick((j.params, j.numel) for j in jobs)
     per_model = []
     for i in range(n_models):
-        rows = [(p, j.numel) for j in jobs for k, p in zip(_members(j), j.model_params) if k == i]
+        rows = [(p, j.numel) for j in jobs for k, p in zip(j.member_indices, j.model_params) if k == i]
         keys = list(dict.fromkeys(k for p, _ in rows for k in p))
         filled = [({k: p.get(k, _ABSENT) for k in keys}, n) for p, n in rows]
         per_model.append({k: v for k, v in pick(filled).items() if v is not _ABSENT})
@@ -54,7 +50,7 @@ def deviations(plan) -> dict:
     for job in _with_params(plan.jobs):
         g = {k: v for k, v in job.params.items() if plan.global_params.get(k, _ABSENT) != v}
         m = {}
-        for i, p in zip(_members(job), job.model_params):
+        for i, p in zip(job.member_indices, job.model_params):
             head = plan.model_params[i]
             diff = {k: v for k, v in p.items() if head.get(k, _ABSENT) != v}
             diff.update({k: None for k in head if k not in p})
@@ -71,7 +67,7 @@ def _columns(plan) -> list[tuple[int | None, str]]:
     for job in _with_params(plan.jobs):
         for k, v in job.params.items():
             seen.setdefault((None, k), set()).add(v)
-        for i, p in zip(_members(job), job.model_params):
+        for i, p in zip(job.member_indices, job.model_params):
             for k in dict.fromkeys([*p, *plan.model_params[i]]):
                 seen.setdefault((i, k), set()).add(p.get(k, _ABSENT))
     return [c for c, vals in seen.items() if len(vals) > 1]
@@ -116,7 +112,7 @@ def layer_table(plan) -> list[dict]:
                     if key in job.params:
                         vals.add(job.params[key])
                 else:
-                    vals |= {p.get(key, _ABSENT) for k, p in zip(_members(job), job.model_params) if k == i}
+                    vals |= {p.get(key, _ABSENT) for k, p in zip(job.member_indices, job.model_params) if k == i}
             cells[column_label(plan, col)] = _fmt(vals) if vals else ""
         layer = group[0].layer
         last = rows[-1] if rows else None

@@ -1,5 +1,5 @@
 """The frozen Recipe: what to merge and how, from CLI flags or mergekit-style YAML
-(SEMANTICS-2 D).
+(docs/recipes.md).
 
 A recipe never touches tensors. Everything that can be checked without opening a
 model is checked here: keys (misspelled ones get a "did you mean"), the shape and type
@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .dtypes import ALIASES, TORCH_NAMES, parse_user_dtype
-from .errors import RecipeError
+from .errors import RecipeError, shown
 from .methods import registry
 from .recipe_yaml import decode_recipe, dumper, load_yaml, plain, with_params
 from .values import check_level, filters, is_varying, other_methods, suggest
@@ -360,7 +360,7 @@ class Recipe:
             raise err("missing 'merge_method'", hint="e.g. merge_method: ties")
         method = data["merge_method"]
         if not isinstance(method, str):
-            raise err(f"merge_method must be a string, got {method!r}")
+            raise err(f"merge_method must be a string, got {shown(method)}")
         notes: list[str] = []
         base = _ref(data.get("base_model"), "base_model", err) if data.get("base_model") is not None else None
         entries = ()
@@ -384,7 +384,7 @@ class Recipe:
                              + (f"{TORCH_NAMES[dtype]} (from dtype)" if dtype else "each tensor's stored dtype "
                                 "in the base (first model without a base)"))
             elif not isinstance(data["out_dtype"], str):
-                raise err(f"out_dtype must be a dtype name, got {data['out_dtype']!r}",
+                raise err(f"out_dtype must be a dtype name, got {shown(data['out_dtype'])}",
                           hint="bfloat16, float16, float32 or float64")
             else:
                 out_dtype = parse_user_dtype(data["out_dtype"])
@@ -397,7 +397,7 @@ class Recipe:
         _keys(options, NPMERGE_KEYS, "npmerge.", err)
         allow = options.get("allow_nonfinite", False)
         if not isinstance(allow, bool):
-            raise err(f"npmerge.allow_nonfinite must be true or false, got {allow!r}")
+            raise err(f"npmerge.allow_nonfinite must be true or false, got {shown(allow)}")
         return cls(method=method, entries=entries, base_model=base, params=params, slices=slices, dtype=dtype,
                    out_dtype=out_dtype, tokenizer_source=tokenizer_source, pad_to_multiple_of=pad_to,
                    allow_nonfinite=allow,
@@ -408,6 +408,13 @@ class Recipe:
         with every method default the recipe leaves open written at the top level."""
         import yaml
 
+        header = f"# npmerge {__version__} recipe; re-run with: npmerge run THIS_FILE -o OUT\n"
+        return header + yaml.dump(self.to_data(), Dumper=dumper(), sort_keys=False, default_flow_style=False,
+                                  allow_unicode=True)
+
+    def to_data(self) -> dict[str, Any]:
+        """The recipe `to_yaml` writes, as plain data (also kept in plan.json, so a refused
+        --resume can name what changed)."""
         method = registry.get(self.method)
         data: dict[str, Any] = {"merge_method": method.name}
         if self.base_model:
@@ -434,9 +441,7 @@ class Recipe:
             data["tokenizer_source"] = self.tokenizer_source
         if self.allow_nonfinite:
             data["npmerge"] = {"allow_nonfinite": True}
-        header = f"# npmerge {__version__} recipe; re-run with: npmerge run THIS_FILE -o OUT\n"
-        return header + yaml.dump(data, Dumper=dumper(), sort_keys=False, default_flow_style=False,
-                                  allow_unicode=True)
+        return data
 
 
 # ------------------------------------------------------------------ YAML parsing
@@ -453,7 +458,7 @@ def _keys(data: dict, known, where: str, error: Callable, refused: dict | None =
 
 def _ref(value: Any, what: str, error: Callable) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise error(f"{what} must be a path string, got {value!r}",
+        raise error(f"{what} must be a path string, got {shown(value)}",
                     hint="a model directory, .safetensors file or Hub id")
     return value
 
@@ -462,7 +467,7 @@ def _params(value: Any, what: str, error: Callable) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise error(f"'{what}' must be a mapping, got {value!r}", hint="e.g. parameters: {weight: 0.5}")
+        raise error(f"'{what}' must be a mapping, got {shown(value)}", hint="e.g. parameters: {weight: 0.5}")
     return dict(value)
 
 
@@ -500,7 +505,7 @@ def _slice(data: Any, k: int, base: str | None, error: Callable) -> Slice:
         rng = src.get("layer_range")
         if (not isinstance(rng, list) or len(rng) != 2 or not all(type(x) is int for x in rng)
                 or not 0 <= rng[0] < rng[1]):
-            raise error(f"{where}.layer_range must be [first, end] with 0 <= first < end (end excluded), got {rng!r}",
+            raise error(f"{where}.layer_range must be [first, end] with 0 <= first < end (end excluded), got {shown(rng)}",
                         hint="e.g. layer_range: [0, 16] takes layers 0..15")
         sources.append(SliceSource(_ref(src["model"], f"{where}.model", error), (rng[0], rng[1]),
                                    _params(src.get("parameters"), f"{where}.parameters", error)))
@@ -523,7 +528,7 @@ def _tokenizer(data: dict, error: Callable, notes: list) -> tuple[str | None, in
                     hint="remove it: tokens a model lacks take mergekit's default rows (README 'Vocabularies')")
     pad = tok.get("pad_to_multiple_of")
     if pad is not None and (type(pad) is not int or pad < 1):
-        raise error(f"tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}", hint="e.g. 64")
+        raise error(f"tokenizer.pad_to_multiple_of must be a positive integer, got {shown(pad)}", hint="e.g. 64")
     if tok.get("source") is None:
         notes.append("tokenizer: without 'source' means source: union (mergekit's default)")
         return "union", pad

@@ -3,8 +3,11 @@ written, and writing the re-runnable recipe.
 
 PyYAML implements YAML 1.1, where `5e-1` or `1e3` are strings; recipes mean numbers
 (mergekit parses them with pydantic), so they are read as floats here. A key given
-twice in one mapping, which PyYAML silently resolves to the last, is an error. Syntax
-errors name the line and column. PyYAML is imported on first use only.
+twice in one mapping, which PyYAML silently resolves to the last, is an error; merge
+keys (`<<: *defaults`) work as in mergekit's `yaml.safe_load`. Syntax errors name the
+line and column. A recipe is small: nesting deeper than MAX_DEPTH levels, or aliases
+that expand the document beyond MAX_NODES values (a "billion laughs"), are refused
+before anything is built from it. PyYAML is imported on first use only.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import codecs
 import re
 from typing import Any
 
-from .errors import RecipeError
+from .errors import RecipeError, shown
+
+MAX_DEPTH = 64  # nesting levels of a recipe (a real one has under 10)
+MAX_NODES = 100_000  # values of a recipe with every alias expanded (a real one has under 1,000)
 
 
 def decode_recipe(data: bytes, source: str) -> str:
@@ -46,11 +52,32 @@ def _yaml_loader():
 
     class Loader(yaml.SafeLoader):
         """PyYAML's safe loader, plus: numbers such as 5e-1 or 1e3 are floats (YAML 1.2;
-        YAML 1.1 reads them as strings), and a key given twice in a mapping is an error."""
+        YAML 1.1 reads them as strings), a key given twice in a mapping is an error, and
+        the document's depth and expanded size are bounded (the module docstring)."""
+
+        depth = 0
+
+        def compose_node(self, parent, index):
+            self.depth += 1
+            try:
+                if self.depth > MAX_DEPTH:
+                    raise yaml.composer.ComposerError(None, None, f"nesting deeper than {MAX_DEPTH} levels",
+                                                      self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+        def get_single_node(self):
+            node = super().get_single_node()
+            if node is not None:
+                _check_size(node, yaml)
+            return node
 
         def construct_mapping(self, node, deep=False):
             seen: dict = {}
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged below, overridable
+                    continue
                 key = self.construct_object(key_node, deep=deep)
                 try:
                     first = seen.setdefault(key, key_node.start_mark.line)
@@ -58,7 +85,8 @@ def _yaml_loader():
                     continue
                 if first != key_node.start_mark.line:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice (first on line {first + 1})", key_node.start_mark)
+                        None, None, f"key {shown(key)} is given twice (first on line {first + 1})",
+                        key_node.start_mark)
             return super().construct_mapping(node, deep)
 
     Loader.add_implicit_resolver(
@@ -66,6 +94,30 @@ def _yaml_loader():
         re.compile(r"^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+|[-+]?\.[0-9][0-9_]*[eE][-+]?[0-9]+)$"),
         list("-+0123456789."))
     return Loader
+
+
+def _check_size(root, yaml) -> None:
+    """Refuse a document whose values, every alias expanded, exceed MAX_NODES (aliases
+    share nodes, so each distinct node is sized once)."""
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        sizes[id(node)] = 1  # a node within itself (a recursive alias) counts once
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(n) for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            total = 1
+        sizes[id(node)] = total = min(total, MAX_NODES + 1)
+        return total
+
+    if size(root) > MAX_NODES:
+        raise yaml.composer.ComposerError(None, None, f"aliases expand it to more than {MAX_NODES:,} values",
+                                          root.start_mark)
 
 
 def load_yaml(text: str, source: str):
@@ -81,9 +133,11 @@ def load_yaml(text: str, source: str):
         lines = text.splitlines()
         line = lines[mark.line] if mark.line < len(lines) else ""
         raise RecipeError(f"{source} is not valid YAML: line {mark.line + 1}, column {mark.column + 1}: {problem}",
-                          hint=f"line {mark.line + 1}: {line.strip()!r}" if line.strip() else None) from None
+                          hint=f"line {mark.line + 1}: {shown(line.strip())}" if line.strip() else None) from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{source} is not valid YAML: {exc}") from None
+    except RecursionError:  # a structure PyYAML's recursive parts cannot take; the depth check is first
+        raise RecipeError(f"{source} is not a recipe: nested too deeply") from None
 
 
 def plain(setting: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Parameter values of a recipe (SEMANTICS-2 D): scalars, gradients and filter lists,
+"""Parameter values of a recipe (docs/recipes.md): scalars, gradients and filter lists,
 checked when the recipe is read and evaluated per tensor when the merge is planned.
 
 A *setting* is what a recipe writes for one parameter at one level:
@@ -19,7 +19,7 @@ import difflib
 import math
 from typing import Any, Callable, Iterator
 
-from .errors import RecipeError
+from .errors import RecipeError, shown
 from .methods import registry
 
 NO_MATCH = object()  # a filter list with no matching entry: ask the next level
@@ -73,7 +73,7 @@ def parse_setting(value: Any, where: str, check: Callable[[str, Any], Any] | Non
                                   hint="a filter entry is {filter: <part of a tensor name>, value: <number or list>}")
             flt = entry.get("filter")
             if flt is not None and (not isinstance(flt, str) or not flt):
-                raise RecipeError(f"{at}: filter must be a non-empty string (part of a tensor name), got {flt!r}")
+                raise RecipeError(f"{at}: filter must be a non-empty string (part of a tensor name), got {shown(flt)}")
             inner = entry["value"]
             if isinstance(inner, dict) or is_entries(inner):
                 raise RecipeError(f"{at}: filter entries cannot be nested",
@@ -84,14 +84,14 @@ def parse_setting(value: Any, where: str, check: Callable[[str, Any], Any] | Non
         if not value:
             raise RecipeError(f"{where}: an empty list", hint="give a number, or a list of numbers (a gradient)")
         if not (all(_is_number(a) for a in value) or all(_is_bool(a) for a in value)):
-            raise RecipeError(f"{where}: a gradient must be a list of numbers (or of booleans), got {value!r}",
+            raise RecipeError(f"{where}: a gradient must be a list of numbers (or of booleans), got {shown(value)}",
                               hint="e.g. [0.2, 0.5, 0.8]: interpolated from the first to the last layer of a slice")
         return [_checked(check, f"{where} (gradient value {i + 1})" if len(value) > 1 else where, a)
                 for i, a in enumerate(value)]
     if value is None:
         raise RecipeError(f"{where} has no value", hint="give a number, a list of numbers, or filter entries")
     if not _is_scalar(value):
-        raise RecipeError(f"{where} must be a number, a list or filter entries, got {value!r}")
+        raise RecipeError(f"{where} must be a number, a list or filter entries, got {shown(value)}")
     return _checked(check, where, value)
 
 

@@ -1,5 +1,5 @@
 """An independent reference for whole recipes: what `npmerge run` must write, computed
-tensor by tensor with tests/reference.py (SEMANTICS-2 D recipe values + the method
+tensor by tensor with tests/reference.py (docs/recipes.md recipe values + the method
 functions) from plain PyYAML data and the official safetensors reader.
 
 It shares no code with npmerge. It knows Llama-style names (`model.layers.<j>.`), which
@@ -25,7 +25,7 @@ import reference as ref
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 EXPONENT = re.compile(r"^[-+]?\d+(\.\d*)?[eE][-+]?\d+$")  # YAML 1.1 leaves these strings
 
-# (has a base, per-model defaults, global defaults), SEMANTICS.md / SEMANTICS-2.md
+# (has a base, per-model defaults, global defaults), docs/semantics.md / docs/recipes.md
 METHODS = {
     "ties": (True, {"weight": 1.0, "density": 1.0}, {"lambda": 1.0, "normalize": True, "consensus": "sum"}),
     "task_arithmetic": (True, {"weight": 1.0}, {"lambda": 1.0, "normalize": False}),

@@ -1,6 +1,6 @@
 """Plain-NumPy reference implementation of npmerge's merge math.
 
-This module is the executable form of /work/shared/SEMANTICS.md. It is written for
+This module is the executable form of docs/semantics.md. It is written for
 clarity, not speed: whole tensors, ``np.sort`` and Python integers. It deliberately
 imports nothing from ``npmerge`` and does not use Numba, so that the production kernels
 can be checked against an independent implementation. The kernels and the end-to-end
@@ -59,15 +59,15 @@ Signs
     and NaN never agree with an elected sign.
 
 Non-finite values
-    SEMANTICS makes them an error unless the user opts in, and does not define TIES
+    docs/semantics.md makes them an error unless the user opts in, and does not define TIES
     trimming over NaN magnitudes; :func:`trim_mask` raises ``ValueError`` on NaN when it
     has to rank magnitudes (density < 1). Everything else just follows IEEE float32
     (floating-point warnings are silenced: the IEEE result is the defined result).
 
-SEMANTICS-2.md (the second half of this module)
+docs/semantics.md §A-§C (the second half of this module)
 -----------------------------------------------
 
-Everything above stands; the second half adds the methods and rules of SEMANTICS-2.md
+Everything above stands; the second half adds the methods and rules of docs/semantics.md §A-§C
 with these further conventions (each function's docstring repeats what it needs):
 
 Reductions (:func:`reduce_sum` and the functions built on it)
@@ -97,7 +97,7 @@ Shapes
     0" are ``x.reshape(x.shape[0], -1)``'s columns; a 1-D tensor is one row/vector, a 0-d
     tensor one row of one element.
 
-Decisions where SEMANTICS-2 is silent (each also in the function's docstring)
+Decisions where docs/semantics.md is silent (each also in the function's docstring)
     - Non-finite block sums: IEEE (NaN, or the infinity) instead of fsum's exceptions.
     - Dropped elements are +0.0; rescale factors multiply kept elements only (so a 0 * Inf
       can never appear); 'inverse' with magnitude/outliers (no keep probability) is an
@@ -128,7 +128,7 @@ __all__ = [
     "task_arithmetic",
     "linear",
     "ties_stats",
-    # SEMANTICS-2
+    # docs/semantics.md §A-§C
     "BLOCK",
     "reduce_sum",
     "reduce_rows",
@@ -253,7 +253,7 @@ def from_f32_bf16(x_f32: np.ndarray) -> np.ndarray:
 
 
 def trim_k(n: int, density) -> int:
-    """k = number of elements kept out of n (SEMANTICS TIES step 1).
+    """k = number of elements kept out of n (docs/semantics.md §2, step 1).
 
     density >= 1 keeps all n; otherwise k = floor(float(density) * n) computed in
     float64 (Python float), clamped to [0, n].
@@ -272,7 +272,7 @@ def _tie_keep(m: int, q: int) -> list[bool]:
 
 
 def trim_mask(tau: np.ndarray, density: float) -> np.ndarray:
-    """Bool mask (shaped like tau) of the elements TIES keeps, SEMANTICS TIES step 1.
+    """Bool mask (shaped like tau) of the elements TIES keeps, docs/semantics.md §2, step 1.
 
     Over the flattened tensor of n elements: k = trim_k(n, density). density >= 1 keeps
     all; k == 0 keeps none. Otherwise t = the exact k-th largest float32 magnitude
@@ -334,7 +334,7 @@ def _ties_core(base, models, weights, densities, consensus):
 
 
 def ties(base, models, weights, densities, *, lam=1.0, normalize=True, consensus="sum") -> np.ndarray:
-    """TIES merge of float32 tensors (SEMANTICS TIES steps 1-5); returns float32 B + delta."""
+    """TIES merge of float32 tensors (docs/semantics.md §2); returns float32 B + delta."""
     with np.errstate(all="ignore"):
         _, _, us, s = _ties_core(base, models, weights, densities, consensus)
         delta = np.zeros(base.shape, dtype=np.float32)
@@ -353,7 +353,7 @@ def ties(base, models, weights, densities, *, lam=1.0, normalize=True, consensus
 
 
 def ties_stats(base, models, weights, densities, *, consensus="sum") -> dict:
-    """Per-tensor TIES statistics (SEMANTICS "Statistics").
+    """Per-tensor TIES statistics (docs/semantics.md §E).
 
     For each model i (k_i kept elements out of n):
       kept     = k_i / n
@@ -423,7 +423,7 @@ def linear(models, weights, *, normalize=True) -> np.ndarray:
 
 
 # ======================================================================================
-# SEMANTICS-2.md
+# docs/semantics.md §A-§C
 # ======================================================================================
 
 BLOCK = 16384  # reduction block (elements); a multiple of the 8 lanes
@@ -476,7 +476,7 @@ def _block_lane_sums(terms: np.ndarray) -> np.ndarray:
 
 
 def reduce_sum(terms) -> float:
-    """The one reduction rule (SEMANTICS-2 A) over a flat float64 array of terms.
+    """The one reduction rule (docs/semantics.md §A) over a flat float64 array of terms.
 
     Blocks of BLOCK = 16384 elements by flat index; in a block element e is added to
     lane A[e mod 8] in increasing e, every lane starting at +0.0 (float64, one rounding
@@ -555,7 +555,7 @@ def count_k(fraction, n: int) -> int:
 
 
 def keep_range(v, lo: int, hi: int) -> np.ndarray:
-    """Bool mask (shaped like v) of keep(v, lo, hi), SEMANTICS-2 A "Rank selection".
+    """Bool mask (shaped like v) of keep(v, lo, hi), docs/semantics.md §A "Rank selection".
 
     The elements whose descending rank by v lies in [lo, hi), 0 <= lo <= hi <= n,
     over the flat index. Equal values (==, so -0.0 and +0.0 are one value) form a
@@ -737,7 +737,7 @@ def della_probabilities(tau, density, epsilon) -> np.ndarray:
 
 def sparsify(tau, density, sparsifier, *, rescale=False, gamma=0.01, epsilon=0.15,
              seed=0, name=None, index=0):
-    """One model's sparsified delta (SEMANTICS-2 B): returns (tau_hat, keep, p).
+    """One model's sparsified delta (docs/semantics.md §B): returns (tau_hat, keep, p).
 
     tau_hat is float32, keep the bool mask, p the float64 keep probability per element
     for the random sparsifiers (None otherwise). density >= 1 (or sparsifier None)
@@ -811,7 +811,7 @@ def _per_model(values, default, count, pname):
 def task_family(base, models, *, weights, densities=None, sparsifier=None, consensus=None,
                 normalize=False, rescale=False, lam=1.0, gammas=None, epsilons=None,
                 seed=0, name=None) -> np.ndarray:
-    """The task-arithmetic family (SEMANTICS-2 B); returns float32 B + delta.
+    """The task-arithmetic family (docs/semantics.md §B); returns float32 B + delta.
 
     Per model i (index i = position in `models`, used for the random stream):
     tau_i = M_i - B; tau_hat_i = sparsify(tau_i, ...)[0]; u_i = fl32(w_i) * tau_hat_i.
@@ -943,7 +943,7 @@ def _slerp_coefficients(c: float, t: float) -> tuple[float, float]:
 
 
 def slerp(base, model, t) -> np.ndarray:
-    """SLERP (SEMANTICS-2 C) of v0 = base and v1 = model over the flattened tensor.
+    """SLERP (docs/semantics.md §C) of v0 = base and v1 = model over the flattened tensor.
 
     float64: n0 = sqrt(sq_norm(v0)), n1 = sqrt(sq_norm(v1)), each -> 1.0 if <= 1e-8;
     c = dot(v0, v1) / (n0 * n1), clamped to [-1, 1]. |c| > 0.9995: (c0, c1) = (1 - t, t);
@@ -975,7 +975,7 @@ def nuslerp_t(w0, w1) -> float:
 
 
 def nuslerp(models, weights, base=None, *, flatten=True, row_wise=False) -> np.ndarray:
-    """NuSLERP (SEMANTICS-2 C) of exactly two models (recipe order), base optional.
+    """NuSLERP (docs/semantics.md §C) of exactly two models (recipe order), base optional.
 
     t = nuslerp_t(w0, w1). v_i = M_i - B (float32) with a base, else M_i. Vectors: the
     whole flattened tensor (flatten), else rows along the last axis (row_wise False) or
@@ -1016,7 +1016,7 @@ def nuslerp(models, weights, base=None, *, flatten=True, row_wise=False) -> np.n
 
 
 def model_stock(base, models, *, filter_wise=False) -> np.ndarray:
-    """Model Stock (SEMANTICS-2 C): base and N >= 2 models.
+    """Model Stock (docs/semantics.md §C): base and N >= 2 models.
 
     Per tensor, or per row along the last axis if filter_wise (1-D: one row). float64,
     per tensor/row: d_i = M_i - B (float32); for pairs i < j in lexicographic order,
@@ -1062,7 +1062,7 @@ def model_stock(base, models, *, filter_wise=False) -> np.ndarray:
 
 
 def sce(base, models, *, select_topk=1.0) -> np.ndarray:
-    """SCE (SEMANTICS-2 C): base and >= 1 model, no weights.
+    """SCE (docs/semantics.md §C): base and >= 1 model, no weights.
 
     tau_i = M_i - B (float32). If sigma = select_topk < 1: sigma <= 0 zeroes every tau_i;
     else per element, float64 in model order: mu = ((0.0 + tau_0) + tau_1 + ...) / N,
@@ -1119,7 +1119,7 @@ def sce(base, models, *, select_topk=1.0) -> np.ndarray:
 
 
 def passthrough(x, scale=None) -> np.ndarray:
-    """passthrough (SEMANTICS-2 C): scale None copies x unchanged (bytes included);
+    """passthrough (docs/semantics.md §C): scale None copies x unchanged (bytes included);
     else fl32(x * fl32(scale))."""
     _check_f32("x", x)
     if scale is None:
@@ -1141,7 +1141,7 @@ def layer_t(j: int, L: int) -> float:
 
 
 def gradient_value(anchors, t: float):
-    """Value of the gradient s_0 .. s_(A-1) at position t in [0, 1] (SEMANTICS-2 D).
+    """Value of the gradient s_0 .. s_(A-1) at position t in [0, 1] (docs/recipes.md).
 
     Numbers, float64 in this order: x = t * (A - 1); i0 = floor(x);
     i1 = min(A - 1, i0 + 1); f = x - i0; value = (1 - f) * s_i0 + f * s_i1.
@@ -1199,7 +1199,7 @@ def evaluate_setting(setting, name: str, t: float):
 
 
 def resolve_parameter(levels, name: str, t: float, default=NO_MATCH):
-    """Precedence (SEMANTICS-2 D): `levels` are the settings in order (the model's own,
+    """Precedence (docs/recipes.md): `levels` are the settings in order (the model's own,
     the slice's, the top level; None where absent); the first that yields a value wins,
     else `default`; NO_MATCH if there is none (the caller raises, naming tensor/model)."""
     for setting in levels:

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -98,12 +99,30 @@ def snapshot(*dirs: Path) -> dict[str, tuple]:
     return out
 
 
+_SLOWED = """\
+import sys, time
+from npmerge.cli import entry
+from npmerge.io.writer import OutputWriter
+write = OutputWriter.write
+def slowed(self, *args, **kwargs):
+    time.sleep(SLOW)
+    return write(self, *args, **kwargs)
+OutputWriter.write = slowed
+sys.argv[0] = "npmerge"
+entry()
+"""
+
+
 def start(*args, slow: float = 0.0) -> subprocess.Popen:
-    """The real CLI as a subprocess; `slow` seconds of sleep before each data write
-    (NPMERGE_TEST_SLOW) so the test can interrupt it mid-merge."""
-    env = dict(os.environ, NPMERGE_TEST_SLOW=str(slow))
-    return subprocess.Popen([sys.executable, "-m", "npmerge", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    """The real CLI (cli.entry, as the console script) as a subprocess, with `slow` seconds
+    of sleep before each data write so the test can interrupt it mid-merge. Ctrl-C is
+    restored to its default in the child: a test suite started in the background by a
+    shell without job control inherits SIGINT ignored, and so would npmerge (as any
+    program, by design)."""
+    code = _SLOWED.replace("SLOW", repr(float(slow)))
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:

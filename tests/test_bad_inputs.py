@@ -1,4 +1,4 @@
-"""The bad-input catalogue through the real CLI: FORMAT-AND-SAFETY.md §5 (42 cases) and
+"""The bad-input catalogue through the real CLI: docs/format-and-safety.md §5 (42 cases) and
 the list in issue 5 ("A bad-input catalogue as tests").
 
 Every refused case runs `npmerge ...` in-process (safety_helpers.run) and checks:
@@ -14,7 +14,9 @@ Cases whose right behaviour is acceptance (ACCEPTED) check success, the note in
 merge_report.json, and the same cleanliness.
 
 Every id starts with the §5 case number (`s27-...` is case 27); `i5-...` are the cases
-issue 5 adds (unknown method, recipe YAML errors, budget). Where each §5 case is tested:
+issue 5 adds (unknown method, recipe YAML errors, budget), `i26-...` issue 26's (hostile
+recipe YAML, tokenizer ids and padding, fan_in_fan_out; the --resume detail is in
+test_safety.py, the fuzzing in test_fuzz_inputs.py). Where each §5 case is tested:
 
   §1-20  header validation: test_hostile_header_through_cli runs every file of the hostile
          corpus of test_safetensors_format.py through the CLI, tagged with its § number by
@@ -60,6 +62,8 @@ from test_safetensors_format import BAD as HOSTILE
 BASE, FA, FB = LLAMA_F32 / "base", LLAMA_F32 / "ft-a", LLAMA_F32 / "ft-b"  # F32, single file
 SA, SB = LLAMA / "ft-a", LLAMA / "ft-b"  # BF16, two shards and an index
 INT = FIXTURES / "tiny-int"
+VOCAB = FIXTURES / "tiny-vocab"
+LORA_QV = FIXTURES / "tiny-lora" / "tiny-llama" / "qv-f32"
 TIES = ["ties", BASE, FA, FB]
 INDEX, S1, S2 = "model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -179,7 +183,7 @@ def no_space(free: int):
 
 @dataclass(frozen=True)
 class Case:
-    id: str  # "sNN-...": FORMAT-AND-SAFETY.md §5 case NN; "i5-...": issue 5's list
+    id: str  # "sNN-...": docs/format-and-safety.md §5, case NN; "i5-...": issue 5's list
     build: Callable  # (work dir, monkeypatch) -> CLI args; "-o <work>/out" is added unless given
     code: int
     phrases: tuple = ()  # in the first line; "{tmp}" is the work dir, "{pid}"/"{host}" this process
@@ -414,6 +418,30 @@ def _parent_is_file(t, mp):
     return ["linear", FA, FB, "-o", t / "file" / "out"]
 
 
+def _chat_tokenizer(edit: Callable[[list], None], source: str | None = None) -> Callable:
+    """tiny-vocab's ft-chat copied to <tmp>/chat with `edit` applied to tokenizer.json's
+    added_tokens (and tokenizer_config.json's decoder made to agree); merged with the base,
+    `source` (default: the copy) the tokenizer source."""
+    def build(t, mp):
+        shutil.copytree(VOCAB / "ft-chat", t / "chat")
+        tj = t / "chat" / "tokenizer.json"
+        data = json.loads(tj.read_text())
+        edit(data["added_tokens"])
+        tj.write_text(json.dumps(data))
+        tc = t / "chat" / "tokenizer_config.json"
+        config = json.loads(tc.read_text())
+        config["added_tokens_decoder"] = {str(a["id"]): a for a in data["added_tokens"]}
+        tc.write_text(json.dumps(config))
+        return ["linear", VOCAB / "base", t / "chat", "--tokenizer-source", source or t / "chat"]
+    return build
+
+
+def _set_last_id(value: int) -> Callable[[list], None]:
+    def edit(added):
+        added[-1]["id"] = value
+    return edit
+
+
 def _f8(w: bytes) -> bytes:
     return mk({"w": ent("F8_E4M3", [4], (0, 4)), "w_scale_inv": ent("F32", [1], (4, 8))}, w + D4)
 
@@ -562,6 +590,31 @@ REFUSED = [
     Case("i5-bad-out-dtype", cli(*TIES, "--out-dtype", "int8"), 2, ("unsupported output dtype 'int8'",), "bfloat16"),
     Case("i5-zero-threads", cli(*TIES, "--threads", "0"), 2, ("--threads must be >= 1, got 0",), False),
 
+    # issue 26: hostile recipes get a short, clean error at load time
+    Case("i26-added-token-id-1e20", _chat_tokenizer(_set_last_id(10**20)),
+         3, ("{tmp}/chat/tokenizer.json: token '<|im_end|>' has id 100,000,000,000,000,000,000, far beyond",),
+         "fetch it again"),
+    Case("i26-added-token-id-1e9", _chat_tokenizer(_set_last_id(10**9)),
+         3, ("token '<|im_end|>' has id 1,000,000,000, far beyond the other 81 tokens: the output vocabulary would "
+             "have 1,000,000,001 rows",)),
+    Case("i26-pad-to-multiple-huge", recipe(f"merge_method: linear\nmodels: [{{model: {VOCAB}/base}}, {{model: {VOCAB}/ft-chat}}]\n"
+                                            "tokenizer: {source: union, pad_to_multiple_of: 1000000000000}\n"),
+         2, ("tokenizer.pad_to_multiple_of 1,000,000,000,000 would pad 82 token rows to 1,000,000,000,000",), "64 or 128"),
+    Case("i26-added-token-at-two-ids", _chat_tokenizer(lambda added: added.append(dict(added[-1], id=79)), "union"),
+         3, ("{tmp}/chat/tokenizer.json: added token '<|im_end|>' is listed at two ids, 81 and 79",), "one entry per token"),
+    Case("i26-yaml-deep-flow", recipe("merge_method: linear\nmodels: " + "[" * 50_000 + "]" * 50_000 + "\n"),
+         2, ("recipe.yml is not valid YAML: line 2", "nesting deeper than 64 levels")),
+    Case("i26-yaml-deep-block", recipe("".join("  " * i + f"k{i}:\n" for i in range(3_000))),
+         2, ("recipe.yml is not valid YAML: line 64", "nesting deeper than 64 levels")),
+    Case("i26-yaml-alias-bomb", recipe(ties_yaml("{density: [&a0 [1,1,1,1,1,1,1,1,1,1], "
+                                                 + ", ".join(f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8))
+                                                 + "]}")),
+         2, ("recipe.yml is not valid YAML", "aliases expand it to more than 100,000 values")),
+    Case("i26-huge-value-quoted-short", recipe(ties_yaml("{density: [" + ", ".join(["abc"] * 90_000) + "]}")),
+         2, ("a gradient must be a list of numbers (or of booleans), got ['abc', 'abc',",), "[0.2, 0.5, 0.8]"),
+    Case("i26-huge-unknown-key", recipe(ties_yaml(extra="? " + "x" * 200_000 + "\n: 1\n")),
+         2, ("recipe.yml: unknown key 'xxxxxxxx", "more characters)"), "known keys"),
+
     # §34 the same model twice
     Case("s34-same-path-twice", cli("linear", FA, FA),
          2, (f"model 2 '{FA}' is the same model as model 1 '{FA}'",), "weight it instead"),
@@ -632,6 +685,7 @@ def _run_case(case: Case, tmp_path: Path, monkeypatch, *extra: str):
 def test_refused(case, tmp_path, monkeypatch):
     res, phrases = _run_case(case, tmp_path, monkeypatch)
     assert_error(res, case.code, *phrases, hint=bool(case.hint))
+    assert max(map(len, res.err.splitlines())) <= 1100, "a message line quotes too much of the input"
     if isinstance(case.hint, str):
         hints = [line for line in res.err.splitlines() if line.startswith("Hint: ")]
         assert any(case.hint in h for h in hints), res.err
@@ -737,6 +791,32 @@ def _base_in_models(t):
     return ["run", t / "r.yml"]
 
 
+def _merge_keys(t):
+    """YAML merge keys (`<<: *defaults`), as published recipes use them."""
+    (t / "r.yml").write_text(f"merge_method: ties\nbase_model: {BASE}\nmodels:\n  - model: {FA}\n"
+                             f"    parameters: &p {{density: 0.5, weight: 1.0}}\n  - model: {FB}\n"
+                             f"    parameters:\n      <<: *p\n      weight: 0.5\n")
+    return ["run", t / "r.yml"]
+
+
+def _same_as_spelled_out(t, out):
+    (t / "plain.yml").write_text(f"merge_method: ties\nbase_model: {BASE}\nmodels:\n  - model: {FA}\n"
+                                 f"    parameters: {{density: 0.5, weight: 1.0}}\n  - model: {FB}\n"
+                                 f"    parameters: {{density: 0.5, weight: 0.5}}\n")
+    assert run("run", t / "plain.yml", "-o", t / "plain", "-q").code == 0
+    assert (out / "model.safetensors").read_bytes() == (t / "plain" / "model.safetensors").read_bytes()
+    shutil.rmtree(t / "plain")
+    (t / "plain.yml").unlink()
+
+
+def _linear_adapter_with_fan_in_fan_out(t):
+    """A Llama adapter saved with fan_in_fan_out: true (PEFT ignores it for nn.Linear)."""
+    shutil.copytree(LORA_QV, t / "adapter")
+    cfg = json.loads((t / "adapter" / "adapter_config.json").read_text())
+    (t / "adapter" / "adapter_config.json").write_text(json.dumps(dict(cfg, fan_in_fan_out=True)))
+    return ["task-arithmetic", LLAMA_F32 / "base", t / "adapter", "-w", "1"]
+
+
 ACCEPTED = [
     Accepted("s22-hf-cache-symlinks", _hf_cache, None),
     Accepted("s30-mixed-dtypes", _f16_copy, "have different dtypes across models; all are decoded to float32"),
@@ -749,6 +829,11 @@ ACCEPTED = [
     Accepted("s34-base-listed-in-models", _base_in_models,
              f"parameters of the base model '{BASE}' are ignored (weight): the base contributes no task vector"),
     Accepted("s36-force", _force, None, _old_output_replaced),
+    Accepted("i26-yaml-merge-keys", _merge_keys, None, _same_as_spelled_out),
+    Accepted("i26-fan-in-fan-out-on-linear", _linear_adapter_with_fan_in_fan_out,
+             "adapter_config.json says fan_in_fan_out: true, but model.layers.0.self_attn.q_proj, "
+             "model.layers.0.self_attn.v_proj, model.layers.1.self_attn.q_proj, model.layers.1.self_attn.v_proj "
+             "are nn.Linear layers: applied as B @ A, as PEFT does"),
     Accepted("s29-tied-lm-head", _tied_lm_head, "'lm_head.weight' is merged, with the embeddings "
              "'model.embed_tokens.weight' as the head of tied, dead; config.json gets "
              "tie_word_embeddings: false", _tied_heads_merged),

@@ -42,7 +42,7 @@ def test_ties_equals_reference(ties_out):
 
 @pytest.mark.parametrize("density", ["0", "1.5"])
 def test_density_zero_and_above_one(tmp_path, density):
-    """SEMANTICS-2 A: density 0 drops every delta (the base, up to the sign of zero),
+    """docs/semantics.md §A: density 0 drops every delta (the base, up to the sign of zero),
     density >= 1 keeps every delta untouched."""
     out = tmp_path / "o"
     npmerge("ties", LLAMA / "base", *FTS[:2], "-d", density, "-o", out)

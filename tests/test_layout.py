@@ -9,7 +9,9 @@ import pytest
 from npmerge.io.checkpoint import Checkpoint
 from npmerge.io.layout import (ModelLayout, apply_config, embedding_name, is_buffer, is_vocab_tensor,
                                plan_layout)
-from npmerge.io.vocab import PermutedRows, build_output_vocab, read_tokenizer
+from npmerge.io.tokenizer import read_tokenizer
+from npmerge.io.vocab import build_output_vocab
+from npmerge.io.vocab_rows import PermutedRows
 
 from conftest import FIXTURES
 

@@ -239,15 +239,26 @@ def test_several_adapters_merged_as_task_vectors():
         assert rel_l2(got, want) < 1e-6, name
 
 
-def test_orientation_follows_the_base_shape_like_peft(tmp_path):
-    """PEFT decides fan_in_fan_out per layer type (Conv1D true, Linear false) and rewrites
-    the config; a non-square weight shows its layer type, a square one cannot."""
+def test_orientation_follows_the_layer_type_like_peft(tmp_path):
+    """PEFT decides fan_in_fan_out per layer type (Conv1D true, Linear false) whatever the
+    config says: known from config.json's model_type; without one, a non-square weight
+    shows its layer type and a square one keeps the config's flag."""
+    shapes = {k: r.info.shape for k, r in Checkpoint(GPT2_BASE).tensors.items()}
     ad = LoraAdapter(copy_adapter(tmp_path, "tiny-gpt2/conv1d-bias-all", fan_in_fan_out=False))
     assert not ad.targets["transformer.h.0.attn.c_attn.weight"].transposed
-    ad.check_against({k: r.info.shape for k, r in Checkpoint(GPT2_BASE).tensors.items()})
+    notes = ad.check_against(shapes, "gpt2")
+    assert all(ad.targets[f"transformer.h.{i}.{m}.weight"].transposed
+               for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert len(notes) == 1 and "fan_in_fan_out: false, but transformer.h.0.attn.c_attn" in notes[0]
+    ad = LoraAdapter(copy_adapter(tmp_path / "2", "tiny-gpt2/conv1d-bias-all", fan_in_fan_out=False))
+    assert ad.check_against(shapes) == [  # no model_type: the shapes decide the non-square ones
+        f"adapter '{ad.path}': adapter_config.json says fan_in_fan_out: false, but transformer.h.0.attn.c_attn, "
+        "transformer.h.0.mlp.c_fc, transformer.h.0.mlp.c_proj, transformer.h.1.attn.c_attn and 2 more are Conv1D "
+        "layers: applied as (B @ A)^T, as PEFT does"]
     assert ad.targets["transformer.h.0.attn.c_attn.weight"].transposed  # [32, 96] only fits (B @ A)^T
-    assert ad.targets["transformer.h.0.mlp.c_proj.weight"].transposed
     assert not ad.targets["transformer.h.0.attn.c_proj.weight"].transposed  # square: the config decides
+    ad = LoraAdapter(LORA / "tiny-gpt2" / "conv1d-bias-all")
+    assert ad.check_against(shapes, "gpt2") == []  # as saved: nothing to say
 
 
 def test_summary_for_info():

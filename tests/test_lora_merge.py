@@ -37,6 +37,7 @@ QV, RSLORA, BF16, HEAD = (LORA / "tiny-llama" / n for n in ("qv-f32", "rslora-pa
                                                               "lm-head-save"))
 CONV1D, EMBEDDING = LORA / "tiny-gpt2" / "conv1d-bias-all", LORA / "tiny-gpt2" / "embedding-lora-bias"
 PREFIX = "base_model.model."
+GPT2_CONV1D = ("c_attn", "c_proj", "c_fc")  # transformers' GPT-2 builds these as Conv1D (weight [in, out])
 _KEY = re.compile(r"^(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)$")
 
 
@@ -77,7 +78,7 @@ def peft_taus(adapter: Path, base: dict[str, np.ndarray]) -> dict[str, tuple[np.
         for j in range(r):
             acc += np.multiply.outer(b[:, j].astype(np.float64), a[j].astype(np.float64))
         t32, t64 = (np.float64(scale) * acc).astype(np.float32), scale * (b.astype(np.float64) @ a.astype(np.float64))
-        if emb or cfg.get("fan_in_fan_out"):
+        if emb or module.rsplit(".", 1)[-1] in GPT2_CONV1D:  # PEFT: by layer type, not the config's flag
             t32, t64 = t32.T, t64.T
         parts.setdefault(module + ".weight", {})["lowrank"] = (t32, t64)
         if "lora_B.bias" in p:
@@ -429,6 +430,24 @@ def copy_adapter(tmp_path, src=QV, **config) -> Path:
         cfg.update(config)
         (d / "adapter_config.json").write_text(json.dumps(cfg))
     return d
+
+
+@pytest.mark.parametrize("adapter, base_dir, flag, modules", [
+    (BF16, LLAMA_BASE, True, "model.layers.0.mlp.down_proj, model.layers.0.mlp.gate_proj, "
+                             "model.layers.0.mlp.up_proj, model.layers.0.self_attn.k_proj and 10 more are nn.Linear"),
+    (CONV1D, GPT2_BASE, False, "transformer.h.0.attn.c_attn, transformer.h.0.attn.c_proj, transformer.h.0.mlp.c_fc, "
+                               "transformer.h.0.mlp.c_proj and 4 more are Conv1D"),
+], ids=["linear-with-flag-true", "conv1d-with-flag-false"])
+def test_fan_in_fan_out_follows_the_layer_type_like_peft(tmp_path, adapter, base_dir, flag, modules):
+    """A flipped fan_in_fan_out changes nothing (the square modules included), with a note."""
+    flipped = copy_adapter(tmp_path, adapter, fan_in_fan_out=flag)
+    merge("task-arithmetic", base_dir, adapter, "-w", "1", "-o", tmp_path / "as-saved")
+    merge("task-arithmetic", base_dir, flipped, "-w", "1", "-o", tmp_path / "flipped")
+    name = "model.safetensors"
+    assert (tmp_path / "flipped" / name).read_bytes() == (tmp_path / "as-saved" / name).read_bytes()
+    notes = json.loads((tmp_path / "flipped" / "merge_report.json").read_text())["notes"]
+    assert any(f"adapter_config.json says fan_in_fan_out: {str(flag).lower()}, but {modules} layers: applied as "
+               f"{'B @ A' if flag else '(B @ A)^T'}, as PEFT does" in n for n in notes), notes
 
 
 def edit_tensors(d: Path, edit) -> None:

@@ -1,4 +1,4 @@
-"""Recipes: mergekit-style YAML in (SEMANTICS-2 D), re-runnable YAML out, errors where
+"""Recipes: mergekit-style YAML in (docs/recipes.md), re-runnable YAML out, errors where
 mergekit is silent. The values grammar is checked against tests/reference.py; whole
 merges against it are in test_recipe_corpus.py."""
 
@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 import reference as ref
 from helpers import LLAMA, f32, load_model, npmerge
 from npmerge import values
-from npmerge.errors import RecipeError
+from npmerge.errors import SHOWN, RecipeError, shown
 from npmerge.recipe import Recipe
-from npmerge.recipe_yaml import decode_recipe
+from npmerge.recipe_yaml import MAX_DEPTH, MAX_NODES, decode_recipe, load_yaml
 
 YAML = """
 merge_method: ties
@@ -214,6 +214,33 @@ def test_yaml_errors_point_to_line_and_column():
     assert str(err.value) == ("r.yml is not valid YAML: line 4, column 5: key 'model' is given twice "
                               "(first on line 3)")
     assert err.value.hint == "line 4: 'model: b'"
+
+
+def test_yaml_merge_keys_and_bounds():
+    """`<<: *anchor` merges (keys given beside it win), a key twice beside it is still an
+    error; depth and alias expansion are bounded (the bounds themselves are accepted)."""
+    text = ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: &p {weight: 1, density: 0.5}\n"
+            "  - model: c\n    parameters:\n      <<: *p\n      weight: 0.25\n")
+    assert load_yaml(text, "r.yml")["models"][1]["parameters"] == {"weight": 0.25, "density": 0.5}
+    with pytest.raises(RecipeError, match="line 10, column 7: key 'weight' is given twice"):
+        load_yaml(text + "      weight: 0.5\n", "r.yml")
+    assert load_yaml("[" * MAX_DEPTH + "]" * MAX_DEPTH, "r.yml") is not None
+    with pytest.raises(RecipeError, match=f"nesting deeper than {MAX_DEPTH} levels"):
+        load_yaml("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), "r.yml")
+    tens = "[" + ", ".join(["1"] * 9) + "]"  # 10 values with itself
+    bomb = lambda levels: f"x: [&a0 {tens}, " + ", ".join(  # noqa: E731
+        f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)) + "]"
+    assert len(repr(load_yaml(bomb(4), "r.yml"))) > 10_000  # 3 + 10 + 90 + 900 + 9,000 values: fine
+    with pytest.raises(RecipeError, match=f"aliases expand it to more than {MAX_NODES:,} values"):
+        load_yaml(bomb(6), "r.yml")  # over 900,000
+
+
+@pytest.mark.parametrize("value, text", [
+    ("x" * 1000, "'" + "x" * 37 + "..." + "x" * 38 + "'"), (list(range(10**6)), "[0, 1, 2, 3, 4, 5, ...]"), (0.5, "0.5"),
+    ({"a": {"b": {"c": {"d": 1}}}}, "{'a': {'b': {'c': {...}}}}"),
+])
+def test_shown_values_are_short(value, text):
+    assert shown(value) == text and len(shown(value)) <= SHOWN
 
 
 @pytest.mark.parametrize("data", [

@@ -216,7 +216,7 @@ def test_bad_input(args, phrases, hint, tmp_path, monkeypatch):
 
 
 def test_recipe_errors(tmp_path, monkeypatch):
-    """A global parameter under a model, and a wrong type, are recipe errors (SEMANTICS-2 D)."""
+    """A global parameter under a model, and a wrong type, are recipe errors (docs/recipes.md)."""
     for text, phrase in [
         (f"merge_method: slerp\nbase_model: {B}\nmodels:\n  - model: {FA}\n    parameters: {{t: 0.5}}\n",
          "'t' is a global parameter of slerp: it cannot be set per model (model 1 '" + str(FA) + "')"),

@@ -1,6 +1,6 @@
 """SLERP, NuSLERP, Model Stock and SCE (kernels/reduce.py, methods/reduce.py, methods/sce.py)
 through the engine's span loop (engine.run_arrays) against tests/reference.py, bit for bit:
-the exact per-vector sums (SEMANTICS-2 A), the merged tensors, the statistics.
+the exact per-vector sums (docs/semantics.md §A), the merged tensors, the statistics.
 
 Small kernel blocks and spans put row blocks across span boundaries (the reference's
 BLOCK is set to the same block: the reduction grid is part of the contract); shapes cover
@@ -265,7 +265,7 @@ def test_model_stock_matches_reference(n_models, filter_wise, shape, block, span
 
 
 def stock_t(base, models, filter_wise) -> float:
-    """Model Stock's ratio t as SEMANTICS-2 C defines it, averaged over rows (the statistic)."""
+    """Model Stock's ratio t as docs/semantics.md §C defines it, averaged over rows (the statistic)."""
     N = len(models)
     ds = [m - base for m in models]
     rows = filter_wise and base.ndim >= 2

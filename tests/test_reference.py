@@ -1,4 +1,4 @@
-"""Hand-computed cases that pin tests/reference.py to /work/shared/SEMANTICS.md.
+"""Hand-computed cases that pin tests/reference.py to docs/semantics.md.
 
 Every expected value below is derived by hand in the comments (dyadic values are used
 wherever possible so that float32 arithmetic is exact and the hand result is the bit

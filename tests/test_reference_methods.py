@@ -1,9 +1,9 @@
-"""Hand-computed cases that pin the SEMANTICS-2 half of tests/reference.py to
-/work/shared/SEMANTICS-2.md.
+"""Hand-computed cases that pin the docs/semantics.md §A-§C half of tests/reference.py to
+docs/semantics.md.
 
 Expected values are derived in the comments: by hand (dyadic values wherever possible,
 so float32 / float64 arithmetic is exact and the hand result is the bit result), from the
-test vectors printed in SEMANTICS-2 A, or by an independent computation written here
+test vectors printed in docs/semantics.md §A, or by an independent computation written here
 (pure-Python loops, exact fractions, other trigonometric identities). Where a
 transcendental is evaluated along a different path than the reference's, the comparison
 allows one float32 ulp and says so.
@@ -48,7 +48,7 @@ def is_pos_zero(x: float) -> bool:
     return x == 0.0 and math.copysign(1.0, x) == 1.0
 
 
-# Tensor names and streams printed in SEMANTICS-2 A.
+# Tensor names and streams printed in docs/semantics.md §A.
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 # seed 0, model 0, e = 0..4 -> u * 2**24
 Q_PROJ_U24 = [12885016, 15125359, 364251, 11220107, 13767954]
@@ -347,7 +347,7 @@ def test_random_streams_differ_by_model_seed_and_name():
 
 # ============================================================================== task family
 
-# The DARE cases use the stream printed in SEMANTICS-2 (tensor Q_PROJ, seed 0, model 0), n = 5.
+# The DARE cases use the stream printed in docs/semantics.md §A.5 (tensor Q_PROJ, seed 0, model 0), n = 5.
 # density 0.8 keeps e = 0, 2, 3 (see test_random_keep_is_strictly_less_in_float64).
 B5 = f32(1, 2, 3, 4, 5)
 TAU0 = f32(1, 2, 1, 2, 2)

@@ -1,4 +1,4 @@
-"""The safetensors reader against the official library (FORMAT-AND-SAFETY.md §1, §5).
+"""The safetensors reader against the official library (docs/format-and-safety.md §1, §5).
 
 Every hostile file must be rejected with the same error class as the reference
 (`err.kind`), except the documented divergences below; every file the reference

@@ -1,5 +1,5 @@
 """Issue 5, end to end: interruption, resume, disk full, locks, changed inputs,
-read-only inputs and --force, through the real CLI (FORMAT-AND-SAFETY.md §4).
+read-only inputs and --force, through the real CLI (docs/format-and-safety.md §3).
 
 Three tests run a real, slowed `python -m npmerge` subprocess (NPMERGE_TEST_SLOW
 sleeps before each data write) and signal it; everything else runs in-process with
@@ -245,9 +245,12 @@ def test_interrupt_right_after_the_manifest_line_keeps_that_shard(tmp_path, refe
 
 
 @pytest.mark.parametrize("extra, phrase", [
-    (("-d", "0.7"), "the recipe (method, models, parameters or dtypes) differs"),
-    (("--out-dtype", "float32"), "the recipe (method, models, parameters or dtypes) differs"),
-    (("--shard-size", "200kB"), "the output layout (--shard-size or output dtypes) differs"),
+    (("-d", "0.7"), "the recipe (method, models, parameters or dtypes) differs from the interrupted run's: "
+                    "models[1].parameters.density was 0.5, now 0.7"),
+    (("--out-dtype", "float32"), "the recipe (method, models, parameters or dtypes) differs from the interrupted "
+                                 "run's: out_dtype was absent, now 'float32'"),
+    (("--shard-size", "200kB"), "the output layout (--shard-size or output dtypes) differs from the interrupted "
+                                "run's: 3 shard(s), the interrupted run wrote 4"),
 ])
 def test_resume_with_other_recipe_refused_and_staging_intact(tmp_path, reference, extra, phrase):
     out = tmp_path / "out"
@@ -262,6 +265,30 @@ def test_resume_with_other_recipe_refused_and_staging_intact(tmp_path, reference
     res = merge(out, LLAMA, "--resume")  # the right command still finishes it
     assert res.code == 0, res.err
     assert tree_bytes(out) == reference
+
+
+def test_plan_differences_name_each_changed_key():
+    """The detail behind a refused --resume, from the records plan.json keeps (hand-built)."""
+    recipe = {"merge_method": "ties", "models": [{"model": "a"}, {"model": "b", "parameters": {"weight": 1.0}}],
+              "parameters": {"lambda": 1.0}}
+    other = {"merge_method": "dare_ties", "models": [{"model": "a"}, {"model": "c", "parameters": {}}],
+             "parameters": {"lambda": 1.0, "rescale": True}}
+    layout = {"shards": 2, "dtypes": {f"t{i}": "BF16" for i in range(5)}}
+    old = {"npmerge_version": "1", "recipe_sha256": "x", "recipe": recipe, "layout_sha256": "x", "layout": layout}
+    new = {"npmerge_version": "2", "recipe_sha256": "y", "recipe": other, "layout_sha256": "y",
+           "layout": {"shards": 2, "dtypes": dict(layout["dtypes"], t0="F32", t3="F16", t4="F32")}}
+    assert stg._plan_differences(old, new) == [
+        "the npmerge version differs from the interrupted run's: version was '1', now '2'",
+        "the recipe (method, models, parameters or dtypes) differs from the interrupted run's: merge_method was "
+        "'ties', now 'dare_ties'; models[1].model was 'b', now 'c'; models[1].parameters.weight was 1.0, now absent; "
+        "parameters.rescale was absent, now True",
+        "the output layout (--shard-size or output dtypes) differs from the interrupted run's: output dtype of "
+        "t0 was 'BF16', now 'F32'; t3 was 'BF16', now 'F16' (and 1 more)",
+    ]
+    del old["recipe"], old["layout"]  # a plan.json of an npmerge that kept only the hashes
+    assert stg._plan_differences(old, new)[1:] == [
+        "the recipe (method, models, parameters or dtypes) differs from the interrupted run's",
+        "the output layout (--shard-size or output dtypes) differs from the interrupted run's"]
 
 
 @pytest.mark.parametrize("change, field", [

@@ -1,4 +1,4 @@
-"""Layer stacks, slices and per-tensor parameter resolution at plan time (SEMANTICS-2 D),
+"""Layer stacks, slices and per-tensor parameter resolution at plan time (docs/recipes.md),
 checked on the plan's jobs against tests/reference.py's recipe-value functions; and the
 passthrough kernel against reference.passthrough."""
 

@@ -1,6 +1,6 @@
 """The sparsifier family (DARE, breadcrumbs, DELLA and their _ties/_linear variants)
 through the engine's span loop (run_arrays) against tests/reference.py, bit for bit:
-Philox known answers and the SEMANTICS-2 test vectors, rank selection with both
+Philox known answers and the docs/semantics.md §A.5 test vectors, rank selection with both
 boundary groups thinned across spans and blocks, random masks independent of spans,
 DELLA rows straddling spans (also from computed sources), rescale modes, statistics,
 and the 5-sigma check of DARE/DELLA keep counts."""
@@ -22,7 +22,7 @@ from npmerge.io import sources
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 
-# SEMANTICS-2 B, written out independently of npmerge's registry:
+# docs/semantics.md §B, written out independently of npmerge's registry:
 # method -> (sparsifier, consensus, normalize, rescale, per-model extra parameter)
 TABLE = {
     "dare_ties": ("random", "sum", False, True, None),
@@ -102,7 +102,7 @@ def test_philox_known_answers():
 
 
 def test_semantics2_vectors():
-    """Every stream id and u * 2**24 of SEMANTICS-2 A's table, from the kernel module."""
+    """Every stream id and u * 2**24 of docs/semantics.md §A's table, from the kernel module."""
     p = kernels.load("philox")
     assert p.stream(Q_PROJ, 0) == 0x6593CC1C7923F051
     assert p.stream("lm_head.weight", 2) == 0x44888830B22EDAE5
@@ -335,7 +335,7 @@ def test_family_property(method, shape, nm, distinct, data_seed, seed, chunk, bl
                                                   ("della", 0.6, [0.35, 0.35, 0.35])])
 @pytest.mark.parametrize("seed", [0, 1234567, 2**64 - 1])
 def test_keep_counts_within_five_sigma(method, density, extra, seed):
-    """SEMANTICS-2 A: per tensor and model the kept count is within 5 sigma of sum p
+    """docs/semantics.md §A: per tensor and model the kept count is within 5 sigma of sum p
     (sigma^2 = sum p(1 - p)), the check npmerge's masks share with mergekit's."""
     rng = np.random.default_rng(14)
     base, models = f32_models(rng, (256, 1024), 3)

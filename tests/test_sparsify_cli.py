@@ -16,7 +16,7 @@ from helpers import LLAMA, f32, load_model, npmerge, tree_bytes
 BASE = LLAMA / "base"
 FTS = [LLAMA / "ft-a", LLAMA / "ft-b", LLAMA / "ft-c"]
 
-# SEMANTICS-2 B: method -> (sparsifier, consensus, normalize, rescale)
+# docs/semantics.md §B: method -> (sparsifier, consensus, normalize, rescale)
 TABLE = {
     "dare_ties": ("random", "sum", False, True),
     "dare_linear": ("random", None, False, True),
@@ -143,7 +143,7 @@ def test_same_bytes_for_threads_and_budgets(args, budget, tmp_path):
 
 
 def test_parameter_of_another_method_is_a_warning(tmp_path):
-    """SEMANTICS-2 D: `gamma` in dare_ties (breadcrumbs' parameter) is ignored with a note;
+    """docs/recipes.md: `gamma` in dare_ties (breadcrumbs' parameter) is ignored with a note;
     `int8_mask` is accepted and changes nothing."""
     body = f"merge_method: dare_ties\nbase_model: {BASE}\nmodels:\n  - model: {FTS[0]}\n    parameters: " \
            "{{weight: 1, density: 0.5{}}}\nparameters: {{seed: 1{}}}\n"

@@ -385,7 +385,9 @@ def test_vocabulary_source_reads_within_its_budget(wide):
     buffers), the padding-row pass included, for reads of any size."""
     from npmerge.io.checkpoint import Checkpoint
     from npmerge.io.models import source
-    from npmerge.io.vocab import VocabRowsSource, build_output_vocab, read_tokenizer
+    from npmerge.io.tokenizer import read_tokenizer
+    from npmerge.io.vocab import build_output_vocab
+    from npmerge.io.vocab_rows import VocabRowsSource
 
     ckpts = [Checkpoint(wide / m) for m in ("base", "ft-x", "ft-y")]
     toks = [(c.label, read_tokenizer(c.root, c.tensors[EMBED].info.shape[0])) for c in ckpts]
@@ -480,7 +482,9 @@ def test_computed_sources_cannot_be_remapped():
     from npmerge.io.checkpoint import Checkpoint
     from npmerge.io.models import source
     from npmerge.io.sources import ZeroSource
-    from npmerge.io.vocab import VocabRowsSource, build_output_vocab, read_tokenizer
+    from npmerge.io.tokenizer import read_tokenizer
+    from npmerge.io.vocab import build_output_vocab
+    from npmerge.io.vocab_rows import VocabRowsSource
 
     ckpts = [Checkpoint(VOCAB / m) for m in ("base", "ft-chat")]
     vocab = build_output_vocab("union", [(c.label, read_tokenizer(c.root)) for c in ckpts], 0)

@@ -99,7 +99,9 @@ class AdaptedModel:
     def _check(self) -> None:
         """Shapes (module and both shapes named), targets the model lacks, float
         tensors only: all from headers, before any data is read."""
-        self.adapter.check_against({n: r.info.shape for n, r in self.on.tensors.items()})
+        model_type = self.on.config.get("model_type") if isinstance(self.on.config, dict) else None
+        self.notes += self.adapter.check_against({n: r.info.shape for n, r in self.on.tensors.items()},
+                                                 model_type if isinstance(model_type, str) else None)
         for name, t in self.adapter.targets.items():
             dtype = self.on.tensors[name].info.dtype.name
             if not DTYPES[dtype].is_float:

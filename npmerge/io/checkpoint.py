@@ -2,7 +2,7 @@
 sharded directory with model.safetensors.index.json.
 
 Opening a checkpoint validates every header and the index against the shards
-(FORMAT-AND-SAFETY.md §3.3) before anything else happens, so a corrupt download
+(docs/format-and-safety.md §2) before anything else happens, so a corrupt download
 fails in seconds with the file named, never mid-merge.
 """
 
@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING
 
+from ..constants import INDEX_NAME, SINGLE_NAME
 from ..errors import InvalidCheckpoint
 from .safetensors import SafetensorsFile, TensorInfo
 
 if TYPE_CHECKING:
     from .hub import ModelRef
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 OTHER_FORMATS = (".gguf", ".ggml", ".h5", ".msgpack", ".onnx")
 _INDEX_HINT = "the index is corrupt; fetch the model again"

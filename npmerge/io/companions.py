@@ -91,12 +91,12 @@ def write_companions(writer: OutputWriter, source_dir: Path | None, out_dtype: s
 
     `source_dir` is the base model's directory, None for a single-file base (nothing to copy).
     `config_updates`: see updated_config. `tokenizer_files`: the output's tokenizer files
-    (name -> bytes, io/vocab.py write_tokenizer_files) when a tokenizer source made them;
+    (name -> bytes, io/tokenizer.py write_tokenizer_files) when a tokenizer source made them;
     then no tokenizer file of `source_dir` is copied.
     """
     written = []
     if tokenizer_files is not None:
-        from .vocab import TOKENIZER_FILES
+        from .tokenizer import TOKENIZER_FILES
 
         for name in sorted(tokenizer_files):
             writer.add_bytes(name, tokenizer_files[name])

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidCheckpoint
+from ..constants import INDEX_NAME, SINGLE_NAME
 
-SINGLE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEFAULT_REVISION = "main"
 # What a merge needs besides the weights: config, tokenizer, generation and processor

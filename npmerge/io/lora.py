@@ -44,6 +44,12 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
+# Modules transformers builds as Conv1D (weight [in, out]) in GPT-2-style models; every
+# other low-rank target is an nn.Linear. PEFT sets fan_in_fan_out by this layer type and
+# ignores adapter_config.json's value (tuners/lora/model.py, dispatch_default).
+_GPT2_CONV1D = ("c_attn", "q_attn", "c_proj", "c_fc")
+CONV1D_MODULES = {"gpt2": _GPT2_CONV1D, "imagegpt": _GPT2_CONV1D, "decision_transformer": _GPT2_CONV1D,
+                  "openai-gpt": ("c_attn", "c_proj", "c_fc")}
 FACTOR_DTYPES = ("F16", "BF16", "F32")  # float32-exact, so the products are exact in float64
 _PARTS = {"lora_A.weight": "a", "lora_B.weight": "b", "lora_B.bias": "bias",
           "lora_embedding_A": "a", "lora_embedding_B": "b"}
@@ -284,13 +290,16 @@ class LoraAdapter:
         return out
 
     # -- against a base model -------------------------------------------------------
-    def check_against(self, base_shapes: dict[str, tuple[int, ...]]) -> None:
-        """Check every target against the base model's tensor shapes (no data read).
+    def check_against(self, base_shapes: dict[str, tuple[int, ...]], model_type: str | None = None) -> list[str]:
+        """Check every target against the base model's tensor shapes (no data read); the
+        notes to show.
 
         Raises IncompatibleModels for a target the base does not have, or whose shape
-        differs (naming the module and both shapes). A low-rank target of a non-square
-        weight takes the orientation its base shape shows: PEFT decides fan_in_fan_out
-        per layer type (Linear: false, Conv1D: true), whatever the config says.
+        differs (naming the module and both shapes). Orientation as PEFT decides it, by
+        layer type and whatever the config says: with the base's config.json
+        `model_type` known, Conv1D for CONV1D_MODULES and nn.Linear for the rest; a
+        non-square weight whose shape shows the other type (custom model code) follows
+        its shape; without a model_type a square weight keeps the config's flag.
         """
         other = self.base_model_name_or_path
         hint = ("the adapter belongs to another base model" + (f" (adapter_config.json names '{other}')"
@@ -302,14 +311,30 @@ class LoraAdapter:
             why = " (PEFT cannot merge lora_bias into a layer without bias either)" if t.bias else ""
             raise IncompatibleModels(f"adapter '{self.path}' changes '{t.name}' of module '{t.module}', which the "
                                      f"base model does not have{why}{more}", hint=hint)
+        conv1d = CONV1D_MODULES.get(model_type, ()) if model_type else None
+        flag = self.config["fan_in_fan_out"]
+        overridden = []
         for name, t in self.targets.items():
             shape = tuple(base_shapes[name])
-            if t.a is not None and not t.embedding and shape != t.shape and shape == t.lowrank_shape(not t.transposed):
-                t = self.targets[name] = replace(t, transposed=not t.transposed, shape=shape)
+            if t.a is not None and not t.embedding:
+                kind = t.transposed if conv1d is None else t.module.rsplit(".", 1)[-1] in conv1d
+                if shape != t.lowrank_shape(kind) and shape == t.lowrank_shape(not kind):
+                    kind = not kind
+                if kind != t.transposed:
+                    t = self.targets[name] = replace(t, transposed=kind, shape=t.lowrank_shape(kind))
+                if kind != flag:
+                    overridden.append(t.module)
             if shape != t.shape or (t.full is not None and tuple(t.full.info.shape) != shape):
                 raise IncompatibleModels(f"adapter '{self.path}' does not fit the base model: module '{t.module}' "
                                          f"changes '{name}' by {self._describe(t)}, but the base tensor is "
                                          f"{_shape(shape)}", hint=hint)
+        if not overridden:
+            return []
+        kind = "Conv1D" if not flag else "nn.Linear"
+        listed = ", ".join(overridden[:4]) + (f" and {len(overridden) - 4} more" if len(overridden) > 4 else "")
+        return [f"adapter '{self.path}': {CONFIG_NAME} says fan_in_fan_out: {str(flag).lower()}, but {listed} "
+                + (f"is a {kind} layer" if len(overridden) == 1 else f"are {kind} layers")
+                + f": applied as {'(B @ A)^T' if not flag else 'B @ A'}, as PEFT does"]
 
     @staticmethod
     def _describe(t: LoraTarget) -> str:

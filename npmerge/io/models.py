@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..constants import INDEX_NAME, SINGLE_NAME
 from ..errors import InvalidCheckpoint, RecipeError
 from .adapted import AdaptedModel
-from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+from .checkpoint import Checkpoint
 from .hub import ModelRef, resolve_model
 from .lora import LoraAdapter, is_lora_adapter
 from .sources import MappedSource, TensorSource

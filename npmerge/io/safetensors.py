@@ -1,7 +1,7 @@
 """Strict safetensors reader: header validation and zero-copy read-only views.
 
 Why our own parser: the official Python API has no offsets and copies on the numpy
-path (FORMAT-AND-SAFETY.md §2.1). Validation follows the reference's
+path (docs/format-and-safety.md §1). Validation follows the reference's
 `SafeTensors::read_metadata` step by step (§1.2) so that every file it rejects is
 rejected here with the same error class (`err.kind`), and everything it accepts
 (§1.4) is accepted, except the stricter checks listed in DIVERGENCES (§1.5).

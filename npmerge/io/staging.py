@@ -2,7 +2,7 @@
 
 `.<out>.npmerge-partial/` sits next to OUT (same filesystem, so the commit is one
 rename). Besides the output files it holds what makes a run safe to interrupt and
-resume (FORMAT-AND-SAFETY.md §4.3):
+resume (docs/format-and-safety.md §3):
 
 - `npmerge.lock`: pid, host and start time of the run writing it (O_EXCL, so two runs
   never share a staging dir); removed whenever the run ends;
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..constants import MAX_HEADER_BYTES, WRITE_PIECE_BYTES
-from ..errors import OutputError, RecipeError
+from ..errors import OutputError, RecipeError, shown
 from ..units import human_bytes
 
 LOCK_NAME = "npmerge.lock"
@@ -236,7 +236,13 @@ def input_changes(entries: list[dict]) -> list[str]:
 
 
 def _plan_differences(old: dict, new: dict) -> list[str]:
-    diffs = [text for key, text in _FINGERPRINT_PARTS.items() if old.get(key) != new.get(key)]
+    diffs = []
+    for key, text in _FINGERPRINT_PARTS.items():
+        if old.get(key) != new.get(key):
+            detail = {"npmerge_version": lambda: _changes(old.get(key), new.get(key), "version"),
+                      "recipe_sha256": lambda: _changes(old.get("recipe"), new.get("recipe"), "recipe"),
+                      "layout_sha256": lambda: _layout_changes(old.get("layout"), new.get("layout"))}[key]()
+            diffs.append(text + (f": {detail}" if detail else ""))
     old_inputs = {e["path"]: e for e in old.get("inputs", [])}
     new_inputs = {e["path"]: e for e in new.get("inputs", [])}
     for path in sorted(old_inputs.keys() - new_inputs.keys()):
@@ -248,6 +254,41 @@ def _plan_differences(old: dict, new: dict) -> list[str]:
             fields = [k for k in new_inputs[path] if old_inputs[path].get(k) != new_inputs[path][k]]
             diffs.append(f"input file {path} changed since the interrupted run ({', '.join(fields)})")
     return diffs
+
+
+_ABSENT = object()
+
+
+def _changes(old, new, where: str, limit: int = 4) -> str:
+    """The keys of two plain-data records that differ, each with both values (plan.json
+    of an older npmerge may lack a record: then nothing is named)."""
+    if old is None or new is None:
+        return ""
+    found: list[str] = []
+
+    def walk(a, b, at: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in [*a, *(k for k in b if k not in a)]:
+                walk(a.get(k, _ABSENT), b.get(k, _ABSENT), f"{at}.{k}" if at else str(k))
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{at}[{i}]")
+        elif a != b or type(a) is not type(b):
+            was = "absent" if a is _ABSENT else shown(a)
+            now = "absent" if b is _ABSENT else shown(b)
+            found.append(f"{at or where} was {was}, now {now}")
+
+    walk(old, new, "")
+    return "; ".join(found[:limit]) + (f" (and {len(found) - limit} more)" if len(found) > limit else "")
+
+
+def _layout_changes(old, new) -> str:
+    if old is None or new is None:
+        return ""
+    dtypes = _changes(old.get("dtypes"), new.get("dtypes"), "dtypes", limit=2)
+    if dtypes:
+        return "output dtype of " + dtypes
+    return f"{new.get('shards')} shard(s), the interrupted run wrote {old.get('shards')}"
 
 
 # ---------------------------------------------------------------- locks

@@ -6,10 +6,8 @@ with `os.pwrite` from caller buffers, never through a writable memmap: on a full
 a memmap store is a SIGBUS with no cleanup, a pwrite is an ENOSPC we can report.
 The model is built in a staging sibling `.<out>.npmerge-partial/` (io/staging.py) and
 renamed into place in one step, so a half-written model never looks complete
-(FORMAT-AND-SAFETY §4). Each shard is final (fsynced, renamed, sha256 recorded in the
+(docs/format-and-safety.md §3). Each shard is final (fsynced, renamed, sha256 recorded in the
 staging manifest) as soon as it is done: an interrupted run keeps those for `--resume`.
-
-`NPMERGE_TEST_SLOW=<seconds>` (tests only) sleeps before every data write.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ import json
 import os
 import shutil
 import threading
-import time
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -32,16 +29,14 @@ import numpy as np
 
 from ..constants import DEFAULT_SHARD_BYTES, MAX_HEADER_BYTES, OUTPUT_METADATA, WRITE_PIECE_BYTES, WRITEBACK_BYTES
 from ..dtypes import DTYPES
-from ..errors import InvalidCheckpoint, OutputError, RecipeError
+from ..errors import InvalidCheckpoint, OutputError, RecipeError, shown
 from ..units import human_bytes
 from . import staging as st
+from ..constants import INDEX_NAME, SINGLE_NAME
 from .staging import SPACE_MARGIN, Staging, writing
 
-SINGLE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 _MAX_SHARDS = 99_999  # the 5-digit shard name pattern
 # Test hook: seconds to sleep before each data write, so tests can interrupt a real merge mid-way.
-_SLOW_ENV = "NPMERGE_TEST_SLOW"
 
 
 @dataclass(frozen=True)
@@ -144,7 +139,7 @@ def plan_shards(tensors: Sequence[OutputTensor], shard_bytes: int = DEFAULT_SHAR
     the limit, so a tensor larger than the limit sits alone.
     """
     if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, (int, np.integer)) or shard_bytes < 1:
-        raise RecipeError(f"shard size must be a positive number of bytes, got {shard_bytes!r}")
+        raise RecipeError(f"shard size must be a positive number of bytes, got {shown(shard_bytes)}")
     tensors, seen = list(tensors), set()
     for t in tensors:
         _check_tensor(t, seen)
@@ -254,7 +249,8 @@ class OutputWriter:
         self.out_dir = st.resolve_out(out_dir)
         self.layout, self.force, self.check_space, self.resume = layout, force, check_space, resume
         self.inputs = [os.fspath(p) for p in inputs]
-        self.fingerprint = {**(fingerprint or {}), "layout_sha256": layout_digest(layout)}
+        self.fingerprint = {**(fingerprint or {}), "layout_sha256": layout_digest(layout),
+                            "layout": {"shards": len(layout.shards), "dtypes": {t.name: t.dtype for t in layout.tensors}}}
         self._stage = Staging(self.out_dir)
         self._old = self.out_dir.parent / f".{self.out_dir.name}.npmerge-old"
         self._sizes = {n: None for s in layout.shards for n in s.tensors}  # None: unknown (hand-built layout)
@@ -268,7 +264,6 @@ class OutputWriter:
         self._resumed: set[int] = set()
         self._state = "new"  # new -> open -> committed | aborted
         self._shards_done = False
-        self._slow = float(os.environ.get(_SLOW_ENV) or 0)
         self.kept: str | None = None  # set by an abort that kept finished shards for --resume
 
     @property
@@ -397,8 +392,6 @@ class OutputWriter:
         if self._state != "open" or self._shards_done:
             raise RuntimeError(f"OutputWriter.write() on a writer that is {self._state}"
                                + (" (after finish_shards)" if self._shards_done else ""))
-        if self._slow:
-            time.sleep(self._slow)
         index, offset = self.layout.location(name)
         if index in self._done:
             raise RuntimeError(f"OutputWriter.write() to tensor {name!r} of shard {index}, which is finished")

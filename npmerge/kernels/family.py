@@ -43,7 +43,7 @@ from numba import njit
 
 from .bits import HELPER, JIT, f32_bits
 from .philox import uniform24
-from .span import DELTA, check_block, encode, gather_rows, load_one, load_rows, scatter
+from .span import DELTA, check_block, encode, gather_rows, load_one, load_rows, scatter, thin_step
 
 HI_SHIFT = 16
 HI_BUCKETS = 1 << 15  # magnitude bits 30..16
@@ -192,9 +192,7 @@ def _thin(x, n, t, q, m, rem, keep):
     """Scalar pass over the elements equal to t: keep the j-th iff r_j + q >= m; return r."""
     for e in range(n):
         if np.int64(f32_bits(x[e]) & MAG_MASK) == t:
-            k = rem + q >= m
-            rem = rem + q - (m if k else 0)
-            keep[e] = k
+            keep[e], rem = thin_step(rem, q, m)
     return rem
 
 
@@ -440,7 +438,7 @@ def _merge(u, base, n, has_base, m, cnt, sc):
 @njit(**HELPER)
 def _add_abs(x, y, n, e0, x_lanes, y_lanes):
     """x_lanes[(e0 + e) % 8] += |x[e]| and y_lanes[...] += |y[e]| (float64) for e < n in
-    increasing e: the reduction rule's lanes (SEMANTICS-2 A), both sums in one loop."""
+    increasing e: the reduction rule's lanes (docs/semantics.md §A), both sums in one loop."""
     head = min(n, (8 - (e0 & 7)) & 7)
     for e in range(head):
         x_lanes[(e0 + e) & 7] += abs(np.float64(x[e]))

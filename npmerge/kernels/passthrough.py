@@ -1,7 +1,7 @@
 """Span kernel of passthrough: one input, optionally scaled, encoded to the output dtype.
 
 Unscaled tensors in their stored dtype never get here (the plan copies their bytes);
-this kernel serves scaled tensors, fl32(x * fl32(scale)) (SEMANTICS-2 C), and
+this kernel serves scaled tensors, fl32(x * fl32(scale)) (docs/semantics.md §C), and
 unscaled ones the recipe asks to convert (`dtype`/`out_dtype`), which are decoded,
 rounded as `dtype` says and encoded without arithmetic.
 """

@@ -1,4 +1,4 @@
-"""Counter-based random numbers for masks (DARE, DELLA): Philox-4x32-10, SEMANTICS-2 A.
+"""Counter-based random numbers for masks (DARE, DELLA): Philox-4x32-10, docs/semantics.md §A.
 
 Element e of model i in tensor `name` draws u = (word e mod 4 of
 Philox(counter (j mod 2**32, j >> 32, s mod 2**32, s >> 32), key (seed mod 2**32, seed >> 32))

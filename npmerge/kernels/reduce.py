@@ -1,7 +1,7 @@
 """Span kernels of the methods that reduce a tensor before they merge it (SLERP, NuSLERP,
 Model Stock, SCE): exact float64 sums over vectors, then float32 blends.
 
-Reductions follow SEMANTICS-2 A (tests/reference.py `reduce_sum`): float64 terms; blocks
+Reductions follow docs/semantics.md §A (tests/reference.py `reduce_sum`): float64 terms; blocks
 of `block` elements relative to the vector (the whole tensor, a row along the last axis,
 or a column of the (shape[0], -1) view); in a block element e goes to lane e mod 8 in
 increasing e; block sum ((A0+A1)+(A2+A3))+((A4+A5)+(A6+A7)); the block sums of a vector
@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit
 
 from .bits import HELPER, JIT, f64_bits
-from .span import encode, lanes8, load_rows, sumsq
+from .span import encode, lanes8, load_rows, sumsq, thin_step
 
 # Blend operations.
 SLERP = 0  # o = ca*B + cb*M0 (model values)
@@ -338,11 +338,9 @@ def _select(rows, v, n, t, tq, tm, rem, keep):
         for e in range(n):
             if f64_bits(v[e]) == t:
                 if tq < tm:
-                    k = rem + tq >= tm
-                    rem = rem + tq - (tm if k else 0)
+                    keep[e], rem = thin_step(rem, tq, tm)
                 else:
-                    k = tq > 0
-                keep[e] = k
+                    keep[e] = tq > 0
     zero = np.float32(0.0)
     for i in range(rows.shape[0]):
         x = rows[i]

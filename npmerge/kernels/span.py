@@ -106,6 +106,15 @@ def scatter(out, vals, n, idx, lo):
     return call_int5(out[0], address(vals), n, out[1], address(idx), lo)
 
 
+@njit(inline="always")
+def thin_step(rem, q, m):
+    """The rank rule's even thinning (docs/semantics.md §A.3) at the next element of a tie
+    group: the j-th of m is kept iff r + q >= m, with r = j*q mod m the running remainder.
+    Returns (kept, the next remainder)."""
+    kept = rem + q >= m
+    return kept, rem + q - (m if kept else 0)
+
+
 # ------------------------------------------------------------------ checks and sums
 
 
@@ -120,7 +129,7 @@ def count_nonfinite(x, n):
 
 @njit(**HELPER)
 def sumsq(x, n):
-    """float64 sum of x[:n]**2 by the reduction rule (SEMANTICS-2 A): element e goes to
+    """float64 sum of x[:n]**2 by the reduction rule (docs/semantics.md §A): element e goes to
     accumulator e mod 8 in increasing e, combined ((A0+A1)+(A2+A3))+((A4+A5)+(A6+A7)).
     Squares of float32 values are exact in float64. `x` starts a block (or a row)."""
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0

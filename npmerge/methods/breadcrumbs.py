@@ -4,7 +4,7 @@ without TIES's sign election."""
 
 from typing import Any
 
-from ..errors import RecipeError
+from ..errors import RecipeError, shown
 from . import family
 from .registry import DENSITY, LAMBDA, WEIGHT, Method, Param, register
 
@@ -13,7 +13,7 @@ PAPER = "https://arxiv.org/abs/2312.06795"
 
 def gamma(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise RecipeError(f"{name} must be a number in [0, 1], got {value!r}",
+        raise RecipeError(f"{name} must be a number in [0, 1], got {shown(value)}",
                           hint="gamma is the fraction of largest magnitudes dropped as outliers, e.g. 0.01")
     return float(value)
 

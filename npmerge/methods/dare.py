@@ -1,5 +1,5 @@
 """DARE: drop task-vector elements at random and rescale the rest (Yu et al., 2024),
-with or without TIES's sign election. Masks are counter-based (SEMANTICS-2 A): they
+with or without TIES's sign election. Masks are counter-based (docs/semantics.md §A): they
 depend only on the seed, the tensor, the model and the element."""
 
 from . import family

@@ -5,7 +5,7 @@ election (`della`) or without (`della_linear`)."""
 import math
 from typing import Any
 
-from ..errors import RecipeError
+from ..errors import RecipeError, shown
 from . import family
 from .registry import DENSITY, LAMBDA, SEED, WEIGHT, Method, Param, register
 
@@ -14,7 +14,7 @@ PAPER = "https://arxiv.org/abs/2406.11617"
 
 def epsilon(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-        raise RecipeError(f"{name} must be a number >= 0, got {value!r}",
+        raise RecipeError(f"{name} must be a number >= 0, got {shown(value)}",
                           hint="epsilon is the spread of keep probabilities around density, e.g. 0.15")
     return float(value)
 
@@ -24,7 +24,7 @@ EPSILON = Param("epsilon", 0.15, epsilon, "keep probabilities span density - eps
 
 def check_bounds(global_params: dict, model_params: list[dict], models: list[str]) -> None:
     """For 0 < density < 1 every probability must lie in (0, 1): density - epsilon > 0
-    and density + epsilon < 1 (SEMANTICS-2 B)."""
+    and density + epsilon < 1 (docs/semantics.md §B)."""
     for p, who in zip(model_params, models):
         rho, eps = p["density"], p["epsilon"]
         if 0 < rho < 1 and not (rho - eps > 0 and rho + eps < 1):

@@ -1,5 +1,5 @@
 """Driver of the task-arithmetic family: TIES, task arithmetic, linear, DARE, breadcrumbs
-and DELLA are one parameterised family (SEMANTICS.md, SEMANTICS-2 B): a sparsifier per
+and DELLA are one parameterised family (docs/semantics.md, docs/semantics.md §B): a sparsifier per
 model, then weights, an optional sign consensus, normalize and lambda.
 
 The kernels (kernels/family.py) know the loops; this module knows the policy: which
@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from .. import constants, kernels
-from ..errors import RecipeError
+from ..errors import RecipeError, shown
+from ..reduction import combine_lanes, exact_sum
 from .protocol import Driver, Span, Stat, TensorContext
 from .registry import Param, boolean, choice
 
@@ -37,7 +38,7 @@ RESCALE_STAT = Stat("rescale", "rescale", fmt="number")  # only where an l1 resc
 
 
 def keep_count(density: float, n: int) -> int:
-    """k = floor(density * n), the product in float64 (SEMANTICS-2 A "Counts")."""
+    """k = floor(density * n), the product in float64 (docs/semantics.md §A "Counts")."""
     return n if density >= 1.0 else min(n, math.floor(float(density) * n))
 
 
@@ -56,7 +57,7 @@ class ModelPlan:
 
 
 def plan_model(sparsifier: str | None, params: dict, n: int, row: int, rescale: Any) -> ModelPlan:
-    """A model's sparsifier for a tensor of n elements with rows of `row` (SEMANTICS-2 A, B).
+    """A model's sparsifier for a tensor of n elements with rows of `row` (docs/semantics.md §A, B).
 
     density >= 1 (or no sparsifier) keeps the task vector untouched, density 0 drops it;
     rescale True is l1, "inverse" multiplies by fl32(1/p)."""
@@ -230,7 +231,7 @@ class FamilyDriver(Driver):
         nm = self.ctx.n_models
         if l1 and self._lanes is None:
             self._lanes = np.zeros((2, nm, -(-self.ctx.numel // constants.BLOCK), 8), np.float64)
-        # the sums pass runs on the reduction grid (SEMANTICS-2 A), the merge pass on blocks
+        # the sums pass runs on the reduction grid (docs/semantics.md §A), the merge pass on blocks
         grid = constants.BLOCK if l1 else span.block
         if span.check and (grid % span.block or self.kernel == "rank"):  # blocks not nesting in the grid (tests)
             span.run_checks()
@@ -332,7 +333,7 @@ class FamilyDriver(Driver):
                 self._fill_ranks()
             return
         for i, side, rank, slot, above in self._pending:
-            lo, above_in_bucket = _locate(hist[slot], rank + 1 - above)
+            lo, above_in_bucket = locate(hist[slot], rank + 1 - above)
             bucket = self._slots[slot][1]
             self._found[i, side] = ((bucket << 16) | lo, above + above_in_bucket, int(hist[slot, lo]))
         self._fill_ranks()
@@ -345,7 +346,7 @@ class FamilyDriver(Driver):
         bucket's floor value (bucket << 16), which the others equal. If the wanted one lies
         beyond the former, it is the floor: value and group are known now. Otherwise the
         low-bits pass histograms the bucket (one slot per model and bucket)."""
-        bucket, above = _locate(hist, rank + 1)
+        bucket, above = locate(hist, rank + 1)
         larger = int(nonzero_lo[bucket])
         if rank + 1 - above > larger:
             self._found[i, side] = (bucket << 16, above + larger, int(hist[bucket]) - larger)
@@ -370,13 +371,12 @@ class FamilyDriver(Driver):
         """r = sum |tau| / sum |kept tau| by the reduction rule; skipped if either < 1e-7."""
         lanes = self._lanes
         self._lanes = None
-        blocks = ((lanes[..., 0] + lanes[..., 1]) + (lanes[..., 2] + lanes[..., 3])) + \
-                 ((lanes[..., 4] + lanes[..., 5]) + (lanes[..., 6] + lanes[..., 7]))
+        blocks = combine_lanes(lanes)
         k = kernels.load("family")
         for i, p in enumerate(self.plans):
             if p.rescale != "l1":
                 continue
-            before, after = _exact_sum(blocks[0, i]), _exact_sum(blocks[1, i])
+            before, after = exact_sum(blocks[0, i]), exact_sum(blocks[1, i])
             if not (before < 1e-7 or after < 1e-7):
                 p.factor = float(np.float32(before / after))
                 self.sel[i]["rescale"], self.sel[i]["factor"] = k.SCALE_FACTOR, p.factor
@@ -385,7 +385,7 @@ class FamilyDriver(Driver):
 
     # -- results -----------------------------------------------------------------
     def stats(self) -> dict:
-        """Kept fractions (counted), the sign vote where there is one (SEMANTICS.md), and
+        """Kept fractions (counted), the sign vote where there is one (docs/semantics.md), and
         the l1 rescale factor where one multiplied; task arithmetic and linear have none."""
         nm = self.ctx.n_models
         if self.sparsifier is None:
@@ -411,20 +411,13 @@ _NONE = np.zeros(0, np.int64)
 _NO_BITS = np.zeros((0, 0), np.uint8)
 
 
-def _locate(hist: np.ndarray, k: int) -> tuple[int, int]:
-    """The bucket holding the k-th largest element, and how many lie above it."""
+def locate(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """The bucket of a radix histogram holding the k-th largest element, and how many lie
+    above it (the exact rank selection of TIES, breadcrumbs and SCE)."""
     from_top = np.cumsum(hist[::-1])
     pos = int(np.searchsorted(from_top, k))  # first bucket (from the top) where the count reaches k
     bucket = len(hist) - 1 - pos
     return bucket, int(from_top[pos] - hist[bucket])
-
-
-def _exact_sum(values: np.ndarray) -> float:
-    """Block sums added exactly, rounded once (math.fsum); non-finite ones follow IEEE."""
-    values = values.tolist()
-    if all(math.isfinite(v) for v in values):
-        return math.fsum(values)
-    return sum(v for v in values if not math.isfinite(v))
 
 
 def driver(**config):
@@ -451,7 +444,7 @@ def rescale_check(inverse: bool):
                               hint="use rescale: true (l1) or false")
         if isinstance(value, (bool, str)) and value in _RESCALE:
             return _RESCALE[value]
-        raise RecipeError(f"{name} must be one of {', '.join(options)}, got {value!r}",
+        raise RecipeError(f"{name} must be one of {', '.join(options)}, got {shown(value)}",
                           hint="true (= l1): scale kept deltas by sum|tau| / sum|kept tau|"
                                + ("; inverse: by 1/p" if inverse else "") + "; false: no rescale")
     check.options = options

@@ -1,4 +1,4 @@
-"""Model Stock (Jang et al., 2024), SEMANTICS-2 C: the ratio t from the mean pairwise
+"""Model Stock (Jang et al., 2024), docs/semantics.md §C: the ratio t from the mean pairwise
 cosine of the task vectors, per tensor or per row; result t·mean(Mᵢ) + (1 − t)·B."""
 
 from . import reduce

@@ -1,4 +1,4 @@
-"""NuSLERP: mergekit's SLERP of two models with weights, base optional (SEMANTICS-2 C):
+"""NuSLERP: mergekit's SLERP of two models with weights, base optional (docs/semantics.md §C):
 t = w1 / (w0 + w1); the task vectors (or, without a base, the models) are interpolated
 along their arc per tensor, per row, or per column."""
 

@@ -1,5 +1,5 @@
 """Passthrough: a model's tensors unchanged, or scaled; with `slices:`, layers of several
-models stacked into one (a frankenmerge). SEMANTICS-2 C.
+models stacked into one (a frankenmerge). docs/semantics.md §C.
 
 One model per tensor, no base. The plan turns unscaled tensors into copy jobs (the
 stored bytes, in the stored dtype); this driver handles the scaled ones.

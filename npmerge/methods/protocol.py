@@ -48,7 +48,7 @@ class TensorContext:
     model_params: tuple[dict, ...]  # per model, in recipe order
     has_base: bool
     threads: int
-    stream_index: tuple[int, ...] = ()  # per model: index i of its random stream (SEMANTICS-2 A)
+    stream_index: tuple[int, ...] = ()  # per model: index i of its random stream (docs/semantics.md §A)
     cache: bool = False  # the budget has room for the driver's optional cache (Driver.cache_bytes)
 
     @property

@@ -1,5 +1,5 @@
 """Drivers of the methods that reduce a tensor before they merge it: SLERP, NuSLERP and
-Model Stock (SEMANTICS-2 C). Pass "reduce" streams the inputs once and sums the products
+Model Stock (docs/semantics.md §C). Pass "reduce" streams the inputs once and sums the products
 the method needs (norms, dot products) exactly, per vector; `end_pass` turns the sums
 into float32 coefficients (float64 math, Python's `math` for transcendentals, rounded
 once, exactly as tests/reference.py); pass "merge" blends and encodes.
@@ -24,7 +24,7 @@ FLAT, ROWS, COLUMNS = "flat", "rows", "columns"
 class VectorSums:
     """Exact float64 sums of f64(x)*f64(y) over every vector, for a list of input pairs
     (slots: 0 the base, 1 + i model i; task vectors when `deltas`), in one streaming pass
-    (SEMANTICS-2 A). `result()` -> float64[npairs, nvec]."""
+    (docs/semantics.md §A). `result()` -> float64[npairs, nvec]."""
 
     def __init__(self, ctx: TensorContext, layout: str, pairs: list[tuple[int, int]], deltas: bool):
         self.ctx = ctx
@@ -179,7 +179,7 @@ class BlendDriver(Driver):
 
     def end_pass(self, pass_name: str) -> None:
         if pass_name == "reduce":
-            self.vector_sums = self.sums.result()  # float64[npairs, nvec] (kept for tests)
+            self.vector_sums = self.sums.result()  # float64[npairs, nvec]: the norms and dot products reduced
             with np.errstate(all="ignore"):  # IEEE results are the defined results
                 ca, cb = self.coefficients(self.vector_sums)
             self.ca = np.ascontiguousarray(ca, np.float32).reshape(-1)
@@ -198,7 +198,7 @@ SLERP_STATS = (
 
 
 class SlerpDriver(BlendDriver):
-    """SLERP of v0 = base and v1 = the model over the flattened tensor (SEMANTICS-2 C)."""
+    """SLERP of v0 = base and v1 = the model over the flattened tensor (docs/semantics.md §C)."""
 
     op = "SLERP"
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import RecipeError
+from ..errors import RecipeError, shown
 from .protocol import Driver, Stat, TensorContext
 
 _MODULES = ("ties", "task_arithmetic", "linear", "dare", "breadcrumbs", "della", "slerp", "nuslerp", "model_stock",
@@ -23,7 +23,7 @@ _MODULES = ("ties", "task_arithmetic", "linear", "dare", "breadcrumbs", "della",
 # A check gets the parameter's display name, e.g. "'density' of model 2 'ft-b'", and the value.
 def _finite(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RecipeError(f"{name} must be a number, got {value!r}")
+        raise RecipeError(f"{name} must be a number, got {shown(value)}")
     value = float(value)
     if not math.isfinite(value):
         raise RecipeError(f"{name} must be finite, got {value}")
@@ -58,7 +58,7 @@ def fraction(name: str, value: Any) -> float:
 
 def seed(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RecipeError(f"{name} must be an integer, got {value!r}", hint="a seed is an integer in [0, 2**64)")
+        raise RecipeError(f"{name} must be an integer, got {shown(value)}", hint="a seed is an integer in [0, 2**64)")
     if not 0 <= value < 2**64:
         raise RecipeError(f"{name} must be in [0, 2**64), got {value}", hint="a seed is an integer in [0, 2**64)")
     return int(value)
@@ -72,13 +72,13 @@ def boolean(name: str, value: Any) -> bool:
         return value
     if type(value) is int and value in (0, 1):  # YAML habits: normalize: 1
         return bool(value)
-    raise RecipeError(f"{name} must be true or false, got {value!r}")
+    raise RecipeError(f"{name} must be true or false, got {shown(value)}")
 
 
 def choice(*options: str) -> Callable[[str, Any], str]:
     def check(name: str, value: Any) -> str:
         if value not in options:
-            raise RecipeError(f"{name} must be one of {', '.join(map(str, options))}, got {value!r}")
+            raise RecipeError(f"{name} must be one of {', '.join(map(str, options))}, got {shown(value)}")
         return value
     check.options = options
     return check
@@ -108,7 +108,7 @@ class Param:
 
 @dataclass(frozen=True)
 class Method:
-    """One merge method (SEMANTICS.md, SEMANTICS-2.md)."""
+    """One merge method (docs/semantics.md)."""
 
     name: str  # recipe name, e.g. "task_arithmetic"
     title: str

@@ -1,4 +1,4 @@
-"""SCE: select, calculate, erase (FuseChat, Wan et al., 2024), SEMANTICS-2 C.
+"""SCE: select, calculate, erase (FuseChat, Wan et al., 2024), docs/semantics.md §C.
 
 Per tensor: with select_topk σ < 1 keep only the k = floor(σ·#{v ≠ 0}) elements whose
 variance v across the task vectors is largest (the shared rank selection keep(v, 0, k),
@@ -25,6 +25,7 @@ import numpy as np
 from .. import kernels
 from ..constants import BLOCK
 from ..errors import IncompatibleModels
+from .family import locate
 from .protocol import Driver, Span, Stat, TensorContext
 from .registry import Method, Param, number, register
 
@@ -153,11 +154,8 @@ class SceDriver(Driver):
                     f"tensor '{self.ctx.name}': SCE cannot rank elements by variance, {nans} variance(s) are NaN "
                     "(non-finite task vectors)", hint="use select_topk 1 (no selection) for models with NaN/Inf weights")
         total = hist.sum(axis=1)
-        from_top = np.cumsum(total[::-1])
         need = self.k - self.above
-        pos = int(np.searchsorted(from_top, need))
-        d = len(total) - 1 - pos
-        above_in = int(from_top[pos] - total[d])
+        d, above_in = locate(total, need)
         need -= above_in  # elements to take from bucket d: 1 .. total[d]
         floor = ((max(self.prefix, 0) << 16) | d) << shift  # smallest key of bucket d
         larger = int(hist[d, 1])  # bucket d's keys above its floor

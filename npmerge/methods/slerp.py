@@ -1,5 +1,5 @@
 """SLERP: spherical linear interpolation between the base and one other model (Shoemake,
-1985), per tensor over its flattened weights (SEMANTICS-2 C).
+1985), per tensor over its flattened weights (docs/semantics.md §C).
 
 `t` takes any finite value, as in mergekit (which does not check it): outside [0, 1] the
 interpolation extrapolates along the arc, and the recipe gets a note saying so.
