@@ -59,7 +59,9 @@ def execute(plan: Plan, out, *, force: bool = False, resume: bool = False,
     try:
         with writer:
             writer.open()
-            stats = Engine(plan, writer, progress).run()
+            engine = Engine(writer, threads=plan.threads, span=plan.span, allow_nonfinite=plan.allow_nonfinite,
+                            progress=progress)
+            stats = engine.run(plan)
             write_companions(writer, plan.reference.root, _config_dtype(plan), plan.config_updates, plan.tokenizer_files)
             recipe_yaml = plan.recipe.to_yaml()
             writer.add_bytes(RECIPE_NAME, recipe_yaml.encode())

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import replace
 
 from . import constants
 from .errors import BudgetError, RecipeError
-from .methods.protocol import TensorContext
+from .span_inputs import SpanInputs
 from .units import human_bytes
 
 
@@ -60,9 +59,7 @@ def output_bytes(span: int) -> int:
 
 def job_bytes(job, span: int, threads: int) -> int:
     """Working memory of one merged tensor at this span size, beyond the shared output buffer."""
-    from .engine import SpanInputs
-
-    driver = job.method.driver(context(job, threads))
+    driver = job.driver
     checks = len(job.models) * -(-job.numel // constants.BLOCK) * 8
     # computed sources' own scratch (LoRA B @ A) over the whole rows a span touches
     sources = sum(s.work_bytes(span + 2 * driver.whole_rows) for s in job.sources)
@@ -91,18 +88,16 @@ def choose_span(jobs: list, budget: int, threads: int) -> tuple[int, int]:
     return span, need
 
 
-def cache_computed(jobs: list, budget: int, threads: int, span: int) -> tuple[list, int]:
+def grant_caches(jobs: list, budget: int, threads: int, span: int) -> int:
     """Grant optional caches where the budget has room: computed sources of a tensor in
     several spans compute it whole, once (a LoRA source then computes B @ A once, not once
     per pass, and the engine reads it in place; a tensor in one span stays in the engine's
     buffer anyway), and drivers keep what saves them work (Driver.cache_bytes). Return the
-    jobs (with `driver_cache` set) and the bytes allocated at the worst tensor, caches
-    included. `span`: the plan's (the shared output buffer's); jobs carry their own."""
+    bytes allocated at the worst tensor, caches included. `span`: the plan's (the shared
+    output buffer's); jobs carry their own."""
     worst = 0
-    out = []
     for job in jobs:
         if job.copy:
-            out.append(job)
             continue
         need = output_bytes(span) + job_bytes(job, job.span, threads)
         if job.passes > 1 and job.span < job.numel:  # one span: the engine keeps it (SpanInputs)
@@ -110,16 +105,9 @@ def cache_computed(jobs: list, budget: int, threads: int, span: int) -> tuple[li
                 if 0 < src.cache_bytes <= budget - need:
                     src.enable_cache(job.span)
                     need += src.cache_bytes
-        extra = job.method.driver(context(job, threads)).cache_bytes
+        extra = job.driver.cache_bytes
         if 0 < extra <= budget - need:
-            job = replace(job, driver_cache=True)
+            job.driver.cache = True
             need += extra
         worst = max(worst, need)
-        out.append(job)
-    return out, worst
-
-
-def context(job, threads: int) -> TensorContext:
-    """What a driver of `job` sees (the engine builds the same)."""
-    return TensorContext(job.name, job.shape, job.numel, job.params, job.model_params, job.base is not None,
-                         threads, job.stream_index, job.driver_cache)
+    return worst

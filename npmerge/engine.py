@@ -17,85 +17,14 @@ import numpy as np
 
 from . import kernels
 from .constants import BLOCK, READAHEAD_BYTES
-from .dtypes import DECODABLE, ITEMSIZE, SPAN_DELTA, span_luts, unaligned_ok
+from .dtypes import ITEMSIZE
 from .errors import IncompatibleModels
-from .io.sources import TensorSource
 from .reduction import exact_sum
-from .methods.protocol import Span, TensorContext
 from . import precompile, workers
+from .span_inputs import SpanInputs
 from .workers import Workers
 
 Progress = Callable[[int, str], None]  # (bytes advanced, tensor name)
-
-
-class SpanInputs:
-    """A merged tensor's sources as span kernel inputs: slot 0 the base (if any), then
-    the models. Raw storage is decoded in place; other sources fill a float32 buffer per
-    span, addressed so that element indices stay absolute. The kernels take one storage
-    kind for all models, so models stored in different dtypes are all decoded into such
-    buffers (rare). Kernels only read the buffers and a source's values depend only on
-    the range, so a buffer that already holds a span's range (the next pass over a
-    one-span tensor) is not filled again."""
-
-    def __init__(self, base: TensorSource | None, models: tuple[TensorSource, ...], span: int, rnd: str | None,
-                 block: int = BLOCK, rows: int = 0):
-        self.block = block
-        self.rows = rows  # computed sources fill whole rows of this length around each span (0: the span)
-        self.sources = [base] + list(models)
-        n = len(self.sources)
-        self.addrs = np.zeros(n, np.int64)
-        flags = np.zeros(n, np.int64)
-        self._keep: list[np.ndarray] = []  # raw views and buffers, alive while the kernels run
-        self._computed: list[tuple[int, TensorSource, np.ndarray]] = []
-        in_place = self.in_place(base, models)
-        for slot, src in enumerate(self.sources):
-            if src is None:
-                continue
-            if in_place[slot]:
-                raw = src.raw()
-                self.addrs[slot] = raw.ctypes.data
-                self._keep.append(raw)
-            else:
-                buf = np.empty(max(span + 2 * rows, 1), np.float32)
-                self._computed.append((slot, src, buf))
-                self._keep.append(buf)
-            if src.is_delta:
-                flags[slot] = SPAN_DELTA
-        codecs = kernels.load("codecs")
-        kinds = [(s.dtype if in_place[slot] else "F32") if s is not None else None for slot, s in enumerate(self.sources)]
-        self.inp = (codecs.decoder(kinds[0]), codecs.decoder(kinds[1]), codecs.rounder(rnd), self.addrs, flags,
-                    span_luts().ctypes.data, base is not None)
-        self._filled: list[tuple[int, int] | None] = [None] * len(self._computed)  # range each buffer holds
-        self._check_scratch: list = []  # the check pass's block buffers per thread (Span.run_checks)
-
-    @staticmethod
-    def in_place(base: TensorSource | None, models) -> list[bool]:
-        """Per slot: is the source decoded from its raw storage in place (else through a
-        float32 span buffer)? Models are in place only if all of them are, in one dtype."""
-        def mappable(src) -> bool:
-            raw = src.raw() if src is not None else None
-            aligned = raw is not None and (raw.ctypes.data % max(raw.itemsize, 1) == 0 or unaligned_ok())
-            return raw is not None and raw.size > 0 and aligned and src.dtype in DECODABLE
-        together = all(mappable(m) for m in models) and len({m.dtype for m in models}) <= 1
-        return [base is not None and mappable(base)] + [together] * len(models)
-
-    @classmethod
-    def buffer_bytes(cls, base: TensorSource | None, models, span: int, rows: int = 0) -> int:
-        """Float32 span buffers for the sources that are not decoded in place."""
-        slots = [base, *models]
-        return 4 * (span + 2 * rows) * sum(1 for s, ok in zip(slots, cls.in_place(base, models))
-                                           if s is not None and not ok)
-
-    def span(self, lo: int, hi: int, workers) -> Span:
-        for i, (slot, src, buf) in enumerate(self._computed):
-            a, b = lo, hi
-            if self.rows:  # the whole rows the span touches
-                a, b = lo - lo % self.rows, min(src.numel, hi + (-hi) % self.rows)
-            if self._filled[i] != (a, b):  # a tensor in one span is computed once, not once per pass
-                src.read(a, b - a, buf)
-                self._filled[i] = (a, b)
-            self.addrs[slot] = buf.ctypes.data - 4 * a
-        return Span(lo, hi, self.block, self.inp, workers, check_scratch=self._check_scratch)
 
 
 class _Readahead:
@@ -158,16 +87,19 @@ class WritePipe:
 
 
 class Engine:
-    def __init__(self, plan, writer, progress: Progress | None = None):
-        self.jobs = plan.jobs
-        self.layout = plan.layout
-        self.allow_nonfinite = plan.allow_nonfinite
+    """Merges tensors through their drivers into a writer: `run(plan)` a whole plan, shard
+    by shard; `run_driver(job)` one tensor (the plan's, or one built by npmerge/arrays.py).
+    `span`: the largest span of the jobs it will run (the output buffers' size)."""
+
+    def __init__(self, writer, *, threads: int | None, span: int, allow_nonfinite: bool = False,
+                 progress: Progress | None = None):
+        self.allow_nonfinite = allow_nonfinite
         self.writer = writer
         self.progress = progress or (lambda advance, name: None)
-        self.threads = kernels.threads(plan.threads)
+        self.threads = kernels.threads(threads)
         self.workers = Workers(self.threads)
         workers.activate(self.workers)
-        self.pipe = WritePipe(writer, max(plan.span, 1) * 8)
+        self.pipe = WritePipe(writer, max(span, 1) * 8)
         self.stats: dict[str, dict] = {}
         self._precompile = None  # the helper compiling the first merge's later kernels (precompile.py)
 
@@ -178,11 +110,12 @@ class Engine:
         for src in job.sources:
             src.prefetch()
 
-    def run(self) -> dict[str, dict]:
-        """Shard by shard, in each shard's data order: output is written sequentially and
-        each shard is final (fsynced) as soon as its last tensor is done."""
-        jobs = {job.name: job for job in self.jobs}
-        todo = [jobs[n] for i, shard in enumerate(self.layout.shards) if self.writer.resumed_stats(i) is None
+    def run(self, plan) -> dict[str, dict]:
+        """The plan's tensors shard by shard, in each shard's data order: output is written
+        sequentially and each shard is final (fsynced) as soon as its last tensor is done."""
+        jobs = {job.name: job for job in plan.jobs}
+        shards = plan.layout.shards
+        todo = [jobs[n] for i, shard in enumerate(shards) if self.writer.resumed_stats(i) is None
                 for n in shard.tensors]
         from concurrent.futures import ThreadPoolExecutor
 
@@ -191,7 +124,7 @@ class Engine:
         first = next((job for job in todo if not job.copy), None)
         self._precompile = precompile.start(first, self.threads) if first is not None else None
         try:
-            for i, shard in enumerate(self.layout.shards):
+            for i, shard in enumerate(shards):
                 resumed = self.writer.resumed_stats(i)
                 if resumed is not None:  # completed by an interrupted run, verified by the writer
                     self.stats.update(resumed)
@@ -229,16 +162,18 @@ class Engine:
 
     # -- one merged tensor ---------------------------------------------------------
     def merge(self, job) -> dict:
-        """Run the job's driver over every span of every pass; return the tensor's statistics."""
-        return self.run_driver(job)[1]
+        """Run the job's driver over every span of every pass; return the tensor's statistics.
+        The driver stays on its job (the plan's); its buffers go when the tensor is done."""
+        try:
+            return self.run_driver(job)
+        finally:
+            job.driver.release()
 
-    def run_driver(self, job, block: int = BLOCK):
-        """merge(), returning the finished driver too (tests look at its thresholds).
+    def run_driver(self, job, block: int = BLOCK) -> dict:
+        """The tensor's statistics, after every pass of `job.driver` over every span.
         `block`: the reduction grid and kernel block size (BLOCK; tests use small ones)."""
         n, nm = job.numel, len(job.models)
-        ctx = TensorContext(job.name, job.shape, n, job.params, job.model_params, job.base is not None,
-                            self.threads, job.stream_index, job.driver_cache)
-        driver = job.method.driver(ctx)
+        driver = job.driver
         inputs = SpanInputs(job.base, job.models, job.span, job.input_round, block, driver.whole_rows)
         sums = np.zeros((nm, -(-n // block)), np.float64)
         bad = np.zeros((self.threads, nm + 1), np.int64)
@@ -246,6 +181,7 @@ class Engine:
         encoder, no_output, itemsize = codecs.encoder(job.out_dtype), codecs.encoder(None), ITEMSIZE[job.out_dtype]
         overflow = 0
         done = 0
+        fused = driver.fuses_check(block)
         while done < len(driver.passes):  # end_pass may drop a pass that turned out unneeded
             pass_name = driver.passes[done]
             writes = driver.writes(pass_name)
@@ -254,7 +190,7 @@ class Engine:
                 span = inputs.span(lo, hi, self.workers)
                 if done == 0:
                     span.check, span.sums, span.bad = True, sums, bad
-                    if not driver.fused_check:
+                    if not fused:
                         span.run_checks()
                 out = self.pipe.buffer() if writes else None
                 span.out = (encoder, out.ctypes.data) if writes else (no_output, 0)
@@ -284,7 +220,7 @@ class Engine:
         stats["passes"] = done
         if nonfinite.any():  # only with --allow-nonfinite (else refused above): the report notes it
             stats["nonfinite"] = [int(x) for x in nonfinite]  # [base, model 1, ...]
-        return driver, stats
+        return stats
 
     def _refuse_nonfinite(self, job, nonfinite: np.ndarray) -> None:
         if not nonfinite.any() or self.allow_nonfinite:
@@ -298,52 +234,3 @@ class Engine:
             f"{who} tensor '{job.name}' has {count} NaN/Inf value(s)"
             + ("" if nonfinite[0] or job.base is None else " (in the weights or their difference from the base)"),
             hint="a broken fine-tune poisons the merge; pass --allow-nonfinite to merge anyway")
-
-
-class _Collect:
-    """A writer stand-in that keeps one tensor's output bytes in memory."""
-
-    def __init__(self, nbytes: int):
-        self.data = np.zeros(nbytes, np.uint8)
-
-    def write(self, name: str, offset: int, data) -> None:
-        chunk = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8)
-        self.data[offset:offset + chunk.size] = chunk
-
-
-def run_arrays(method: str, base, models, params: dict, model_params: list[dict], *, dtype: str = "F32",
-               model_dtype: str | None = None, out_dtype: str = "F32", shape=None, name: str = "tensor", span: int | None = None,
-               threads: int | None = None, allow_nonfinite: bool = False, input_round: str | None = None,
-               block: int = BLOCK, driver: bool = False, driver_cache: bool = False):
-    """Merge one in-memory tensor exactly as a real merge does (tests, warmup): inputs are
-    raw storage arrays of `dtype` (float32 for F32, uint16 bit patterns for BF16/F16, ...;
-    the models of `model_dtype` if given);
-    returns the output's raw storage array (shaped) and the tensor's statistics (and the
-    finished driver if `driver`). `span` must be a multiple of `block`."""
-    from types import SimpleNamespace
-
-    from .dtypes import DTYPES
-    from .io.sources import ArraySource
-    from .methods import registry
-    from .plan import TensorJob
-
-    m = registry.get(method)
-    shape = tuple(shape) if shape is not None else tuple(np.shape(models[0]))
-    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    g, mp = m.resolve(dict(params), [dict(p) for p in model_params], cross_check=False)
-    b = ArraySource(base, dtype, shape, "base", name) if base is not None else None
-    srcs = tuple(ArraySource(x, model_dtype or dtype, shape, f"model {i + 1}", name) for i, x in enumerate(models))
-    span = span or max(block, -(-numel // block) * block)
-    if span % block:
-        raise ValueError(f"span {span} is not a multiple of block {block}")
-    job = TensorJob(name, shape, numel, out_dtype, False, m, b, srcs, g, tuple(mp), 1, span,
-                    input_round=input_round, stream_index=tuple(range(len(srcs))), driver_cache=driver_cache)
-    writer = _Collect(numel * ITEMSIZE[out_dtype])
-    plan = SimpleNamespace(jobs=[job], layout=None, allow_nonfinite=allow_nonfinite, threads=threads, span=span)
-    engine = Engine(plan, writer)
-    try:
-        drv, stats = engine.run_driver(job, block)
-    finally:
-        engine.close()
-    out = writer.data.view(DTYPES[out_dtype].storage).reshape(shape)
-    return (out, stats, drv) if driver else (out, stats)

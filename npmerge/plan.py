@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import __version__, constants
 from . import layers, values
-from .budget import cache_computed, choose_span, context, default_budget, parse_size
+from .budget import choose_span, default_budget, grant_caches, parse_size
 from .compat import check_distinct, check_equal_data, check_inputs, check_names, label
 from .dtypes import DECODABLE, DTYPES, ENCODABLE
 from .errors import IncompatibleModels, InvalidCheckpoint, RecipeError
@@ -43,6 +43,7 @@ from .io.vocab import OutputVocab, build_output_vocab, compare_vocabs
 from .io.vocab_rows import VocabRowsSource
 from .io.writer import OutputCheck, OutputTensor, ShardLayout, plan_shards
 from .methods import registry
+from .methods.protocol import Driver, TensorContext
 from .methods.registry import Method
 from .plan_params import headline
 from .recipe import Recipe, same_model
@@ -71,7 +72,7 @@ class TensorJob:
     stream_index: tuple[int, ...] = ()  # per model: its random stream (docs/semantics.md §A)
     layer: int | None = None  # output layer index; None outside the layer stack
     members: tuple[int, ...] = ()  # per model: its index in Plan.models (empty: 0, 1, ... in order)
-    driver_cache: bool = False  # the budget has room for the driver's optional cache
+    driver: Driver | None = None  # the method's driver of this tensor (None: a copy), built once (with_driver)
 
     @property
     def sources(self) -> tuple[TensorSource, ...]:
@@ -85,6 +86,13 @@ class TensorJob:
     def member_indices(self) -> tuple[int, ...]:
         """Per model of this tensor: its index in Plan.models."""
         return self.members or tuple(range(len(self.models)))
+
+    def with_driver(self, threads: int) -> TensorJob:
+        """This job with its driver, for up to `threads` compute threads, and the driver's passes."""
+        ctx = TensorContext(self.name, self.shape, self.numel, self.params, self.model_params, self.base is not None,
+                            threads, self.stream_index)
+        driver = self.method.driver(ctx)
+        return replace(self, driver=driver, passes=len(driver.passes))
 
 
 @dataclass
@@ -167,13 +175,12 @@ def build_plan(recipe: Recipe, *, max_memory=None, threads: int | None = None,
         base, models = _open_models(recipe, opened)
         check_distinct(base, models)
         jobs, notes, config_updates, vocab, tensor_map = _jobs(recipe, method, base, models, threads)
-        tokenizer_files = write_tokenizer_files(vocab) if vocab is not None else None
+        tokenizer_files = write_tokenizer_files(vocab.source_dir, vocab.added, vocab.strip_at) if vocab is not None else None
         layout = plan_shards([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], shard_bytes)
         span, work = choose_span(jobs, budget, threads)
         jobs = [replace(j, span=min(span, -(-j.numel // constants.BLOCK) * constants.BLOCK) or constants.BLOCK)
                 for j in jobs]
-        jobs, cached = cache_computed(jobs, budget, threads, span)
-        work = max(work, cached)
+        work = max(work, grant_caches(jobs, budget, threads, span))
     except BaseException:
         for c in opened:
             c.close()
@@ -242,6 +249,8 @@ def _slices(recipe: Recipe, base, models: list[Checkpoint], stack) -> list[_Slic
 
 
 def _jobs(recipe: Recipe, method: Method, base: Checkpoint | None, models: list[Checkpoint], threads: int):
+    """Every output tensor's job, with the plan's notes, config.json updates, output
+    vocabulary and tensor map."""
     ref = base or models[0]
     inputs = ([("base", base)] if base else []) + [(f"model {i + 1}", m) for i, m in enumerate(models)]
     notes: list[str] = []
@@ -273,78 +282,13 @@ def _jobs(recipe: Recipe, method: Method, base: Checkpoint | None, models: list[
     else:
         specs = layers.whole_model(list(feeds), stack, len(slices[0].sources))
     _check_filters(recipe, specs)
-    resolve = _Resolver(recipe, method)
-    rounding = recipe.dtype if recipe.dtype in ("BF16", "F16") else None
-    jobs, mixed, int_copies = [], set(), []
-
-    def slot(src: _Source) -> int:
-        """The source's position among `inputs` (the base first, if any)."""
-        return src.member + 1 if base else src.member  # the base is member -1
-
-    for spec in specs:
-        sl = slices[spec.slice]
-        buffer = feeds[spec.inputs[0]]
-        if buffer.copy_from is not None:  # a non-persistent buffer: the reference's bytes (io/layout.py)
-            holder, name = inputs[buffer.copy_from][1], spec.inputs[0]
-            info = holder.tensors[name].info
-            jobs.append(TensorJob(spec.name, info.shape, info.numel, info.dtype.name, True, method, None,
-                                  (source(holder, name),), {}, (), 1, constants.BLOCK, layer=spec.layer))
-            continue
-        feed = [feeds[n].inputs[slot(src)] for src, n in zip(sl.sources, spec.inputs)]  # per source, its own name
-        refs = [src.ckpt.tensors[n] for src, n in zip(sl.sources, feed)]
-        roles = ["base" if src.member < 0 else f"model {src.member + 1}" for src in sl.sources]
-        dtypes = [r.info.dtype.name for r in refs]
-        kinds = {DTYPES[d].is_float for d in dtypes}
-        first = next((i for i, src in enumerate(sl.sources) if src.member < 0), 0)  # the base, else the first
-        info = refs[first].info
-        rows_mapped = vocab is not None and spec.layer is None and spec.inputs[0] in vocab_tensors
-        shape = (vocab.size, *info.shape[1:]) if rows_mapped else info.shape
-        numel = math.prod(shape)
-        if len({r.info.shape[1:] if rows_mapped else r.info.shape for r in refs}) > 1:
-            raise IncompatibleModels(f"tensor '{spec.name}' comes from inputs of different shapes: "
-                                     + ", ".join(f"{role} '{src.ref}' '{n}' {list(r.info.shape)}"
-                                                 for role, src, n, r in zip(roles, sl.sources, feed, refs)),
-                                     hint="slices must take matching layers")
-        if kinds == {False}:
-            _check_equal(spec, sl, refs, inputs)
-            int_copies.append(spec.name)
-            jobs.append(TensorJob(spec.name, info.shape, info.numel, info.dtype.name, True, method, None,
-                                  (source(sl.sources[first].ckpt, feed[first]),), {}, (), 1, constants.BLOCK,
-                                  layer=spec.layer))
-            continue
-        unsupported = {d for d in dtypes if d not in DECODABLE}
-        if len(kinds) > 1 or unsupported:
-            raise IncompatibleModels(
-                f"tensor '{spec.name}' cannot be merged: dtypes " + ", ".join(map(" ".join, zip(roles, dtypes))),
-                hint="a float tensor in one model is an integer tensor in another" if len(kinds) > 1
-                     else "npmerge merges BF16, F16, F32, F64 and FP8 (E4M3, E5M2) float tensors")
-        if len(set(dtypes)) > 1:
-            mixed.add(spec.name)
-        merged = [(src, n) for src, n in zip(sl.sources, spec.inputs) if src.member >= 0]  # filters see these names
-        g, mp = resolve(spec, sl, merged)
-        out_dtype = recipe.out_dtype or info.dtype.name
-        if out_dtype not in ENCODABLE:
-            raise RecipeError(f"tensor '{spec.name}' is stored as {out_dtype}, which npmerge cannot write",
-                              hint="choose an output dtype with --out-dtype (bfloat16, float16, float32)")
-        srcs = [_read(src, slot(src), n, feeds[name], inputs, vocab if rows_mapped else None)
-                for src, n, name in zip(sl.sources, feed, spec.inputs)]
-        b = srcs[first] if sl.sources[first].member < 0 else None
-        m = tuple(s for s, src in zip(srcs, sl.sources) if src.member >= 0)
-        members = tuple(src.member for src, _ in merged)
-        if method.copies and method.copies(g, mp) and _unchanged(m[0], out_dtype, rounding):
-            jobs.append(TensorJob(spec.name, info.shape, info.numel, m[0].dtype, True, method, None, m, g, tuple(mp),
-                                  1, constants.BLOCK, layer=spec.layer, members=members))
-            continue
-        job = TensorJob(spec.name, shape, numel, out_dtype, False, method, b, m, g, tuple(mp), 1,
-                        constants.BLOCK, input_round=rounding, stream_index=tuple(range(len(m))), layer=spec.layer,
-                        members=members)
-        passes = len(method.driver(context(job, threads)).passes)
-        jobs.append(replace(job, passes=passes))
-    if int_copies:
-        notes.append(f"{len(int_copies)} integer/bool tensor(s) copied from {label(inputs[0][0], ref)}, not merged: "
-                     + ", ".join(int_copies[:5]) + (", ..." if len(int_copies) > 5 else ""))
-    if mixed:
-        notes.append(f"{len(mixed)} tensor(s) have different dtypes across models; all are decoded to float32")
+    build = _JobBuilder(recipe, method, inputs, feeds, slices, vocab, vocab_tensors, threads, has_base=base is not None)
+    jobs = [build(spec) for spec in specs]
+    if build.int_copies:
+        notes.append(f"{len(build.int_copies)} integer/bool tensor(s) copied from {label(inputs[0][0], ref)}, not "
+                     "merged: " + ", ".join(build.int_copies[:5]) + (", ..." if len(build.int_copies) > 5 else ""))
+    if build.mixed:
+        notes.append(f"{len(build.mixed)} tensor(s) have different dtypes across models; all are decoded to float32")
     for i, m in enumerate(models):
         weights = [p["weight"] for j in jobs for k, p in zip(j.member_indices, j.model_params) if k == i and "weight" in p]
         if any(w < 0 for w in weights):
@@ -353,6 +297,81 @@ def _jobs(recipe: Recipe, method: Method, base: Checkpoint | None, models: list[
     updates = _config_updates(recipe, ref, stack, slices, notes)
     updates.update(config_changes(ref.config or {}, vocab.size if vocab else None, tensor_map.tie_word_embeddings))
     return jobs, notes, updates, vocab, tensor_map
+
+
+class _JobBuilder:
+    """One output tensor's TensorJob from its layer spec: which input tensors feed it, its
+    parameters, dtypes and shape checked, a copy or a merge (with its driver). Collects the
+    tensors that are integer copies or of mixed dtypes for the plan's notes."""
+
+    def __init__(self, recipe: Recipe, method: Method, inputs: list, feeds: dict, slices: list,
+                 vocab: OutputVocab | None, vocab_tensors, threads: int, *, has_base: bool):
+        self.recipe, self.method, self.inputs, self.feeds, self.slices = recipe, method, inputs, feeds, slices
+        self.vocab, self.vocab_tensors, self.threads, self.has_base = vocab, vocab_tensors, threads, has_base
+        self.resolve = _Resolver(recipe, method)
+        self.rounding = recipe.dtype if recipe.dtype in ("BF16", "F16") else None
+        self.mixed: set[str] = set()
+        self.int_copies: list[str] = []
+
+    def slot(self, src: _Source) -> int:
+        """The source's position among `inputs` (the base first, if any)."""
+        return src.member + 1 if self.has_base else src.member  # the base is member -1
+
+    def __call__(self, spec) -> TensorJob:
+        method, feeds, vocab = self.method, self.feeds, self.vocab
+        sl = self.slices[spec.slice]
+        buffer = feeds[spec.inputs[0]]
+        if buffer.copy_from is not None:  # a non-persistent buffer: the reference's bytes (io/layout.py)
+            holder, name = self.inputs[buffer.copy_from][1], spec.inputs[0]
+            info = holder.tensors[name].info
+            return TensorJob(spec.name, info.shape, info.numel, info.dtype.name, True, method, None,
+                             (source(holder, name),), {}, (), 1, constants.BLOCK, layer=spec.layer)
+        feed = [feeds[n].inputs[self.slot(src)] for src, n in zip(sl.sources, spec.inputs)]  # per source, its own name
+        refs = [src.ckpt.tensors[n] for src, n in zip(sl.sources, feed)]
+        roles = ["base" if src.member < 0 else f"model {src.member + 1}" for src in sl.sources]
+        dtypes = [r.info.dtype.name for r in refs]
+        kinds = {DTYPES[d].is_float for d in dtypes}
+        first = next((i for i, src in enumerate(sl.sources) if src.member < 0), 0)  # the base, else the first
+        info = refs[first].info
+        rows_mapped = vocab is not None and spec.layer is None and spec.inputs[0] in self.vocab_tensors
+        shape = (vocab.size, *info.shape[1:]) if rows_mapped else info.shape
+        if len({r.info.shape[1:] if rows_mapped else r.info.shape for r in refs}) > 1:
+            raise IncompatibleModels(f"tensor '{spec.name}' comes from inputs of different shapes: "
+                                     + ", ".join(f"{role} '{src.ref}' '{n}' {list(r.info.shape)}"
+                                                 for role, src, n, r in zip(roles, sl.sources, feed, refs)),
+                                     hint="slices must take matching layers")
+        if kinds == {False}:
+            _check_equal(spec, sl, refs, self.inputs)
+            self.int_copies.append(spec.name)
+            return TensorJob(spec.name, info.shape, info.numel, info.dtype.name, True, method, None,
+                             (source(sl.sources[first].ckpt, feed[first]),), {}, (), 1, constants.BLOCK,
+                             layer=spec.layer)
+        unsupported = {d for d in dtypes if d not in DECODABLE}
+        if len(kinds) > 1 or unsupported:
+            raise IncompatibleModels(
+                f"tensor '{spec.name}' cannot be merged: dtypes " + ", ".join(map(" ".join, zip(roles, dtypes))),
+                hint="a float tensor in one model is an integer tensor in another" if len(kinds) > 1
+                     else "npmerge merges BF16, F16, F32, F64 and FP8 (E4M3, E5M2) float tensors")
+        if len(set(dtypes)) > 1:
+            self.mixed.add(spec.name)
+        merged = [(src, n) for src, n in zip(sl.sources, spec.inputs) if src.member >= 0]  # filters see these names
+        g, mp = self.resolve(spec, sl, merged)
+        out_dtype = self.recipe.out_dtype or info.dtype.name
+        if out_dtype not in ENCODABLE:
+            raise RecipeError(f"tensor '{spec.name}' is stored as {out_dtype}, which npmerge cannot write",
+                              hint="choose an output dtype with --out-dtype (bfloat16, float16, float32)")
+        srcs = [_read(src, self.slot(src), n, feeds[name], self.inputs, vocab if rows_mapped else None)
+                for src, n, name in zip(sl.sources, feed, spec.inputs)]
+        b = srcs[first] if sl.sources[first].member < 0 else None
+        m = tuple(s for s, src in zip(srcs, sl.sources) if src.member >= 0)
+        members = tuple(src.member for src, _ in merged)
+        if method.copies and method.copies(g, mp) and _unchanged(m[0], out_dtype, self.rounding):
+            return TensorJob(spec.name, info.shape, info.numel, m[0].dtype, True, method, None, m, g, tuple(mp),
+                             1, constants.BLOCK, layer=spec.layer, members=members)
+        job = TensorJob(spec.name, shape, math.prod(shape), out_dtype, False, method, b, m, g, tuple(mp), 1,
+                        constants.BLOCK, input_round=self.rounding, stream_index=tuple(range(len(m))),
+                        layer=spec.layer, members=members)
+        return job.with_driver(self.threads)
 
 
 def _read(src: _Source, slot: int, name: str, feeding, inputs, vocab: OutputVocab | None) -> TensorSource:

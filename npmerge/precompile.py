@@ -56,12 +56,10 @@ class Precompiler:
 def start(job, threads: int) -> Precompiler:
     """Start compiling the kernels of `job`'s later passes, if that pays (module docstring)."""
     from . import kernels
-    from .budget import context
 
     if threads < 2:
         return Precompiler()
-    driver = job.method.driver(context(job, threads))
-    later = _later_kernels(driver)
+    later = _later_kernels(job.driver)
     if not later or all(kernels.is_cached(name) for name in later):
         return Precompiler()
     spec = {"method": job.method.name, "params": job.params, "model_params": job.model_params,
@@ -114,7 +112,7 @@ def compile_later_passes(spec: dict) -> None:
 
     from . import kernels
     from .dtypes import DTYPES
-    from .engine import SpanInputs
+    from .span_inputs import SpanInputs
     from .io.sources import ArraySource
     from .methods import registry
     from .methods.protocol import TensorContext

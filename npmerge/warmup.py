@@ -22,7 +22,7 @@ DEFAULT_DTYPES = ("BF16", "F16", "F32")  # what checkpoints are stored in
 def compile_kernels(dtypes=DEFAULT_DTYPES, methods=None, lora: bool = True) -> float:
     """Compile every kernel `methods` (names; None: all) use on inputs of `dtypes`
     (safetensors codes) and return the seconds it took."""
-    from .engine import run_arrays
+    from .arrays import run_arrays
     from .methods import registry
 
     started = time.perf_counter()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import reference as ref
 from npmerge.constants import BLOCK
-from npmerge.engine import run_arrays
+from npmerge.arrays import run_arrays
 from npmerge.methods import family, registry
 
 

@@ -1,5 +1,5 @@
 """SLERP, NuSLERP, Model Stock and SCE (kernels/reduce.py, methods/reduce.py, methods/sce.py)
-through the engine's span loop (engine.run_arrays) against tests/reference.py, bit for bit:
+through the engine's span loop (arrays.run_arrays) against tests/reference.py, bit for bit:
 the exact per-vector sums (docs/semantics.md §A), the merged tensors, the statistics.
 
 Small kernel blocks and spans put row blocks across span boundaries (the reference's
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import reference as ref
 from npmerge import kernels
 from npmerge.constants import BLOCK
-from npmerge.engine import run_arrays
+from npmerge.arrays import run_arrays
 
 
 def bits(x):

@@ -488,8 +488,8 @@ def test_input_changed_during_merge_aborts_at_commit(tmp_path, monkeypatch, chan
     victim = root / "ft-a" / "model-00001-of-00002.safetensors"
     run_engine = Engine.run
 
-    def run_then_change(self):
-        stats = run_engine(self)
+    def run_then_change(self, plan):
+        stats = run_engine(self, plan)
         st = victim.stat()
         if change == "size":  # one byte appended, the mtime put back: only the size tells
             with open(victim, "ab") as f:

@@ -9,7 +9,7 @@ import pytest
 
 import reference as ref
 from npmerge import layers
-from npmerge.engine import run_arrays
+from npmerge.arrays import run_arrays
 from npmerge.plan import build_plan
 from npmerge.plan_params import layer_table
 from npmerge.recipe import Recipe

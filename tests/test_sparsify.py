@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import reference as ref
 from npmerge import kernels
 from npmerge.constants import BLOCK
-from npmerge.engine import run_arrays
+from npmerge.arrays import run_arrays
 from npmerge.io import sources
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
@@ -218,7 +218,7 @@ def test_breadcrumbs_gamma_and_density_edges(gamma, density):
 def test_della_row_order_is_a_stable_sort(layout):
     """DELLA's row ranking (an LSD radix sort that skips passes whose digit is constant,
     so the result lands in either buffer) equals a stable argsort of the magnitudes."""
-    asc = kernels.load("family").ascending
+    asc = kernels.load("masks").ascending
     rng = np.random.default_rng(7)
     C = 1 if layout == "one" else 5000
     mags = {"random": lambda: rng.integers(0, 2**31, C),

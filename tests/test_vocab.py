@@ -416,7 +416,7 @@ def _materialise(files: dict[str, bytes], d, vocab_size: int):
 @pytest.mark.parametrize("source", ["base", "ft-chat", "ft-tool"])
 def test_unchanged_tokenizer_files_are_copied(source):
     v = build_output_vocab(source, _toks(), 0)
-    files = write_tokenizer_files(v)
+    files = write_tokenizer_files(v.source_dir, v.added, v.strip_at)
     d = VOCAB / source
     assert set(files) == {p.name for p in d.iterdir() if p.name in TOKENIZER_FILES}
     assert all(files[n] == (d / n).read_bytes() for n in files)
@@ -424,7 +424,7 @@ def test_unchanged_tokenizer_files_are_copied(source):
 
 def test_union_tokenizer_files_agree_with_the_rows(tmp_path):
     v = build_output_vocab("union", _toks(), 0)
-    files = write_tokenizer_files(v, VOCAB / "base")
+    files = write_tokenizer_files(VOCAB / "base", v.added, v.strip_at)
     assert files["special_tokens_map.json"] == (VOCAB / "base" / "special_tokens_map.json").read_bytes()
     back = read_tokenizer(_materialise(files, tmp_path / "out", v.size))
     assert back.vocab == v.tokens and back.rows == v.size == 84
@@ -441,7 +441,7 @@ def test_union_tokenizer_files_agree_with_the_rows(tmp_path):
 
 def test_model_source_keeps_its_chat_template(tmp_path):
     v = build_output_vocab("ft-chat", _toks(), 0)
-    files = write_tokenizer_files(v)
+    files = write_tokenizer_files(v.source_dir, v.added, v.strip_at)
     tc = json.loads(files["tokenizer_config.json"])
     assert tc["chat_template"] == read_tokenizer(VOCAB / "ft-chat").chat_template
     assert read_tokenizer(_materialise(files, tmp_path / "out", v.size)).vocab == v.tokens
@@ -450,7 +450,7 @@ def test_model_source_keeps_its_chat_template(tmp_path):
 def test_written_files_load_in_the_tokenizers_library(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     v = build_output_vocab("union", _toks(), 0)
-    tok = tokenizers.Tokenizer.from_str(write_tokenizer_files(v)["tokenizer.json"].decode())
+    tok = tokenizers.Tokenizer.from_str(write_tokenizer_files(v.source_dir, v.added, v.strip_at)["tokenizer.json"].decode())
     assert tok.get_vocab(with_added_tokens=True) == v.tokens
     assert tok.get_vocab_size(with_added_tokens=True) == v.size
     assert tok.encode("<|im_start|> zorba <tool> <|im_end|>").ids == [81, 80, 83, 82]
@@ -474,7 +474,7 @@ def test_stripped_bpe_tokenizer_is_rewritten_consistently(tmp_path):
     (src / "added_tokens.json").write_text(json.dumps({"<U0>": 6}))
     base = read_tokenizer(src, rows=5)  # the model has 5 rows: "bc" and "<U0>" have none
     v = build_output_vocab("base", [("base", base)], 0)
-    files = write_tokenizer_files(v)
+    files = write_tokenizer_files(v.source_dir, v.added, v.strip_at)
     out = json.loads(files["tokenizer.json"])
     assert out["model"]["vocab"] == {"<unk>": 0, "a": 1, "b": 2, "ab": 3, "c": 4}
     assert out["model"]["merges"] == ["a b"] and [a["id"] for a in out["added_tokens"]] == [0]
@@ -487,7 +487,7 @@ def test_stripped_bpe_tokenizer_is_rewritten_consistently(tmp_path):
 def test_source_without_tokenizer_json_is_an_error(tmp_path):
     v = build_output_vocab("union", _toks(), 0)
     with pytest.raises(InvalidCheckpoint, match="no tokenizer.json in"):
-        write_tokenizer_files(v, tmp_path)
+        write_tokenizer_files(tmp_path, v.added, v.strip_at)
 
 
 # ----------------------------------------------------------------- padded rows check

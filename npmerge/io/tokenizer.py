@@ -10,12 +10,9 @@ import json
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 from ..errors import InvalidCheckpoint, shown
-
-if TYPE_CHECKING:
-    from .vocab import OutputVocab
 
 # Files that describe the tokenizer. With a tokenizer source these come from
 # `write_tokenizer_files`, not from the plain base-model copy.
@@ -236,18 +233,19 @@ def _config_vocab_size(root: Path) -> int | None:
 # ------------------------------------------------------------------- tokenizer files
 
 
-def write_tokenizer_files(vocab: OutputVocab, source_dir=None) -> dict[str, bytes]:
-    """The output's tokenizer files, built from `source_dir` (the source tokenizer's model directory).
+def write_tokenizer_files(source_dir, added: tuple[AddedToken, ...], strip_at: int | None = None) -> dict[str, bytes]:
+    """An output's tokenizer files, built from `source_dir` (the source tokenizer's model
+    directory) for an output vocabulary with the `added` tokens and model-vocab tokens
+    from id `strip_at` on dropped (io/vocab.py OutputVocab gives both).
 
-    `source_dir` defaults to the directory the source tokenizer was read from. Files the
-    output vocabulary leaves unchanged are copied byte for byte. tokenizer.json
+    Files the output vocabulary leaves unchanged are copied byte for byte. tokenizer.json
     is rewritten when tokens were stripped (ids >= the base's rows) or added (union);
     tokenizer_config.json's `added_tokens_decoder` (and added_tokens.json, if present)
     then follow; the source's chat template is kept. Slow-tokenizer files
     (tokenizer.model, vocab.json, merges.txt) are copied as they are, as mergekit's
     save_pretrained does.
     """
-    root = Path(source_dir if source_dir is not None else vocab.source_dir)
+    root = Path(source_dir)
     out: dict[str, bytes] = {}
     for name in TOKENIZER_FILES:
         p = root / name
@@ -259,22 +257,22 @@ def write_tokenizer_files(vocab: OutputVocab, source_dir=None) -> dict[str, byte
     data = json.loads(out["tokenizer.json"].decode("utf-8"))
     source_added = sorted((_added_from_json(e, str(root / "tokenizer.json")) for e in data.get("added_tokens") or []),
                           key=lambda a: a.id)
-    changed = vocab.strip_at is not None or [a.entry() for a in source_added] != [a.entry() for a in vocab.added]
+    changed = strip_at is not None or [a.entry() for a in source_added] != [a.entry() for a in added]
     if not changed:
         return out
     model = data["model"]
-    if vocab.strip_at is not None:
-        _strip_model(model, vocab.strip_at)
-    data["added_tokens"] = [a.entry() for a in vocab.added]
+    if strip_at is not None:
+        _strip_model(model, strip_at)
+    data["added_tokens"] = [a.entry() for a in added]
     out["tokenizer.json"] = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    decoder = {str(a.id): a.settings() for a in vocab.added}
+    decoder = {str(a.id): a.settings() for a in added}
     if "tokenizer_config.json" in out:
         tc = json.loads(out["tokenizer_config.json"].decode("utf-8"))
         tc["added_tokens_decoder"] = decoder
         out["tokenizer_config.json"] = (json.dumps(tc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     if "added_tokens.json" in out:  # slow-tokenizer convention: the added tokens beyond the model vocab
         base_size = len(model["vocab"])
-        extra = {a.content: a.id for a in vocab.added if a.id >= base_size}
+        extra = {a.content: a.id for a in added if a.id >= base_size}
         out["added_tokens.json"] = (json.dumps(extra, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     return out
 

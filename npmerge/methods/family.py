@@ -123,7 +123,7 @@ class FamilyDriver(Driver):
                        else "random" if "random" in kinds else "rank")
         self.sel = None  # the kernels' SELECT table, built on the first feed
         self._scratch = None  # per thread: (family.Scratch, family.RowScratch or None)
-        self._kept_bits = None  # DELLA: the sums pass's masks, one bit per element and model (ctx.cache)
+        self._kept_bits = None  # DELLA: the sums pass's masks, one bit per element and model (cache)
         self._counts = None
         self._hist = None
         self._lanes = None
@@ -149,7 +149,15 @@ class FamilyDriver(Driver):
     tq = property(lambda self: self.sel["q_lo"])
     tm = property(lambda self: self.sel["m_lo"])
 
-    fused_check = True  # the first pass's kernels run the engine's checks
+    def fuses_check(self, block: int) -> bool:
+        """The histogram and merge kernels run the checks, on blocks that nest in the pass's
+        grid (the sums pass's is the reduction grid; tests use other blocks); the rank
+        merge kernel does not."""
+        first = self.passes[0]
+        if first == "hist_hi":
+            return True
+        grid = constants.BLOCK if first == "sums" else block
+        return grid % block == 0 and self.kernel != "rank"
 
     def work_bytes(self, span: int) -> int:
         """Per-thread radix histograms of the exact selection (the larger, low-bits one),
@@ -183,9 +191,10 @@ class FamilyDriver(Driver):
         return 0
 
     # -- passes ----------------------------------------------------------------
-    def _table(self, k) -> np.ndarray:
+    def _table(self) -> np.ndarray:
         """The kernels' SELECT record per model (rank boundaries filled in by end_pass)."""
         if self.sel is None:
+            k = kernels.load("masks")
             kinds = {"all": k.KEEP_ALL, "none": k.DROP_ALL, "rank": k.RANK, "random": k.RANDOM, "della": k.DELLA}
             scales = {"none": k.SCALE_NONE, "l1": k.SCALE_NONE, "factor": k.SCALE_FACTOR,
                       "inverse": k.SCALE_INVERSE}
@@ -206,7 +215,7 @@ class FamilyDriver(Driver):
 
     def feed(self, pass_name: str, span: Span) -> int:
         k = kernels.load("family")
-        sel = self._table(k)
+        sel = self._table()
         nm = self.ctx.n_models
         if self._scratch is None:
             C = self.whole_rows
@@ -233,8 +242,6 @@ class FamilyDriver(Driver):
             self._lanes = np.zeros((2, nm, -(-self.ctx.numel // constants.BLOCK), 8), np.float64)
         # the sums pass runs on the reduction grid (docs/semantics.md §A), the merge pass on blocks
         grid = constants.BLOCK if l1 else span.block
-        if span.check and (grid % span.block or self.kernel == "rank"):  # blocks not nesting in the grid (tests)
-            span.run_checks()
         counts = self._counts
         counts[:] = 0
         m = k.MergeArgs(self.weights, self.consensus, self.normalize, self.eps, self.lam)
@@ -252,7 +259,7 @@ class FamilyDriver(Driver):
             span.run(lambda a, z, t: k.merge_random(inp, out, lo, a, z, block, *span.checks(t), sel, seed, m,
                                                     counts[t], sc[t]))
         elif l1:
-            if self.ctx.cache and self._kept_bits is None:
+            if self.cache and self._kept_bits is None:
                 self._kept_bits = np.zeros((nm, -(-self.ctx.numel // 8)), np.uint8)
             bits = self._kept_bits if self._kept_bits is not None else _NO_BITS
             span.run(lambda a, z, t: k.sums_della(inp, a, z, block, grid, *span.checks(t), sel, seed, bits, lanes,
@@ -272,7 +279,7 @@ class FamilyDriver(Driver):
         piece's first tie ordinals: the running ordinals in sel plus the ties of the
         pieces before it."""
         nm = self.ctx.n_models
-        thin = k.thins(sel)
+        thin = kernels.load("masks").thins(sel)
         ps = span.pieces(grid)
         piece = {p: i for i, p in enumerate(ps)}
         ties = np.zeros((len(ps), nm, 2), np.int64)
@@ -311,6 +318,9 @@ class FamilyDriver(Driver):
         for p, i, side in zip(*np.nonzero(np.broadcast_to(thin, starts.shape))):
             rem[p, i, side] = int(starts[p, i, side]) * int(q[i, side]) % int(m[i, side])  # Python ints: exact
         return rem
+
+    def release(self) -> None:
+        self._scratch = self._kept_bits = self._counts = self._hist = self._lanes = None
 
     def end_pass(self, pass_name: str) -> None:
         """hist_hi: each boundary's value, or the bucket the low-bits pass must resolve;
@@ -372,14 +382,14 @@ class FamilyDriver(Driver):
         lanes = self._lanes
         self._lanes = None
         blocks = combine_lanes(lanes)
-        k = kernels.load("family")
+        scale_factor = kernels.load("masks").SCALE_FACTOR
         for i, p in enumerate(self.plans):
             if p.rescale != "l1":
                 continue
             before, after = exact_sum(blocks[0, i]), exact_sum(blocks[1, i])
             if not (before < 1e-7 or after < 1e-7):
                 p.factor = float(np.float32(before / after))
-                self.sel[i]["rescale"], self.sel[i]["factor"] = k.SCALE_FACTOR, p.factor
+                self.sel[i]["rescale"], self.sel[i]["factor"] = scale_factor, p.factor
         self.sel["j_hi"] = 0  # tie ordinals restart in the merge pass
         self.sel["j_lo"] = 0
 

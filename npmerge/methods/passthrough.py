@@ -25,6 +25,9 @@ class PassthroughDriver(Driver):
     def kernel_for(self, pass_name: str) -> str:
         return "passthrough.scale"
 
+    def release(self) -> None:
+        self._buffers = None
+
     def feed(self, pass_name: str, span: Span) -> int:
         k = kernels.load("passthrough")
         if self._buffers is None:

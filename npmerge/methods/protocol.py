@@ -49,7 +49,6 @@ class TensorContext:
     has_base: bool
     threads: int
     stream_index: tuple[int, ...] = ()  # per model: index i of its random stream (docs/semantics.md §A)
-    cache: bool = False  # the budget has room for the driver's optional cache (Driver.cache_bytes)
 
     @property
     def n_models(self) -> int:
@@ -123,13 +122,18 @@ class Driver:
 
     ctx: TensorContext
     passes: list[str] = field(default_factory=lambda: ["merge"])
-    # True if the first pass's kernels run kernels/span.py check_block themselves (one
-    # decode less); else the engine runs its own check kernel over each span first.
-    fused_check = False
     # Row length (along the last axis) whose whole rows the kernels read around each span,
     # e.g. to rank an element within its row; 0: only the span. Computed sources are then
     # materialised for every row the span touches.
     whole_rows = 0
+    # Set by the plan where the budget has room for `cache_bytes`.
+    cache = False
+
+    def fuses_check(self, block: int) -> bool:
+        """True if the first pass's kernels, on blocks of `block` elements, run
+        kernels/span.py check_block themselves (one decode less); else the engine runs its
+        own check kernel over each span first. The engine decides; a driver only answers."""
+        return False
 
     def kernel_for(self, pass_name: str) -> str | None:
         """The kernel ("module.function" of npmerge.kernels) a pass runs, if one (the
@@ -157,6 +161,11 @@ class Driver:
 
     @property
     def cache_bytes(self) -> int:
-        """Memory of an optional cache that saves work (kept only when ctx.cache: the plan
+        """Memory of an optional cache that saves work (kept only when `cache`: the plan
         grants it where the budget has room); 0: none."""
         return 0
+
+    def release(self) -> None:
+        """Drop the buffers of a run. A driver is built once, by the plan, and lives on its
+        TensorJob for the whole merge; its working memory only while its tensor is merged.
+        Its results (thresholds, coefficients) stay."""

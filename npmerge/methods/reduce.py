@@ -83,6 +83,10 @@ class VectorSums:
                          len(ranges))
         self._carry.reverse()  # this span's unfinished lanes continue in the next
 
+    def release(self) -> None:
+        self._sums = self._buffers = None
+        self._carry = self._lanes = None
+
     def _scratch(self, k, nm: int, cap: int, threads: int) -> list:
         if self._buffers is None or self._buffers[0].rows.shape[1] < cap:
             self._buffers = [k.scratch(nm, cap, wide=True) for _ in range(threads)]
@@ -176,6 +180,10 @@ class BlendDriver(Driver):
         sc = self._buffers
         return sum(span.run(lambda a, z, t: k.blend(span.inp, span.out, op, span.lo, a, z, span.block, W, per_col,
                                                     self.ca, self.cb, sc[t])))
+
+    def release(self) -> None:
+        self.sums.release()
+        self._buffers = None
 
     def end_pass(self, pass_name: str) -> None:
         if pass_name == "reduce":

@@ -123,6 +123,9 @@ class SceDriver(Driver):
             self.tm, self._tie_rem, self._ties, hist[t] if len(hist) else _NO_COUNT, nan[t] if len(nan) else _NO_COUNT,
             self._sums, self.weights, sc[t])))
 
+    def release(self) -> None:
+        self._hist = self._nan = self._sums = self._ties = self._tie_rem = self._buffers = self._found = None
+
     def end_pass(self, pass_name: str) -> None:
         if pass_name in HIST_PASSES:
             self._end_digit(int(pass_name[4:]))
@@ -166,7 +169,7 @@ class SceDriver(Driver):
         else:
             self.prefix = (max(self.prefix, 0) << 16) | d
             self.above += above_in
-            if shift == DIGIT_SHIFTS[0] and self.ctx.cache and total[d] <= self._collectable:
+            if shift == DIGIT_SHIFTS[0] and self.cache and total[d] <= self._collectable:
                 self._bucket = int(total[d])  # its keys fit the granted memory: collect them in one pass
                 at = self.passes.index(f"hist{shift}") + 1
                 self.passes[at:] = ["collect"] + [p for p in self.passes[at:] if p not in HIST_PASSES]
