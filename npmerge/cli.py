@@ -40,14 +40,23 @@ MODEL_REF = ("a model directory, a .safetensors file, or a Hub id (org/name or o
 
 
 class _FlagsAsFlags:
-    """Help shows a flag as a flag, without a type (Typer 0.2x prints `<bool>`, which invites
-    `--dry-run true`)."""
+    """Help a user reads: a flag without a type (Typer 0.2x prints `<bool>`, which invites
+    `--dry-run true`), arguments by their names only (`BASE MODEL...`, not `{BASE}` typed
+    `<str>`), and -h/--help in the Display panel instead of an "Options" panel of its own."""
 
     def get_params(self, ctx):
         params = super().get_params(ctx)
         for param in params:
             if getattr(param, "is_flag", False) and param.metavar is None:
                 param.metavar = ""
+            if param.param_type_name == "argument":
+                usage = param.metavar or param.name.upper()
+                usage += "..." if param.nargs != 1 and not usage.endswith("...") else ""
+                usage = usage if param.required else f"[{usage}]"
+                param.display_type_rich = lambda ctx: None
+                param._usage_display_name = lambda usage=usage: usage
+            if param.name == "help" and not isinstance(self, TyperGroup):  # the root: Options (--version, --help)
+                param.rich_help_panel = _DISPLAY
         return params
 
 
@@ -87,13 +96,15 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 # -- shared options -------------------------------------------------------------------
-_METHOD, _INPUTS, _OUTPUT, _RESOURCES, _SAFETY = "Method", "Inputs", "Output", "Resources", "Safety"
+# One panel per purpose; defaults written one way: "(default: X)".
+_METHOD, _INPUTS, _OUTPUT, _RESOURCES, _SAFETY, _DISPLAY = ("Method", "Inputs", "Output", "Resources", "Safety",
+                                                            "Display")
 OUT = typer.Option(..., "-o", "--out", metavar="DIR", help="Output model directory (created atomically).",
                    rich_help_panel=_OUTPUT)
 OUT_DTYPE = typer.Option(None, "--out-dtype", metavar="DTYPE",
                          help="Output dtype: bfloat16, float16, float32 (default: the base's).", rich_help_panel=_OUTPUT)
 SHARD = typer.Option(None, "--shard-size", metavar="SIZE", help="Max tensor bytes per output shard, e.g. 5GB "
-                     "(default 5GB).", rich_help_panel=_OUTPUT)
+                     "(default: 5GB).", rich_help_panel=_OUTPUT)
 MEM = typer.Option(None, "--max-memory", metavar="SIZE", help="Working-memory budget, e.g. 512MiB, 4GiB (default: 1/4 "
                    "of available RAM, at most 4GiB).", rich_help_panel=_RESOURCES)
 THREADS = typer.Option(None, "--threads", metavar="N", help="Compute threads (default: all cores).",
@@ -101,17 +112,17 @@ THREADS = typer.Option(None, "--threads", metavar="N", help="Compute threads (de
 DRY = typer.Option(False, "--dry-run", help="Run every check the merge makes (inputs, output location, free space, "
                    "lock) and print the plan on stdout; write nothing.", rich_help_panel=_SAFETY)
 JSON = typer.Option(False, "--json", help="Print the merge report (or the plan, or the error) as JSON on stdout.",
-                    rich_help_panel=_OUTPUT)
+                    rich_help_panel=_DISPLAY)
 FORCE = typer.Option(False, "--force", help="Replace an existing output directory.", rich_help_panel=_SAFETY)
 NONFINITE = typer.Option(False, "--allow-nonfinite", help="Merge even if a weight is NaN or Inf.",
                          rich_help_panel=_SAFETY)
-QUIET = typer.Option(False, "-q", "--quiet", help="No progress bar, notes or summary.", rich_help_panel=_OUTPUT)
+QUIET = typer.Option(False, "-q", "--quiet", help="No progress bar, notes or summary.", rich_help_panel=_DISPLAY)
 RESUME = typer.Option(False, "--resume", help="Continue an interrupted merge into the same -o: its finished shards "
                       "are verified (sha256) and kept. Refused if the recipe or inputs changed.", rich_help_panel=_SAFETY)
 TOKENIZER = typer.Option(None, "--tokenizer-source", metavar="SOURCE", help="Map embedding and head rows by token "
                          "to an output vocabulary: base (the base's), union (every model's tokens) or one of the "
                          "models; its tokenizer files are written (default: none, rows merged by position, the base's "
-                         "tokenizer copied).", rich_help_panel=_INPUTS)
+                         "tokenizer copied).", rich_help_panel=_OUTPUT)
 _SHARED = dict(tokenizer_source=(Optional[str], TOKENIZER),
                out_dtype=(Optional[str], OUT_DTYPE), shard_size=(Optional[str], SHARD), max_memory=(Optional[str], MEM),
                threads=(Optional[int], THREADS), dry_run=(bool, DRY), json_out=(bool, JSON), force=(bool, FORCE),
@@ -122,7 +133,9 @@ _SHORT = {"weight": "-w", "density": "-d", "t": "-t"}
 # -- one subcommand per registered method ----------------------------------------------
 def _option(param, per_model: bool):
     """The typer annotation and Option of one method parameter."""
-    default = ("not given" if param.optional else "required") if param.default is None else f"default {param.default}"
+    default = ("not given" if param.optional else "required") if param.default is None else (
+        f"default: {param.cli_flag if param.default else '--no-' + param.cli_flag[2:]}" if param.kind == "bool"
+        else f"default: {param.default}")
     flags = [param.cli_flag] + ([_SHORT[param.name]] if param.name in _SHORT else [])
     panel = _METHOD
     if per_model:
@@ -154,18 +167,18 @@ def _add_method_command(method) -> None:
         method.min_models if method.min_models == method.max_models else 0)
     what = exact or ("Models to merge" if method.base == "none" else "Fine-tuned models to merge")
     sig.append(P("models", P.POSITIONAL_OR_KEYWORD, annotation=List[str], default=typer.Argument(
-        ..., metavar="MODEL", help=what + (": a" if exact == "The other model" else ", each a")
+        ..., metavar="MODEL...", help=what + (": a" if exact == "The other model" else ", each a")
         + " directory, .safetensors file or Hub id.", rich_help_panel=_INPUTS)))
     if method.base == "optional":
         sig.append(P("base", P.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
-            None, "--base", metavar="BASE", help="Base model: merge task vectors against it (optional).",
-            rich_help_panel=_INPUTS)))
-    sig.append(P("out", P.KEYWORD_ONLY, annotation=Path, default=OUT))
+            None, "--base", metavar="BASE", help="Base model: merge task vectors against it (default: none, the "
+            "models themselves).", rich_help_panel=_METHOD)))
     per_model = {f"m_{p.name}": p for p in method.model_params}
     global_ = {f"g_{p.name}": p for p in method.global_params}
     for key, param in [*per_model.items(), *global_.items()]:
         annotation, option = _option(param, key in per_model)
         sig.append(P(key, P.KEYWORD_ONLY, annotation=annotation, default=option))
+    sig.append(P("out", P.KEYWORD_ONLY, annotation=Path, default=OUT))
     for key, (annotation, option) in _SHARED.items():
         sig.append(P(key, P.KEYWORD_ONLY, annotation=annotation, default=option))
 
@@ -221,8 +234,8 @@ def run(
 def info(
     path: str = typer.Argument(..., metavar="MODEL", help=f"The model: {MODEL_REF}; or a LoRA adapter directory.",
                                rich_help_panel=_INPUTS),
-    json_out: bool = typer.Option(False, "--json", help="Print the facts as JSON on stdout.", rich_help_panel=_OUTPUT),
-    tensors: bool = typer.Option(False, "--tensors", help="List every tensor.", rich_help_panel=_OUTPUT),
+    json_out: bool = typer.Option(False, "--json", help="Print the facts as JSON on stdout.", rich_help_panel=_DISPLAY),
+    tensors: bool = typer.Option(False, "--tensors", help="List every tensor.", rich_help_panel=_DISPLAY),
 ):
     """Show a checkpoint's tensors, dtypes, parameter count and shards (validates every header);
     for a LoRA adapter directory, the adapter: rank, alpha, scale, target modules, base."""
@@ -268,9 +281,10 @@ def info(
 @app.command(cls=_Command, epilog="Example: npmerge warmup --dtype bfloat16 --method ties")
 def warmup(
     dtype: Optional[List[str]] = typer.Option(
-        None, "--dtype", help="Storage dtype of the checkpoints to merge (repeatable; default: bfloat16, float16, "
-                              "float32)."),
-    method: Optional[List[str]] = typer.Option(None, "--method", help="A merge method (repeatable; default: all)."),
+        None, "--dtype", metavar="DTYPE", help="Storage dtype of the checkpoints to merge (repeatable; default: "
+        "bfloat16, float16, float32).", rich_help_panel="Kernels"),
+    method: Optional[List[str]] = typer.Option(None, "--method", metavar="METHOD", help="A merge method (repeatable; "
+                                               "default: all).", rich_help_panel="Kernels"),
 ):
     """Compile and cache the kernels now (e.g. while building a container image)."""
     def body():

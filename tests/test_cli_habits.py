@@ -187,10 +187,16 @@ def test_command_help_has_panels_an_example_and_no_bool(command):
     text = flat(proc.stdout)
     assert "<bool>" not in text
     assert "Example: npmerge " in text
-    panels = set(re.findall(r"╭─ (\w[\w ]*?) ─", proc.stdout))
+    titles = re.findall(r"╭─ (\w[\w ]*?) ─", proc.stdout)
+    panels = set(titles)
+    assert len(titles) == len(panels), f"one panel per purpose: {titles}"
+    assert "Options" not in panels and titles[-1] == "Display"  # -h/--help with --json/--quiet
+    assert not re.search(r"<(str|list\[str\]|path)>", text)  # arguments by their names only
+    assert "(default " not in text  # one default style: "(default: X)"
+    assert not re.search(r"Usage: npmerge \S+ .*[{}]", text)
     if command == "warmup":
         return
-    assert "Inputs" in panels and "Output" in panels
+    assert "Inputs" in panels
     if command not in ("info",):
         assert {"Output", "Resources", "Safety"} <= panels
         assert "--dry-run" in text and "--max-memory SIZE" in text
@@ -203,6 +209,8 @@ def test_help_shows_flags_as_flags():
     assert re.search(r"--dry-run Run every check", text)  # no type between the flag and its help
     assert re.search(r"--force Replace", text)
     assert "--density -d FLOAT" in text and "<list[float]>" not in text
+    assert "Usage: npmerge ties [OPTIONS] BASE MODEL..." in text
+    assert "(default: --normalize)" in text and "(default: 1.0)" in text
 
 
 # -- several values after one option -------------------------------------------------------------
