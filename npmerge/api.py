@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .constants import CARD_NAME, RECIPE_NAME, REPORT_NAME
 from .engine import Engine, Progress
 from .io.companions import write_companions
 from .io.staging import sha256_file
@@ -20,9 +21,6 @@ from .plan import Plan, build_plan
 from .recipe import Recipe
 from .report import build_report, model_card, report_json
 
-RECIPE_NAME = "npmerge_recipe.yml"
-REPORT_NAME = "merge_report.json"
-CARD_NAME = "README.md"
 
 
 def plan_merge(recipe: Recipe, *, max_memory=None, threads=None, shard_size=None, out=None, force: bool = False,

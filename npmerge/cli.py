@@ -29,10 +29,11 @@ from typing import List, Optional  # noqa: E402
 import typer  # noqa: E402
 from typer.core import TyperCommand, TyperGroup  # noqa: E402
 
-from .errors import NpmergeError, RecipeError  # noqa: E402
+from .errors import NpmergeError, RecipeError, VerifyFailed  # noqa: E402
 
 EXIT_CODES = ((0, "done"), (2, "usage or recipe error"), (3, "invalid input file"), (4, "incompatible models"),
-              (5, "output not writable, disk full or locked"), (130, "interrupted (Ctrl-C)"),
+              (5, "output not writable, disk full or locked"),
+              (6, "verify: the output differs from its report or recipe"), (130, "interrupted (Ctrl-C)"),
               (143, "terminated (SIGTERM)"), (129, "hung up (SIGHUP)"),
               (1, "a bug in npmerge (NPMERGE_DEBUG=1 shows the traceback)"))
 MODEL_REF = ("a model directory, a .safetensors file, or a Hub id (org/name or org/name@revision) from the Hugging "
@@ -278,6 +279,41 @@ def info(
     _guard(body, json_out)
 
 
+@app.command(cls=_Command, epilog="Example: npmerge verify merged --recompute")
+def verify(
+    out: str = typer.Argument(..., metavar="OUT", help="A merge's output directory, or the Hub id of a merge in the "
+                              "local Hugging Face cache.", rich_help_panel=_INPUTS),
+    recompute: bool = typer.Option(False, "--recompute", help="Also re-run the output's npmerge_recipe.yml (its "
+                                   "inputs checked against the fingerprints the report recorded) into a scratch "
+                                   "directory and compare every byte.", rich_help_panel=_METHOD),
+    scratch: Optional[Path] = typer.Option(None, "--scratch", metavar="DIR", help="Where --recompute writes its "
+                                           "merge, removed afterwards (default: beside OUT; the temp directory "
+                                           "for a Hub id).", rich_help_panel=_RESOURCES),
+    max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS, json_out: bool = JSON, quiet: bool = QUIET,
+):
+    """Check a merge's output against its merge_report.json (size and sha256 of every file) and,
+    with --recompute, against a re-run of its recipe. Exit 0 when all matches, 6 when a file
+    differs or is missing."""
+    def body():
+        from . import render, verify as check
+
+        where = check.locate(out)
+        report = check.load_report(where)
+        if recompute:
+            verdict = check.recompute(where, report, scratch=scratch, max_memory=max_memory, threads=threads,
+                                      progress_factory=lambda plan: render.progress(plan, disable=quiet or json_out))
+        else:
+            verdict = check.check_files(where, report)
+        if json_out:
+            typer.echo(json.dumps(verdict.as_dict(), indent=2))
+        elif not quiet:
+            render.notes(verdict.notes)
+            render.verdict(verdict)
+        verdict.raise_if_failed()
+
+    _guard(body, json_out, result_printed=True)
+
+
 @app.command(cls=_Command, epilog="Example: npmerge warmup --dtype bfloat16 --method ties")
 def warmup(
     dtype: Optional[List[str]] = typer.Option(
@@ -400,15 +436,19 @@ def _on_signal(signum, frame):
     raise SystemExit(_SIGNALS[signum][0])
 
 
-def _guard(body, json_out: bool) -> None:
-    """Run a command body; turn npmerge errors and interrupts into messages and exit codes."""
+def _guard(body, json_out: bool, result_printed: bool = False) -> None:
+    """Run a command body; turn npmerge errors and interrupts into messages and exit codes.
+    `result_printed`: a failure the body reported as its JSON result (verify) is not printed
+    as a second JSON document."""
     previous = {sig: signal.signal(sig, _on_signal) for sig in _SIGNALS}
     try:
         body()
     except NpmergeError as exc:
         if os.environ.get("NPMERGE_DEBUG"):
             raise
-        _fail(exc.exit_code, exc.code, exc.message, [exc.hint, getattr(exc, "resume_hint", None)], json_out)
+        printed = result_printed and isinstance(exc, VerifyFailed)
+        _fail(exc.exit_code, exc.code, exc.message, [exc.hint, getattr(exc, "resume_hint", None)],
+              json_out and not printed)
     except KeyboardInterrupt as exc:
         _fail(130, "interrupted", "interrupted; no output was written", [getattr(exc, "resume_hint", None)], json_out)
     except SystemExit as exc:

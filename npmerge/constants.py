@@ -17,6 +17,9 @@ PIECE_BLOCKS = 16
 # A model's weights: one file, or an index naming the shards (Hugging Face's names).
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+RECIPE_NAME = "npmerge_recipe.yml"  # the recipe as run: `npmerge run` and `verify --recompute` re-run it
+REPORT_NAME = "merge_report.json"  # statistics and the size and sha256 of every other file (`verify`)
+CARD_NAME = "README.md"
 
 # Rows of an output vocabulary that name no token (id gaps, padding) may exceed the rows
 # that do by at most this many; more means a damaged tokenizer or an absurd padding multiple.

@@ -65,6 +65,13 @@ class OutputError(NpmergeError):
     code = "output"
 
 
+class VerifyFailed(NpmergeError):
+    """`npmerge verify`: the output's files differ from its report, or from a re-run of its recipe."""
+
+    exit_code = 6
+    code = "verify_failed"
+
+
 class BudgetError(RecipeError):
     """--max-memory is too small to process even one chunk."""
 

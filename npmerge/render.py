@@ -220,3 +220,16 @@ def summary(plan, report: dict, out, elapsed: float) -> None:
               f"{human_bytes(size)} written in {elapsed:.1f} s ({human_bytes(plan.read_bytes / max(elapsed, 1e-9))}/s "
               f"of input)", f"peak RSS {human_bytes(rss, True)}"]
     c.print("; ".join(facts))
+
+
+def verdict(v) -> None:
+    """`npmerge verify`: what matched (stdout); what differs goes to stderr as the error."""
+    c = stdout()
+    against = "a re-run of npmerge_recipe.yml (byte for byte)" if v.recomputed else "merge_report.json (sha256)"
+    if v.ok:
+        c.print(f"verified: {len(v.matched)} files of {escape(str(v.out))} match {against}", soft_wrap=True)
+    else:
+        c.print(f"{len(v.matched)} files of {escape(str(v.out))} match {against}; "
+                f"{len(v.differ) + len(v.missing)} do not", soft_wrap=True)
+    if v.extra:
+        c.print("not part of the merge: " + escape(", ".join(v.extra)), soft_wrap=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .io.hub import ModelRef, card_metadata, card_yaml
+from .io.models import fingerprints
 from .plan_params import deviations
 
 
@@ -116,8 +117,21 @@ def build_report(plan, stats: dict[str, dict], files: dict[str, dict]) -> dict:
         "tensors": {name: {k: v for k, v in s.items()} for name, s in stats.items()},
         "tensor_parameters": deviations(plan),  # per-tensor values that differ from "parameters"/"models"
         **_vocab_and_layout(plan),
+        "inputs": input_records(plan),
+        "output": {"shard_size": plan.layout.shard_bytes},
         "files": files,
     }
+
+
+def input_records(plan) -> list[dict]:
+    """Each input's files as `verify --recompute` checks them before re-running the recipe:
+    file name, size and sha256 of the safetensors header (or of the whole small file, an
+    adapter's config). No path and no inode: the report is published with the model."""
+    def entry(e: dict) -> dict:
+        digest = {k: e[k] for k in ("header_sha256", "sha256") if k in e}
+        return {"file": os.path.basename(e["path"]), "size": e["size"], **digest}
+
+    return [{"name": public_name(model_ref(m)), "files": [entry(e) for e in fingerprints(m)]} for m in plan.inputs]
 
 
 def _vocab_and_layout(plan) -> dict:

@@ -70,6 +70,7 @@ class ShardLayout:
     shards: tuple[ShardPlan, ...]
     total_size: int  # sum of tensor data bytes
     tensors: tuple[OutputTensor, ...] = ()  # in the order given to plan_shards
+    shard_bytes: int = DEFAULT_SHARD_BYTES  # the limit it was laid out with (the report keeps it: verify --recompute)
     _where: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -156,7 +157,7 @@ def plan_shards(tensors: Sequence[OutputTensor], shard_bytes: int = DEFAULT_SHAR
         raise RecipeError(f"the output would need {n} shards", hint="use a larger --shard-size")
     names = [SINGLE_NAME] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     shards = tuple(_plan_one(name, g) for name, g in zip(names, groups))
-    return ShardLayout(shards, sum(t.nbytes for t in tensors), tuple(tensors))
+    return ShardLayout(shards, sum(t.nbytes for t in tensors), tuple(tensors), int(shard_bytes))
 
 
 # ---------------------------------------------------------------- the writer
