@@ -10,11 +10,14 @@ shards stay in staging and the exception carries `resume_hint`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .constants import CARD_NAME, RECIPE_NAME, REPORT_NAME
 from .engine import Engine, Progress
 from .io.companions import write_companions
+from .errors import RecipeError
+from .io.shards import with_metadata
 from .io.staging import sha256_file
 from .io.writer import OutputWriter
 from .plan import Plan, build_plan
@@ -29,7 +32,8 @@ def plan_merge(recipe: Recipe, *, max_memory=None, threads=None, shard_size=None
     the output location the real run makes before writing (`plan.output`), so a plan that
     builds is a merge that starts (what --dry-run shows). Notes from resolving the model
     references (a local path shadowing a Hub id, a download) come first in `plan.notes`."""
-    plan = build_plan(recipe, max_memory=max_memory, threads=threads, shard_size=shard_size)
+    one_file = Path(out).name if out is not None and is_one_file(out) else None
+    plan = build_plan(recipe, max_memory=max_memory, threads=threads, shard_size=shard_size, one_file=one_file)
     try:
         plan.notes[:0] = [n for c in plan.inputs for n in (c.ref.notes if getattr(c, "ref", None) else ())]
         if out is not None:
@@ -40,11 +44,18 @@ def plan_merge(recipe: Recipe, *, max_memory=None, threads=None, shard_size=None
     return plan
 
 
+def is_one_file(out) -> bool:
+    """`-o NAME.safetensors` asks for one file (what diffusion tools load), not a directory."""
+    return str(out).lower().endswith(".safetensors")
+
+
 def _writer(plan: Plan, out, force: bool, resume: bool) -> OutputWriter:
     """The output writer of `plan`: inputs by their real paths (the output must stay apart
     from them) and the plan's fingerprint (what --resume must find unchanged)."""
+    if plan.one_file != is_one_file(out):
+        raise RecipeError(f"the plan was made for {'one file' if plan.one_file else 'a directory'}, not for {out}")
     return OutputWriter(Path(out), plan.layout, inputs=[Path(c.path) for c in plan.inputs], force=force,
-                        resume=resume, fingerprint=plan.fingerprint())
+                        resume=resume, fingerprint=plan.fingerprint(), one_file=plan.one_file)
 
 
 def execute(plan: Plan, out, *, force: bool = False, resume: bool = False,
@@ -60,6 +71,10 @@ def execute(plan: Plan, out, *, force: bool = False, resume: bool = False,
             engine = Engine(writer, threads=plan.threads, span=plan.span, allow_nonfinite=plan.allow_nonfinite,
                             progress=progress)
             stats = engine.run(plan)
+            if plan.one_file:
+                report = _finish_one_file(plan, writer, stats)
+                writer.commit()
+                return report
             write_companions(writer, plan.reference.root, _config_dtype(plan), plan.config_updates, plan.tokenizer_files)
             recipe_yaml = plan.recipe.to_yaml()
             writer.add_bytes(RECIPE_NAME, recipe_yaml.encode())
@@ -77,6 +92,21 @@ def execute(plan: Plan, out, *, force: bool = False, resume: bool = False,
             exc.resume_hint = writer.kept
         raise
     return report
+
+
+def _finish_one_file(plan: Plan, writer: OutputWriter, stats: dict) -> dict:
+    """A one-file output: the merge's summary (the report without its per-tensor tables)
+    joins the recipe in the header, in the room kept for it; then the file is final."""
+    report = build_report(plan, stats, {})
+    summary = {k: v for k, v in report.items() if k not in ("tensors", "tensor_parameters", "files")}
+    prefix = with_metadata(plan.layout.shards[0], {"merge_summary": json.dumps(summary, separators=(",", ":"))})
+    if prefix is None:  # a very long list of notes: the summary without them
+        summary["notes"] = [f"{len(summary['notes'])} notes (too long for the header; --json shows them)"]
+        prefix = with_metadata(plan.layout.shards[0], {"merge_summary": json.dumps(summary, separators=(",", ":"))})
+    if writer.resumed_stats(0) is None:  # else an interrupted run finished the file, header and all
+        writer.rewrite_header(0, prefix)
+    writer.finish_shards()
+    return {**report, "files": writer.shard_files}
 
 
 def _config_dtype(plan: Plan) -> str:

@@ -100,12 +100,12 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 # One panel per purpose; defaults written one way: "(default: X)".
 _METHOD, _INPUTS, _OUTPUT, _RESOURCES, _SAFETY, _DISPLAY = ("Method", "Inputs", "Output", "Resources", "Safety",
                                                             "Display")
-OUT = typer.Option(..., "-o", "--out", metavar="DIR", help="Output model directory (created atomically).",
-                   rich_help_panel=_OUTPUT)
+OUT = typer.Option(..., "-o", "--out", metavar="OUT", help="Output model directory, or one file when OUT ends in "
+                   ".safetensors (diffusion tools); created atomically.", rich_help_panel=_OUTPUT)
 OUT_DTYPE = typer.Option(None, "--out-dtype", metavar="DTYPE",
                          help="Output dtype: bfloat16, float16, float32 (default: the base's).", rich_help_panel=_OUTPUT)
 SHARD = typer.Option(None, "--shard-size", metavar="SIZE", help="Max tensor bytes per output shard, e.g. 5GB "
-                     "(default: 5GB).", rich_help_panel=_OUTPUT)
+                     "(default: 5GB; for one .safetensors file its limit, default: 50GB).", rich_help_panel=_OUTPUT)
 MEM = typer.Option(None, "--max-memory", metavar="SIZE", help="Working-memory budget, e.g. 512MiB, 4GiB (default: 1/4 "
                    "of available RAM, at most 4GiB).", rich_help_panel=_RESOURCES)
 THREADS = typer.Option(None, "--threads", metavar="N", help="Compute threads (default: all cores).",

@@ -34,6 +34,13 @@ MAX_JSON_DEPTH = 128
 # Default output shard limit in bytes of tensor data (decimal units, as transformers).
 DEFAULT_SHARD_BYTES = 5_000_000_000
 
+# A one-file output (-o NAME.safetensors) holds at most this much tensor data unless
+# --shard-size says otherwise: the Hugging Face Hub's largest single file (a Flux
+# checkpoint of 24 GB fits; a 70B model in one file is a mistake worth a question).
+ONE_FILE_LIMIT = 50_000_000_000
+# Header room a one-file output keeps for the merge summary written last (__metadata__).
+ONE_FILE_SUMMARY_BYTES = 64 << 10
+
 # Largest span, in elements: the range of a tensor one parallel kernel call covers.
 # Large, so a merge has few barriers (on a busy machine each may wait for a thread that
 # lost its time slice), but its raw input should still fit the last-level cache, where

@@ -41,7 +41,8 @@ from .io.sources import TensorSource
 from .io.tokenizer import read_tokenizer, write_tokenizer_files
 from .io.vocab import OutputVocab, build_output_vocab, compare_vocabs
 from .io.vocab_rows import VocabRowsSource
-from .io.writer import OutputCheck, OutputTensor, ShardLayout, plan_shards
+from .io.shards import OutputTensor, ShardLayout, plan_one_file, plan_shards
+from .io.writer import OutputCheck
 from .methods import registry
 from .methods.protocol import Driver, TensorContext
 from .methods.registry import Method
@@ -115,6 +116,7 @@ class Plan:
     tokenizer_files: dict | None = None  # with a tokenizer source: the output's tokenizer files, name -> bytes
     tensor_map: LayoutPlan | None = None  # which input tensor feeds which output tensor (io/layout.py)
     output: OutputCheck | None = None  # the output location's checks (api.plan_merge with `out`)
+    one_file: bool = False  # the output is one .safetensors file (no directory, no companion files)
 
     @property
     def reference(self) -> Checkpoint:
@@ -161,11 +163,13 @@ class Plan:
 
 
 def build_plan(recipe: Recipe, *, max_memory=None, threads: int | None = None,
-               shard_size=None) -> Plan:
-    """Open and check every input, then lay out the whole merge."""
+               shard_size=None, one_file: str | None = None) -> Plan:
+    """Open and check every input, then lay out the whole merge (`one_file`: as that one
+    .safetensors file, its header holding the recipe)."""
     method = registry.get(recipe.method)
     budget = parse_size(max_memory) or default_budget()
-    shard_bytes = parse_size(shard_size) or constants.DEFAULT_SHARD_BYTES
+    default_limit = constants.ONE_FILE_LIMIT if one_file else constants.DEFAULT_SHARD_BYTES
+    shard_bytes = parse_size(shard_size) or default_limit
     if threads is None:
         threads = os.cpu_count() or 1
     if threads < 1:
@@ -176,7 +180,9 @@ def build_plan(recipe: Recipe, *, max_memory=None, threads: int | None = None,
         check_distinct(base, models)
         jobs, notes, config_updates, vocab, tensor_map = _jobs(recipe, method, base, models, threads)
         tokenizer_files = write_tokenizer_files(vocab.source_dir, vocab.added, vocab.strip_at) if vocab is not None else None
-        layout = plan_shards([OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs], shard_bytes)
+        tensors = [OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs]
+        layout = (plan_one_file(tensors, one_file, one_file_metadata(recipe, shard_bytes), shard_bytes,
+                                constants.ONE_FILE_SUMMARY_BYTES) if one_file else plan_shards(tensors, shard_bytes))
         span, work = choose_span(jobs, budget, threads)
         jobs = [replace(j, span=min(span, -(-j.numel // constants.BLOCK) * constants.BLOCK) or constants.BLOCK)
                 for j in jobs]
@@ -189,7 +195,14 @@ def build_plan(recipe: Recipe, *, max_memory=None, threads: int | None = None,
     adapter_notes = [n for m in opened for n in getattr(m, "notes", ())]
     return Plan(recipe, method, global_params, model_params, base, models, jobs, layout, span, budget,
                 work, threads, list(recipe.notes) + adapter_notes + notes, config_updates, vocab, tokenizer_files,
-                tensor_map)
+                tensor_map, one_file=bool(one_file))
+
+
+def one_file_metadata(recipe: Recipe, limit: int) -> dict[str, str]:
+    """What a one-file output's header says of its making (strings, as diffusion tools show
+    them): the recipe as run, and the size limit it was laid out with (verify --recompute)."""
+    return {**constants.OUTPUT_METADATA, "npmerge_version": __version__, "merge_method": recipe.method,
+            "npmerge_recipe": recipe.to_yaml(), "npmerge_file_limit": str(limit)}
 
 
 def _open_models(recipe: Recipe, opened: list) -> tuple[Checkpoint | None, list[Checkpoint]]:

@@ -110,6 +110,7 @@ def plan_dict(plan, out) -> dict:
         "tensors_copied": sum(1 for j in plan.jobs if j.copy),
         "tensors": _tensor_rows(plan),
         "shards": [s.filename for s in plan.layout.shards],
+        "one_file": plan.one_file,
         "read_bytes": read,
         "streamed_bytes": plan.total_work,
         "input_passes": plan.total_work / read if read else 0.0,
@@ -151,13 +152,15 @@ def plan(plan, out) -> None:
     t.add_row("memory", f"{human_bytes(d['working_memory'], True)} working buffers (budget "
                         f"{human_bytes(d['memory_budget'], True)}), spans of up to {d['span_elements']:,} elements")
     t.add_row("threads", str(d["threads"]))
-    t.add_row("output", f"{len(d['shards'])} shard(s), {human_bytes(d['write_bytes'])}")
+    what = "one .safetensors file (recipe and summary in its header)" if d["one_file"] else f"{len(d['shards'])} shard(s)"
+    t.add_row("output", f"{what}, {human_bytes(d['write_bytes'])}")
     check = d["output"]
     if check is not None:
-        state = ("replaces the existing directory (--force)" if check["replaces"] else
+        kind = "file" if d["one_file"] else "directory"
+        state = (f"replaces the existing {kind} (--force)" if check["replaces"] else
                  f"resumes: {check['resumed_shards']} of {check['shards']} shard(s) finished" if check["resumed_shards"]
                  else "new")
-        t.add_row("output dir", escape(f"{d['out']} ({state})"))
+        t.add_row(f"output {'file' if d['one_file'] else 'dir'}", escape(f"{d['out']} ({state})"))
         free = "" if check["space_free"] is None else f", {human_bytes(check['space_free'])} free"
         t.add_row("disk", f"needs {human_bytes(check['space_needed'])}{free}")
     c.print(t)
@@ -225,11 +228,17 @@ def summary(plan, report: dict, out, elapsed: float) -> None:
 def verdict(v) -> None:
     """`npmerge verify`: what matched (stdout); what differs goes to stderr as the error."""
     c = stdout()
-    against = "a re-run of npmerge_recipe.yml (byte for byte)" if v.recomputed else "merge_report.json (sha256)"
+    if v.one_file and not v.recomputed:
+        c.print(f"header valid: {escape(str(v.out))} is a one-file npmerge output (--recompute proves its bytes)",
+                soft_wrap=True)
+        return
+    recipe = "the recipe in its header" if v.one_file else "npmerge_recipe.yml"
+    against = f"a re-run of {recipe} (byte for byte)" if v.recomputed else "merge_report.json (sha256)"
+    files = f"{len(v.matched)} file{'s' if len(v.matched) != 1 else ''}"
     if v.ok:
-        c.print(f"verified: {len(v.matched)} files of {escape(str(v.out))} match {against}", soft_wrap=True)
+        c.print(f"verified: {files} of {escape(str(v.out))} match {against}", soft_wrap=True)
     else:
-        c.print(f"{len(v.matched)} files of {escape(str(v.out))} match {against}; "
+        c.print(f"{files} of {escape(str(v.out))} match {against}; "
                 f"{len(v.differ) + len(v.missing)} do not", soft_wrap=True)
     if v.extra:
         c.print("not part of the merge: " + escape(", ".join(v.extra)), soft_wrap=True)

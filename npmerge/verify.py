@@ -10,6 +10,7 @@ recipe says. A merge is deterministic (docs/semantics.md), so any difference is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -38,17 +39,22 @@ class Verdict:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def one_file(self) -> bool:
+        return is_one_file(self.out)
+
+    @property
     def ok(self) -> bool:
         return not (self.differ or self.missing)
 
     def as_dict(self) -> dict:
-        return {"output": str(self.out), "ok": self.ok, "recomputed": self.recomputed, "matched": self.matched,
+        return {"output": str(self.out), "ok": self.ok, "one_file": self.one_file, "recomputed": self.recomputed,
+                "matched": self.matched,
                 "differ": self.differ, "missing": self.missing, "extra": self.extra, "notes": self.notes}
 
     def raise_if_failed(self) -> None:
         if self.ok:
             return
-        what = "a re-run of its recipe" if self.recomputed else REPORT_NAME
+        what = "a re-run of its recipe" if self.recomputed or self.one_file else REPORT_NAME
         lines = [f"{name}: missing" for name in self.missing] + self.differ
         raise VerifyFailed(f"{self.out} differs from {what} in {len(lines)} file(s):\n" + "\n".join(
             f"  {line}" for line in lines), hint=None if self.recomputed else
@@ -68,14 +74,21 @@ def locate(ref: str) -> Path:
     return Path(resolve_model(ref, allow_download=False).path)
 
 
+def is_one_file(out: Path) -> bool:
+    return out.is_file() and out.name.lower().endswith(".safetensors")
+
+
 def load_report(out: Path) -> dict:
     """merge_report.json, checked to be a report npmerge wrote: its `files` must map plain
     file names to a size and a sha256 (an edited report naming '../x' must not make verify
-    read outside the output)."""
+    read outside the output). A one-file output: the summary in its header."""
+    if is_one_file(out):
+        return _header_summary(out)
     if not out.is_dir():
         what = "a file" if out.exists() else "missing"
         raise InvalidCheckpoint(f"'{out}' is not a merge output directory ({what})",
-                                hint="give the directory a merge wrote (it holds merge_report.json)")
+                                hint="give the directory a merge wrote (it holds merge_report.json), or a "
+                                     "one-file merge (.safetensors)")
     path = out / REPORT_NAME
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
@@ -98,9 +111,34 @@ def load_report(out: Path) -> dict:
     return report
 
 
+def _header_summary(out: Path) -> dict:
+    """A one-file output's header, validated: its recipe and summary (as `load_report` gives
+    a directory's report, with the recipe text and the file's size limit added)."""
+    from .io.safetensors import SafetensorsFile
+
+    with SafetensorsFile(out) as f:
+        meta = f.header.metadata or {}
+    if "npmerge_recipe" not in meta or "merge_summary" not in meta:
+        raise InvalidCheckpoint(f"'{out}' is not a one-file npmerge output: its header has no npmerge_recipe and "
+                                "merge_summary", hint="verify checks what an npmerge merge wrote")
+    try:
+        summary = json.loads(meta["merge_summary"])
+        limit = int(meta.get("npmerge_file_limit", ""))
+    except ValueError as exc:
+        raise InvalidCheckpoint(f"{out}: the merge summary in its header is damaged ({exc})") from None
+    if not isinstance(summary, dict):
+        raise InvalidCheckpoint(f"{out}: the merge summary in its header is not a JSON object")
+    return {**summary, "output": {"shard_size": limit}, "recipe_text": meta["npmerge_recipe"]}
+
+
 def check_files(out: Path, report: dict) -> Verdict:
-    """Re-hash every file the report lists; name what differs, is missing, or was added."""
+    """Re-hash every file the report lists; name what differs, is missing, or was added.
+    A one-file output holds no hash of itself: its header was validated (load_report) and
+    its size is the header's; only --recompute can vouch for its bytes."""
     verdict = Verdict(out)
+    if is_one_file(out):
+        verdict.matched.append(out.name)
+        return verdict
     for name, entry in sorted(report["files"].items()):
         path = out / name
         if not path.is_file():
@@ -120,48 +158,57 @@ def check_files(out: Path, report: dict) -> Verdict:
 
 def recompute(out: Path, report: dict, *, scratch: Path | None = None, max_memory=None, threads=None,
               progress_factory=None) -> Verdict:
-    """Re-run the output's recipe into `scratch` and compare every file byte for byte."""
-    from . import api
+    """Re-run the output's recipe into a scratch directory and compare every file byte for byte."""
+    recipe = _recipe_of(out, report)
+    shard_size = (report.get("output") or {}).get("shard_size")
+    verdict = Verdict(out, recomputed=True)
+    made_by, running = report.get("npmerge_version"), _version()
+    if made_by != running:
+        verdict.notes.append(f"the merge was made by npmerge {made_by}, re-run with {running}: a difference may "
+                             "come from the version")
+    if shard_size is None:
+        verdict.notes.append("the report does not record the shard size (an older npmerge): re-run with the default")
+    where = Path(tempfile.mkdtemp(prefix=".npmerge-verify-", dir=scratch or _scratch_beside(out)))
+    try:
+        again = where / (out.name if is_one_file(out) else "merged")
+        _rerun(recipe, report, again, verdict, shard_size=shard_size, max_memory=max_memory, threads=threads,
+               progress_factory=progress_factory)
+        (_compare_file if is_one_file(out) else _compare)(out, again, verdict)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    return verdict
+
+
+def _recipe_of(out: Path, report: dict):
     from .recipe import Recipe
 
-    recipe_path = out / RECIPE_NAME
-    if not recipe_path.is_file():
+    if is_one_file(out):
+        return Recipe.from_yaml(report["recipe_text"], f"the recipe in {out.name}'s header")
+    path = out / RECIPE_NAME
+    if not path.is_file():
         raise InvalidCheckpoint(f"'{out}' has no {RECIPE_NAME} to re-run", hint="--recompute needs the recipe file "
                                 "a merge writes; plain `npmerge verify` still checks the files against the report")
-    recipe = Recipe.from_file(recipe_path)
-    shard_size = (report.get("output") or {}).get("shard_size")
+    return Recipe.from_file(path)
+
+
+def _rerun(recipe, report: dict, again: Path, verdict: Verdict, *, progress_factory, **options) -> None:
+    """The merge again, into `again`, once its inputs match the report's fingerprints."""
+    from . import api
+
     try:
-        plan = api.plan_merge(recipe, max_memory=max_memory, threads=threads, shard_size=shard_size)
+        plan = api.plan_merge(recipe, out=again, **options)
     except InvalidCheckpoint as exc:
         if "does not exist" in exc.message:
-            exc.hint = (f"{RECIPE_NAME} names the models as the merge was given them: paths relative to the "
-                        "directory it ran in, or Hub ids; run verify --recompute from that directory")
+            exc.hint = ("the recipe names the models as the merge was given them: paths relative to the directory "
+                        "it ran in, or Hub ids; run verify --recompute from that directory")
         raise
-    verdict = Verdict(out, recomputed=True)
     try:
         verdict.notes += _input_changes(plan, report)
-        made_by, running = report.get("npmerge_version"), _version()
-        if made_by != running:
-            verdict.notes.append(f"the merge was made by npmerge {made_by}, re-run with {running}: a difference "
-                                 "may come from the version")
-        if shard_size is None:
-            verdict.notes.append("the report does not record the shard size (an older npmerge): re-run with the "
-                                 "default")
-        where = Path(tempfile.mkdtemp(prefix=".npmerge-verify-", dir=scratch or _scratch_beside(out)))
-        try:
-            again = where / "merged"
-            progress = progress_factory(plan) if progress_factory else None
-            if progress is None:
-                api.execute(plan, again)
-            else:
-                with progress as advance:
-                    api.execute(plan, again, progress=advance)
-            _compare(out, again, verdict)
-        finally:
-            shutil.rmtree(where, ignore_errors=True)
+        progress = progress_factory(plan) if progress_factory else contextlib.nullcontext(None)
+        with progress as advance:
+            api.execute(plan, again, progress=advance)
     finally:
         plan.close()
-    return verdict
 
 
 def _version() -> str:
@@ -218,6 +265,16 @@ def _describe_change(old: dict, new: dict) -> str:
             what = "size" if before[f].get("size") != after[f]["size"] else "content (header)"
             parts.append(f"{f}: {what} changed")
     return f"{name}: " + ("; ".join(parts) or "files differ")
+
+
+def _compare_file(out: Path, again: Path, verdict: Verdict) -> None:
+    a, b = out.stat().st_size, again.stat().st_size
+    if a != b:
+        verdict.differ.append(f"{out.name}: {a:,} bytes, the re-run wrote {b:,}")
+    elif sha256_file(out) != sha256_file(again):
+        verdict.differ.append(f"{out.name}: differs from the re-run's")
+    else:
+        verdict.matched.append(out.name)
 
 
 def _compare(out: Path, again: Path, verdict: Verdict) -> None:

@@ -24,8 +24,10 @@ from safetensors.numpy import save_file
 
 from npmerge.errors import InvalidCheckpoint, OutputError, RecipeError
 from npmerge.io import companions as comp
+from npmerge.io import shards as shards_mod
 from npmerge.io import writer as wmod
-from npmerge.io.writer import OutputTensor, OutputWriter, ShardLayout, plan_shards
+from npmerge.io.shards import OutputTensor, ShardLayout, plan_shards
+from npmerge.io.writer import OutputWriter
 
 NP_DTYPES = {
     "BF16": ml_dtypes.bfloat16,
@@ -245,7 +247,7 @@ def test_plan_refusals(tensors, match):
 def test_plan_refuses_huge_header_and_bad_limit(monkeypatch):
     with pytest.raises(RecipeError, match="shard size"):
         plan_shards([], 0)
-    monkeypatch.setattr(wmod, "MAX_HEADER_BYTES", 200)
+    monkeypatch.setattr(shards_mod, "MAX_HEADER_BYTES", 200)
     plan_shards([OutputTensor("a", "F32", (1,))])
     with pytest.raises(RecipeError, match="header"):
         plan_shards([OutputTensor(f"tensor.{i}", "F32", (1,)) for i in range(10)])

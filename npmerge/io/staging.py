@@ -288,7 +288,9 @@ def _layout_changes(old, new) -> str:
     dtypes = _changes(old.get("dtypes"), new.get("dtypes"), "dtypes", limit=2)
     if dtypes:
         return "output dtype of " + dtypes
-    return f"{new.get('shards')} shard(s), the interrupted run wrote {old.get('shards')}"
+    if new.get("shards") != old.get("shards"):
+        return f"{new.get('shards')} shard(s), the interrupted run wrote {old.get('shards')}"
+    return "the same shards and dtypes, other headers (a one-file output's header holds the recipe)"
 
 
 # ---------------------------------------------------------------- locks

@@ -15,153 +15,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import shutil
 import threading
-import unicodedata
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..constants import DEFAULT_SHARD_BYTES, MAX_HEADER_BYTES, OUTPUT_METADATA, WRITE_PIECE_BYTES, WRITEBACK_BYTES
-from ..dtypes import DTYPES
-from ..errors import InvalidCheckpoint, OutputError, RecipeError, shown
+from ..constants import INDEX_NAME, WRITE_PIECE_BYTES, WRITEBACK_BYTES
+from ..errors import InvalidCheckpoint, OutputError, RecipeError
 from ..units import human_bytes
 from . import staging as st
-from ..constants import INDEX_NAME, SINGLE_NAME
+from .shards import ShardLayout
 from .staging import SPACE_MARGIN, Staging, writing
-
-_MAX_SHARDS = 99_999  # the 5-digit shard name pattern
-# Test hook: seconds to sleep before each data write, so tests can interrupt a real merge mid-way.
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    name: str
-    dtype: str  # safetensors code, e.g. "BF16"
-    shape: tuple[int, ...]
-
-    def __post_init__(self):  # NumPy ints would overflow nbytes and break json.dumps
-        object.__setattr__(self, "shape", tuple(int(d) if isinstance(d, np.integer) else d for d in self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for d in self.shape:
-            numel *= d
-        return numel * DTYPES[self.dtype].bits // 8
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    filename: str
-    header: bytes  # the full prefix: 8-byte N + padded JSON
-    tensors: tuple[str, ...]  # in data order
-    offsets: dict[str, int]  # absolute file offset of each tensor's first byte
-    size: int  # total file size
-
-
-@dataclass(frozen=True)
-class ShardLayout:
-    shards: tuple[ShardPlan, ...]
-    total_size: int  # sum of tensor data bytes
-    tensors: tuple[OutputTensor, ...] = ()  # in the order given to plan_shards
-    shard_bytes: int = DEFAULT_SHARD_BYTES  # the limit it was laid out with (the report keeps it: verify --recompute)
-    _where: dict = field(default_factory=dict, repr=False, compare=False)
-
-    def __post_init__(self):
-        where = {n: (i, s.offsets[n]) for i, s in enumerate(self.shards) for n in s.tensors}
-        object.__setattr__(self, "_where", where)
-
-    def location(self, name: str) -> tuple[int, int]:
-        """(shard index, absolute file offset of the tensor's first byte)."""
-        if name not in self._where:
-            raise KeyError(f"tensor {name!r} is not in the output layout")
-        return self._where[name]
-
-    def index_json(self) -> bytes | None:
-        """model.safetensors.index.json as huggingface_hub writes it; None for one shard."""
-        if len(self.shards) == 1:
-            return None
-        weight_map = {t.name: self.shards[self._where[t.name][0]].filename for t in self.tensors}
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
-        return (json.dumps(index, indent=2) + "\n").encode("utf-8")
-
-
-def _check_tensor(t: OutputTensor, seen: set) -> None:
-    """Refuse what the format or its readers cannot hold, before anything is written."""
-    name = t.name
-    if not isinstance(name, str) or not name:
-        raise RecipeError(f"output tensor name {name!r} is empty or not a string")
-    if name == "__metadata__":
-        raise RecipeError("an output tensor cannot be named '__metadata__' (reserved by safetensors)")
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
-        raise RecipeError(f"output tensor name {name!r} contains control or surrogate characters")
-    if name in seen:
-        raise RecipeError(f"duplicate output tensor name {name!r}")
-    seen.add(name)
-    if t.dtype not in DTYPES:
-        raise RecipeError(f"output tensor {name!r} has unknown dtype {t.dtype!r}")
-    if any(type(d) is not int or d < 0 for d in t.shape):
-        raise RecipeError(f"output tensor {name!r} has invalid shape {t.shape!r}")
-    numel = OutputTensor(name, "U8", t.shape).nbytes
-    if numel * DTYPES[t.dtype].bits % 8:  # packed sub-byte dtypes (F4, F6)
-        raise RecipeError(f"output tensor {name!r}: {t.dtype} data of shape {t.shape} is not whole bytes")
-    if t.nbytes >= 1 << 63:
-        raise RecipeError(f"output tensor {name!r} is too large ({t.nbytes} bytes)")
-
-
-def _plan_one(filename: str, tensors: list[OutputTensor]) -> ShardPlan:
-    """One shard exactly as safetensors' `prepare()` lays it out (dtype descending, then name)."""
-    ordered = sorted(tensors, key=lambda t: (-DTYPES[t.dtype].order, t.name))
-    header: dict = {"__metadata__": dict(OUTPUT_METADATA)}
-    rel, start = {}, 0
-    for t in ordered:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [start, start + t.nbytes]}
-        rel[t.name], start = start, start + t.nbytes
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    if len(text) > MAX_HEADER_BYTES:
-        raise RecipeError(f"the header of {filename} would be {len(text)} bytes, above the safetensors limit "
-                          f"of {MAX_HEADER_BYTES}", hint="use a smaller --shard-size so shards hold fewer tensors")
-    prefix = len(text).to_bytes(8, "little") + text
-    offsets = {n: len(prefix) + r for n, r in rel.items()}
-    return ShardPlan(filename, prefix, tuple(t.name for t in ordered), offsets, len(prefix) + start)
-
-
-def plan_shards(tensors: Sequence[OutputTensor], shard_bytes: int = DEFAULT_SHARD_BYTES) -> ShardLayout:
-    """Assign tensors greedily, in the given order, to shards of at most `shard_bytes` of data.
-
-    A new shard starts when the next tensor would push the current (non-empty) one past
-    the limit, so a tensor larger than the limit sits alone.
-    """
-    if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, (int, np.integer)) or shard_bytes < 1:
-        raise RecipeError(f"shard size must be a positive number of bytes, got {shown(shard_bytes)}")
-    tensors, seen = list(tensors), set()
-    for t in tensors:
-        _check_tensor(t, seen)
-    groups: list[list[OutputTensor]] = [[]]
-    current = 0
-    for t in tensors:
-        if groups[-1] and current + t.nbytes > shard_bytes:
-            groups.append([])
-            current = 0
-        groups[-1].append(t)
-        current += t.nbytes
-    n = len(groups)
-    if n > _MAX_SHARDS:
-        raise RecipeError(f"the output would need {n} shards", hint="use a larger --shard-size")
-    names = [SINGLE_NAME] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    shards = tuple(_plan_one(name, g) for name, g in zip(names, groups))
-    return ShardLayout(shards, sum(t.nbytes for t in tensors), tuple(tensors), int(shard_bytes))
-
-
-# ---------------------------------------------------------------- the writer
-
 
 def _as_bytes(data) -> memoryview:
     """A flat byte view of a C-contiguous little-endian buffer, without copying."""
@@ -246,8 +115,13 @@ class OutputWriter:
     private_files = st.PRIVATE  # in staging, never part of the output
 
     def __init__(self, out_dir, layout: ShardLayout, *, inputs: Sequence = (), force: bool = False,
-                 check_space: bool = True, resume: bool = False, fingerprint: dict | None = None):
+                 check_space: bool = True, resume: bool = False, fingerprint: dict | None = None,
+                 one_file: bool = False):
         self.out_dir = st.resolve_out(out_dir)
+        self.one_file = one_file  # OUT is the layout's single shard itself (no directory, no companions)
+        self._held: dict | None = None  # one file: the stats finish_shard got, kept until the header's rewrite
+        if one_file and len(layout.shards) != 1:
+            raise ValueError("a one-file output needs a layout of one shard")
         self.layout, self.force, self.check_space, self.resume = layout, force, check_space, resume
         self.inputs = [os.fspath(p) for p in inputs]
         self.fingerprint = {**(fingerprint or {}), "layout_sha256": layout_digest(layout),
@@ -265,6 +139,7 @@ class OutputWriter:
         self._resumed: set[int] = set()
         self._state = "new"  # new -> open -> committed | aborted
         self._shards_done = False
+        self._shards_done_calling = False
         self.kept: str | None = None  # set by an abort that kept finished shards for --resume
 
     @property
@@ -299,7 +174,7 @@ class OutputWriter:
             self._stage.check_plan(self.fingerprint)
             kept = self._stage.recorded(shards)
         need, free = self._check_space([i for i in range(len(shards)) if i not in kept])
-        replaces = self.out_dir.is_dir() and bool(os.listdir(self.out_dir))
+        replaces = self.out_dir.is_file() if self.one_file else (self.out_dir.is_dir() and bool(os.listdir(self.out_dir)))
         return OutputCheck(self.out_dir, replaces, len(kept), len(shards), need, free)
 
     def _preflight(self) -> None:
@@ -314,7 +189,13 @@ class OutputWriter:
         st.check_apart(out, self.inputs)
         if out.is_symlink():
             raise RecipeError(f"the output path {out} is a symlink", hint="give the real directory path with -o")
-        if out.exists():
+        if out.exists() and self.one_file:
+            if out.is_dir():
+                raise RecipeError(f"the output path {out} is an existing directory; an -o ending in .safetensors "
+                                  "writes one file", hint="choose a file path that is not a directory")
+            if not self.force:
+                raise RecipeError(f"output file exists: {out}", hint="--force to replace it, or choose another -o")
+        elif out.exists():
             if not out.is_dir():
                 raise RecipeError(f"the output path {out} exists and is not a directory")
             with os.scandir(out) as it:
@@ -412,6 +293,8 @@ class OutputWriter:
                    if i not in self._done for n in s.tensors)
 
     def _companion_path(self, relname: str) -> Path:
+        if self.one_file:
+            raise RuntimeError(f"OutputWriter: a one-file output has no companion files ({relname})")
         parts = Path(relname).parts
         if not relname or os.path.isabs(relname) or "\\" in relname or any(p in (".", "..") for p in parts):
             raise ValueError(f"companion file name {relname!r} must be a plain relative path")
@@ -446,6 +329,17 @@ class OutputWriter:
 
     # -- shards
 
+    def rewrite_header(self, i: int, prefix: bytes) -> None:
+        """Replace shard i's header by `prefix` of the same length (a one-file output's summary,
+        known only once the data is written); its sha256 is then taken from the file."""
+        shard = self.layout.shards[i]
+        if len(prefix) != len(shard.header) or i not in self._fds:
+            raise RuntimeError(f"OutputWriter.rewrite_header({i}): {len(prefix)} bytes for a header of "
+                               f"{len(shard.header)}, shard {'open' if i in self._fds else 'not open'}")
+        path = self.staging_dir / (shard.filename + ".tmp")
+        st.pwrite_all(self._fds[i], memoryview(prefix), 0, path)
+        self._streams[i].wrote(self._fds[i], 0, memoryview(prefix))  # out of order: hashed by re-reading
+
     def resumed_stats(self, i: int) -> dict | None:
         """Statistics of shard i if an interrupted run finished it (verified on open); None: compute it."""
         return self._done[i]["stats"] if i in self._resumed else None
@@ -454,6 +348,9 @@ class OutputWriter:
         """Make shard i final in staging (every tensor complete, fsync, size check, rename), then
         record its size, sha256 and `stats` (JSON-serialisable) in the manifest."""
         if i in self._done or i not in self._fds:
+            return
+        if self.one_file and not self._shards_done_calling:
+            self._held = stats  # final in finish_shards, after rewrite_header
             return
         shard = self.layout.shards[i]
         for name in shard.tensors:
@@ -488,8 +385,9 @@ class OutputWriter:
         for name, size in self._sizes.items():
             if size is not None and self._written[name] != size:
                 raise RuntimeError(f"tensor {name!r} incomplete: {self._written[name]} of {size} bytes written")
+        self._shards_done_calling = True
         for i in range(len(self.layout.shards)):
-            self.finish_shard(i)
+            self.finish_shard(i, self._held)
         index = self.layout.index_json()
         if index is not None:
             st.place_file(self.staging_dir / INDEX_NAME, [index])
@@ -520,6 +418,8 @@ class OutputWriter:
     def _swap_in(self) -> None:
         """The commit point. With force, an existing OUT is set aside first and removed after."""
         out, parent = self.out_dir, self.out_dir.parent
+        if self.one_file:
+            return self._place_file()
         aside = False
         try:
             if self.force and os.path.lexists(out):
@@ -545,6 +445,34 @@ class OutputWriter:
             except OSError as e:
                 warnings.warn(f"the new output is in place but the old one could not be removed: {self._old} "
                               f"({e.strerror or e})", stacklevel=3)
+
+    def _place_file(self) -> None:
+        """A one-file output's commit point: its one shard appears as OUT in one step (a hard
+        link, which refuses an OUT that appeared meanwhile; a rename with --force, which
+        replaces an existing file atomically); then staging goes."""
+        out, src = self.out_dir, self.staging_dir / self.layout.shards[0].filename
+        try:
+            if self.force:
+                if out.is_dir():
+                    raise IsADirectoryError(errno.EISDIR, "is a directory", str(out))
+                os.replace(src, out)
+            else:
+                try:
+                    os.link(src, out)
+                except OSError as e:
+                    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                        raise
+                    if os.path.lexists(out):  # a filesystem without hard links
+                        raise FileExistsError(errno.EEXIST, "exists", str(out)) from e
+                    os.rename(src, out)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.EISDIR, errno.ENOTEMPTY):
+                raise OutputError(f"{out} appeared while the merge was running; nothing was replaced",
+                                  hint="choose another -o, or --force to replace it") from e
+            raise st.output_error(e, out) from e
+        with writing(out.parent):
+            st.fsync_dir(out.parent)
+        self._stage.discard()
 
     def abort(self, exc: BaseException | None = None) -> None:
         """Close every file; remove the staging directory (ours), or after an interruption or
