@@ -279,6 +279,44 @@ def info(
     _guard(body, json_out)
 
 
+@app.command("inspect", cls=_Command, epilog="Example: npmerge inspect BASE FT1 FT2 --plot fine-tunes.png")
+def inspect_command(
+    base: str = typer.Argument(..., metavar="BASE", help=f"Base model: {MODEL_REF}.", rich_help_panel=_INPUTS),
+    models: List[str] = typer.Argument(..., metavar="MODEL...", help="Fine-tuned models (two or more), each a "
+                                       "directory, .safetensors file or Hub id.", rich_help_panel=_INPUTS),
+    density: Optional[List[float]] = typer.Option(None, "--density", "-d", metavar="FLOAT", help="Densities at "
+                                                  "which to count TIES's sign conflicts (repeatable; default: "
+                                                  "0.1, 0.2, ..., 1.0).", rich_help_panel=_METHOD),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Also draw FILE.png or FILE.svg: cosine "
+                                        "similarity by layer and pair, sign conflicts against density (needs "
+                                        "npmerge[plot]: matplotlib).", rich_help_panel=_OUTPUT),
+    max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS, json_out: bool = JSON, quiet: bool = QUIET,
+):
+    """How fine-tunes relate, per layer: task-vector norms, pairwise cosine similarity, sign
+    conflicts (overall and, per model, against TIES's election at each density), and what a
+    merge of them would refuse or note. Streamed in bounded memory."""
+    def body():
+        from . import render
+        from .inspection import DENSITIES, inspect_models
+
+        densities = tuple(sorted(set(density))) if density else DENSITIES
+        if any(not 0 < d <= 1 for d in densities):
+            raise RecipeError(f"--density must be in (0, 1], got {[d for d in densities if not 0 < d <= 1][0]}")
+        if plot is not None:
+            render.check_plot_target(plot)
+        data = inspect_models(base, list(models), densities=densities, max_memory=max_memory, threads=threads,
+                              progress=None if quiet or json_out else render.steps("inspect"))
+        if plot is not None:
+            render.inspection_plot(data, plot)
+        if json_out:
+            typer.echo(json.dumps(data, indent=2))
+        elif not quiet:
+            render.notes(data["notes"])
+            render.inspection(data)
+
+    _guard(body, json_out)
+
+
 @app.command(cls=_Command, epilog="Example: npmerge verify merged --recompute")
 def verify(
     out: str = typer.Argument(..., metavar="OUT", help="A merge's output directory, or the Hub id of a merge in the "

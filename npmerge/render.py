@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import resource
 
+import numpy as np
+
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -242,3 +244,114 @@ def verdict(v) -> None:
                 f"{len(v.differ) + len(v.missing)} do not", soft_wrap=True)
     if v.extra:
         c.print("not part of the merge: " + escape(", ".join(v.extra)), soft_wrap=True)
+
+
+def steps(title: str):
+    """A bar counting steps (`npmerge inspect`'s tensor runs), on a terminal only:
+    `start(total)` shows it and returns the step() to call after each."""
+    def start(total: int):
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                       TimeElapsedColumn(), TimeRemainingColumn(), console=stderr(),
+                       disable=not stderr().is_terminal, transient=True)
+        task = bar.add_task(title, total=total)
+        bar.start()
+
+        def step() -> None:
+            bar.update(task, advance=1)
+            if bar.tasks[0].completed >= total:
+                bar.stop()
+
+        return step
+
+    return start
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _cos(x) -> str:
+    return "-" if x is None else f"{x:+.3f}"
+
+
+def inspection(data: dict) -> None:
+    """`npmerge inspect`: the models; one row per layer (RMS of each task vector, each pair's
+    cosine, sign conflicts); then, by density, the share of each model's kept elements
+    that TIES's election goes against."""
+    c = stdout()
+    names, n, tot = data["models"], len(data["models"]), data["total"]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    m = Table(title=escape(f"task vectors against {data['base']}"))
+    for col, justify in (("#", "right"), ("model", "left"), ("‖τ‖₂", "right"), ("RMS", "right"),
+                         ("unchanged tensors", "right")):
+        m.add_column(col, justify=justify)
+    for i, name in enumerate(names):
+        m.add_row(str(i + 1), escape(name), f"{tot['l2'][i]:.4g}", f"{tot['rms'][i]:.3g}", str(len(tot["unchanged"][i])))
+    c.print(m)
+    t = Table(title="by layer")
+    t.add_column("layer")
+    t.add_column("RMS (mean)", justify="right")
+    for i, j in pairs:
+        t.add_column(f"cos {i + 1}·{j + 1}", justify="right")
+    t.add_column("conflicts", justify="right")
+    for layer, d in [*data["layers"].items(), ("all", tot)]:
+        t.add_row(escape(layer), f"{sum(d['rms']) / n:.3g}", *[_cos(d["cosine"][i][j]) for i, j in pairs],
+                  _pct(d["sign_conflict"]))
+    c.print(t)
+    e = Table(title="kept elements TIES elects against, by density")
+    e.add_column("density", justify="right")
+    for i in range(n):
+        e.add_column(f"model {i + 1}", justify="right")
+    e.add_column("conflicts", justify="right")
+    for k, d in enumerate(data["densities"]):
+        e.add_row(f"{d:g}", *[_pct(tot["excluded_by_density"][i][k]) for i in range(n)],
+                  _pct(tot["sign_conflict_by_density"][k]))
+    c.print(e)
+    c.print("conflicts: share of elements whose kept non-zero deltas disagree in sign", style="dim")
+
+
+def check_plot_target(path) -> None:
+    """Before any work: a known image type, and matplotlib installed."""
+    from .errors import RecipeError
+
+    if path.suffix.lower() not in (".png", ".svg"):
+        raise RecipeError(f"--plot {path}: the file must end in .png or .svg")
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise RecipeError("--plot needs matplotlib, which is not installed",
+                          hint="python -m pip install 'npmerge[plot]'")
+
+
+def inspection_plot(data: dict, path) -> None:
+    """A heat map of cosine similarity by layer and pair, and sign conflicts against density."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(data["models"])
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    layers = list(data["layers"])
+    grid = np.array([[np.nan if d["cosine"][i][j] is None else d["cosine"][i][j] for i, j in pairs]
+                     for d in data["layers"].values()], dtype=float)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, max(3.5, 0.3 * len(layers) + 1.5)))
+    im = left.imshow(grid, aspect="auto", cmap="RdBu", vmin=-1, vmax=1)
+    left.set_xticks(range(len(pairs)), [f"{i + 1}·{j + 1}" for i, j in pairs])
+    left.set_yticks(range(len(layers)), layers)
+    left.set_xlabel("pair of models")
+    left.set_ylabel("layer")
+    left.set_title("cosine similarity of task vectors")
+    fig.colorbar(im, ax=left)
+    dens = data["densities"]
+    for i, name in enumerate(data["models"]):
+        right.plot(dens, data["total"]["excluded_by_density"][i], marker="o", label=f"{i + 1} {name}")
+    right.plot(dens, data["total"]["sign_conflict_by_density"], marker="s", linestyle="--", color="black",
+               label="all: sign conflicts")
+    right.set_xlabel("density")
+    right.set_ylabel("share of kept elements (conflicts: of all)")
+    right.set_title("against TIES's elected sign")
+    right.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None} if str(path).lower().endswith(".png") else None)
+    plt.close(fig)

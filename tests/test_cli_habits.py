@@ -197,7 +197,7 @@ def test_command_help_has_panels_an_example_and_no_bool(command):
     if command == "warmup":
         return
     assert "Inputs" in panels
-    if command not in ("info", "verify"):
+    if command not in ("info", "verify", "inspect"):
         assert {"Output", "Resources", "Safety"} <= panels
         assert "--dry-run" in text and "--max-memory SIZE" in text
     if command not in ("info", "run", "verify"):
