@@ -14,7 +14,8 @@ Cases whose right behaviour is acceptance (ACCEPTED) check success, the note in
 merge_report.json, and the same cleanliness.
 
 Every id starts with the §5 case number (`s27-...` is case 27); `i5-...` are the cases
-issue 5 adds (unknown method, recipe YAML errors, budget), `i26-...` issue 26's (hostile
+issue 5 adds (unknown method, recipe YAML errors, budget), `i24-...` issue 24's (one-file
+outputs; verify's and inspect's refusals are in test_verify.py and test_inspect.py), `i26-...` issue 26's (hostile
 recipe YAML, tokenizer ids and padding, fan_in_fan_out; the --resume detail is in
 test_safety.py, the fuzzing in test_fuzz_inputs.py). Where each §5 case is tested:
 
@@ -446,6 +447,11 @@ def _f8(w: bytes) -> bytes:
     return mk({"w": ent("F8_E4M3", [4], (0, 4)), "w_scale_inv": ent("F32", [1], (4, 8))}, w + D4)
 
 
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
 REFUSED = [
     # §1-20 beyond the corpus: a shard of a sharded model, and what the parser accepts but npmerge cannot use
     Case("s07-f4-unsupported", _two_files(mk({"w": ent("F4", [4], (0, 2))}, b"\x12\x34"),
@@ -602,6 +608,11 @@ REFUSED = [
          2, ("tokenizer.pad_to_multiple_of 1,000,000,000,000 would pad 82 token rows to 1,000,000,000,000",), "64 or 128"),
     Case("i26-added-token-at-two-ids", _chat_tokenizer(lambda added: added.append(dict(added[-1], id=79)), "union"),
          3, ("{tmp}/chat/tokenizer.json: added token '<|im_end|>' is listed at two ids, 81 and 79",), "one entry per token"),
+    Case("i24-one-file-output-is-a-directory", lambda t, mp: [*TIES, "-o", _mkdir(t / "merged.safetensors")],
+         2, ("the output path {tmp}/merged.safetensors is an existing directory; an -o ending in .safetensors "
+             "writes one file",), "a file path"),
+    Case("i24-one-file-over-its-limit", lambda t, mp: [*TIES, "-o", t / "merged.safetensors", "--shard-size", "1KB"],
+         2, ("a one-file output would hold", "above the limit of 1,000"), "--shard-size"),
     Case("i26-yaml-deep-flow", recipe("merge_method: linear\nmodels: " + "[" * 50_000 + "]" * 50_000 + "\n"),
          2, ("recipe.yml is not valid YAML: line 2", "nesting deeper than 64 levels")),
     Case("i26-yaml-deep-block", recipe("".join("  " * i + f"k{i}:\n" for i in range(3_000))),
