@@ -305,7 +305,7 @@ def inspect_command(
         if plot is not None:
             render.check_plot_target(plot)
         data = inspect_models(base, list(models), densities=densities, max_memory=max_memory, threads=threads,
-                              progress=None if quiet or json_out else render.steps("inspect"))
+                              progress=None if quiet or json_out else render.bar("inspect"))
         if plot is not None:
             render.inspection_plot(data, plot)
         if json_out:

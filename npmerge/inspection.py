@@ -9,6 +9,8 @@ notes), then each float tensor is streamed through the engine in bounded memory:
 - the TIES driver at each density d (histogram, trim and election passes; the output is
   discarded): the share of elements whose kept deltas disagree in sign, and per model the
   share of its kept elements the election goes against, exact at every d.
+All of them are fed the same spans in lock-step (InspectDriver), so each input is read as
+often as one TIES merge reads it (2-3 times), whatever the number of densities.
 Layers and the whole model total the tensors as a merge report does (report.totals);
 cosines of a layer come from its summed dot products and norms.
 """
@@ -20,6 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from .constants import BLOCK
 from .errors import RecipeError
 from .methods import registry
 from .methods.protocol import Driver, TensorContext
@@ -57,8 +60,54 @@ class GramDriver(Driver):
         self.sums.release()
 
 
+class InspectDriver(Driver):
+    """The Gram sums and a TIES driver per density, fed the same spans in lock-step (the
+    k-th pass of each in the composite's k-th): the inputs are read as often as the
+    longest of them needs (2-3 times), not once per density. Writes nothing."""
+
+    def __init__(self, ctx: TensorContext, subs: list[Driver]):
+        super().__init__(ctx, passes=[f"pass {k + 1}" for k in range(max(len(d.passes) for d in subs))])
+        self.subs = subs
+        self.done = [0] * len(subs)  # passes each has finished
+
+    def writes(self, pass_name: str) -> bool:
+        return False
+
+    def _active(self):
+        return [(k, d) for k, d in enumerate(self.subs) if self.done[k] < len(d.passes)]
+
+    def feed(self, pass_name: str, span) -> int:
+        for k, d in self._active():
+            d.feed(d.passes[self.done[k]], span)
+        return 0
+
+    def end_pass(self, pass_name: str) -> None:
+        for k, d in self._active():
+            d.end_pass(d.passes[self.done[k]])  # may drop a later pass of its own (TIES: hist_lo)
+            self.done[k] += 1
+        left = max(len(d.passes) - n for d, n in zip(self.subs, self.done))
+        del self.passes[self.passes.index(pass_name) + 1 + left:]
+
+    def stats(self) -> dict:
+        gram = self.subs[0].gram
+        ties = []
+        for d in self.subs[1:]:
+            s = d.stats()
+            for i, m in enumerate(s["models"]):
+                m["l2"] = math.sqrt(gram[i, i])
+            ties.append({**s, "numel": self.ctx.numel})
+        return {"gram": gram, "ties": ties, "models": [{} for _ in range(self.ctx.n_models)]}
+
+    def work_bytes(self, span: int) -> int:
+        return sum(d.work_bytes(span) for d in self.subs)
+
+    def release(self) -> None:
+        for d in self.subs:
+            d.release()
+
+
 class _Discard:
-    """The engine's writer for passes whose output is not wanted."""
+    """The engine's writer: inspect writes nothing."""
 
     def write(self, name: str, offset: int, data) -> None:
         pass
@@ -66,8 +115,9 @@ class _Discard:
 
 def inspect_models(base: str, models: list[str], *, densities=DENSITIES, max_memory=None, threads=None,
                    progress=None) -> dict:
-    """Every figure of `npmerge inspect` (the --json document). `progress(total)` returns a
-    step() called after each run of a tensor (1 + len(densities) per tensor)."""
+    """Every figure of `npmerge inspect` (the --json document). `progress(total_bytes)`
+    returns the engine's progress callback (render.progress's advance)."""
+    from .budget import choose_span
     from .engine import Engine
     from .plan import build_plan
     from .recipe import Recipe
@@ -81,10 +131,13 @@ def inspect_models(base: str, models: list[str], *, densities=DENSITIES, max_mem
     ties = registry.get("ties")
     try:
         jobs = [j for j in plan.jobs if not j.copy]
-        step = progress(len(jobs) * (1 + len(densities))) if progress else (lambda: None)
-        engine = Engine(_Discard(), threads=plan.threads, span=plan.span, allow_nonfinite=False)
+        jobs = [_inspect_job(j, ties, densities, plan.threads) for j in jobs]
+        span, _ = choose_span(jobs, plan.budget, plan.threads)  # the composite needs more than one merge
+        jobs = [replace(j, span=min(span, -(-j.numel // BLOCK) * BLOCK) or BLOCK) for j in jobs]
+        engine = Engine(_Discard(), threads=plan.threads, span=span, allow_nonfinite=False,
+                        progress=progress(sum(j.read_bytes * j.passes for j in jobs)) if progress else None)
         try:
-            tensors = {j.name: _tensor(engine, j, ties, densities, step) for j in jobs}
+            tensors = {j.name: _tensor(engine, j) for j in jobs}
         finally:
             engine.close()
         base_record, model_list = model_records(plan, public=False)
@@ -100,6 +153,8 @@ def inspect_models(base: str, models: list[str], *, densities=DENSITIES, max_mem
             "total": _total(tensors, list(tensors), len(names), ties, densities),
             "layers": {layer: _total(tensors, members, len(names), ties, densities)
                        for layer, members in sorted(layers.items(), key=lambda kv: _layer_key(kv[0]))},
+            "input_passes": sum(t["passes"] * j.read_bytes for t, j in zip(tensors.values(), jobs))
+            / max(1, sum(j.read_bytes for j in jobs)),
             "tensors": {name: _public(t) for name, t in tensors.items()},
         }
     finally:
@@ -110,24 +165,25 @@ def _layer_key(layer: str) -> tuple:
     return (0, int(layer)) if layer.isdigit() else (1, 0)
 
 
-def _tensor(engine, job, ties, densities, step) -> dict:
-    """A tensor's Gram matrix and its TIES statistics at each density."""
-    ctx = TensorContext(job.name, job.shape, job.numel, job.params, job.model_params, True, engine.threads,
-                        job.stream_index)
-    gram_job = replace(job, driver=GramDriver(ctx), passes=1)
-    engine.run_driver(gram_job)
-    gram = gram_job.driver.gram
-    gram_job.driver.release()
-    step()
-    n = len(job.models)
-    by_density = []
+def _inspect_job(job, ties, densities, threads: int):
+    """The tensor's job with an InspectDriver: Gram sums and TIES at each density (weights 1)."""
+    def context(params, model_params):
+        return TensorContext(job.name, job.shape, job.numel, params, tuple(model_params), True, threads,
+                             job.stream_index)
+
+    subs: list[Driver] = [GramDriver(context(job.params, job.model_params))]
     for d in densities:
-        params, model_params = ties.resolve({}, [{"density": d, "weight": 1.0} for _ in range(n)], cross_check=False)
-        run = replace(job, method=ties, params=params, model_params=tuple(model_params)).with_driver(engine.threads)
-        by_density.append(engine.run_driver(run))
-        run.driver.release()
-        step()
-    return {"numel": job.numel, "gram": gram, "ties": by_density}
+        params, model_params = ties.resolve({}, [{"density": d, "weight": 1.0} for _ in job.models],
+                                            cross_check=False)
+        subs.append(ties.driver(context(params, model_params)))
+    driver = InspectDriver(context(job.params, job.model_params), subs)
+    return replace(job, driver=driver, passes=len(driver.passes))
+
+
+def _tensor(engine, job) -> dict:
+    stats = engine.run_driver(job)
+    job.driver.release()
+    return {"numel": job.numel, "gram": stats["gram"], "ties": stats["ties"], "passes": stats["passes"]}
 
 
 def _cosines(gram: np.ndarray) -> list[list[float | None]]:

@@ -246,22 +246,22 @@ def verdict(v) -> None:
         c.print("not part of the merge: " + escape(", ".join(v.extra)), soft_wrap=True)
 
 
-def steps(title: str):
-    """A bar counting steps (`npmerge inspect`'s tensor runs), on a terminal only:
-    `start(total)` shows it and returns the step() to call after each."""
+def bar(title: str):
+    """A byte-counting bar for work without a plan (`npmerge inspect`), on a terminal only:
+    `start(total)` shows it and returns the engine's progress callback; it goes at the end."""
     def start(total: int):
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                       TimeElapsedColumn(), TimeRemainingColumn(), console=stderr(),
-                       disable=not stderr().is_terminal, transient=True)
-        task = bar.add_task(title, total=total)
-        bar.start()
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=stderr(),
+                            disable=not stderr().is_terminal, transient=True)
+        task = progress.add_task(title, total=total)
+        progress.start()
 
-        def step() -> None:
-            bar.update(task, advance=1)
-            if bar.tasks[0].completed >= total:
-                bar.stop()
+        def advance(nbytes: int, name: str) -> None:
+            progress.update(task, advance=nbytes)
+            if progress.tasks[0].completed >= total:
+                progress.stop()
 
-        return step
+        return advance
 
     return start
 
