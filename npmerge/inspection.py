@@ -192,7 +192,7 @@ def _cosines(gram: np.ndarray) -> list[list[float | None]]:
     out = [[None] * n for _ in range(n)]
     for i in range(n):
         for j in range(n):
-            den = math.sqrt(gram[i, i]) * math.sqrt(gram[j, j])
+            den = math.sqrt(gram[i, i] * gram[j, j])  # sqrt(g * g) == g exactly: cos(τ, τ) is 1
             out[i][j] = None if den == 0 else max(-1.0, min(1.0, float(gram[i, j]) / den))
     return out
 
