@@ -27,7 +27,7 @@ from .report import build_report, model_card, report_json
 
 
 def plan_merge(recipe: Recipe, *, max_memory=None, threads=None, shard_size=None, out=None, force: bool = False,
-               resume: bool = False) -> Plan:
+               resume: bool = False, part: tuple[int, int] | None = None) -> Plan:
     """Open and check every input and lay out the merge; with `out`, also run every check of
     the output location the real run makes before writing (`plan.output`), so a plan that
     builds is a merge that starts (what --dry-run shows). Notes from resolving the model
@@ -36,8 +36,11 @@ def plan_merge(recipe: Recipe, *, max_memory=None, threads=None, shard_size=None
     plan = build_plan(recipe, max_memory=max_memory, threads=threads, shard_size=shard_size, one_file=one_file)
     try:
         plan.notes[:0] = [n for c in plan.inputs for n in (c.ref.notes if getattr(c, "ref", None) else ())]
+        if part is not None and plan.one_file:
+            raise RecipeError("--part splits a model directory by shards; a one-file output is one shard",
+                              hint="give -o a directory to split the merge into parts")
         if out is not None:
-            plan.output = _writer(plan, out, force, resume).preflight()
+            plan.output = writer_for(plan, out, force, resume, part).preflight()
     except BaseException:
         plan.close()
         raise
@@ -49,48 +52,61 @@ def is_one_file(out) -> bool:
     return str(out).lower().endswith(".safetensors")
 
 
-def _writer(plan: Plan, out, force: bool, resume: bool) -> OutputWriter:
+def writer_for(plan: Plan, out, force: bool, resume: bool, part: tuple[int, int] | None = None,
+            adopt: bool = False) -> OutputWriter:
     """The output writer of `plan`: inputs by their real paths (the output must stay apart
-    from them) and the plan's fingerprint (what --resume must find unchanged)."""
+    from them) and the plan's fingerprint (what --resume and assemble must find unchanged)."""
     if plan.one_file != is_one_file(out):
         raise RecipeError(f"the plan was made for {'one file' if plan.one_file else 'a directory'}, not for {out}")
     return OutputWriter(Path(out), plan.layout, inputs=[Path(c.path) for c in plan.inputs], force=force,
-                        resume=resume, fingerprint=plan.fingerprint(), one_file=plan.one_file)
+                        resume=resume, fingerprint=plan.fingerprint(), one_file=plan.one_file, part=part,
+                        adopt=adopt)
 
 
 def execute(plan: Plan, out, *, force: bool = False, resume: bool = False,
-            progress: Progress | None = None) -> dict:
+            progress: Progress | None = None, part: tuple[int, int] | None = None) -> dict:
     """Run a plan into directory `out`; return the report (also written as merge_report.json).
 
     `resume`: continue an interrupted run of the same plan into the same `out`.
+    `part` (I, N): write only part I of N's shards, into its staging directory beside `out`,
+    and return its record (npmerge/parts.py assembles the parts).
     """
-    writer = _writer(plan, out, force, resume)
+    writer = writer_for(plan, out, force, resume, part)
     try:
         with writer:
             writer.open()
             engine = Engine(writer, threads=plan.threads, span=plan.span, allow_nonfinite=plan.allow_nonfinite,
                             progress=progress)
             stats = engine.run(plan)
+            if part is not None:
+                where = writer.finish_part({"part": part[0], "parts": part[1], "recipe": plan.recipe.to_yaml(),
+                                            "shard_size": plan.layout.shard_bytes})
+                return {"part": part, "staging": str(where), "files": writer.shard_files}
             if plan.one_file:
                 report = _finish_one_file(plan, writer, stats)
                 writer.commit()
                 return report
-            write_companions(writer, plan.reference.root, _config_dtype(plan), plan.config_updates, plan.tokenizer_files)
-            recipe_yaml = plan.recipe.to_yaml()
-            writer.add_bytes(RECIPE_NAME, recipe_yaml.encode())
-            writer.add_bytes(CARD_NAME, model_card(plan, recipe_yaml).encode())
-            writer.finish_shards()
-            shards = writer.shard_files
-            files = {p.name: shards.get(p.name) or {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                     for p in sorted(writer.staging_dir.iterdir())
-                     if p.is_file() and p.name not in writer.private_files}
-            report = build_report(plan, stats, files)
-            writer.add_bytes(REPORT_NAME, report_json(report))
-            writer.commit()
+            return finish_directory(plan, writer, stats)
     except BaseException as exc:
         if writer.kept:
             exc.resume_hint = writer.kept
         raise
+
+
+def finish_directory(plan: Plan, writer: OutputWriter, stats: dict) -> dict:
+    """Once every shard is written: companions, recipe, card and the report, then the commit."""
+    write_companions(writer, plan.reference.root, _config_dtype(plan), plan.config_updates, plan.tokenizer_files)
+    recipe_yaml = plan.recipe.to_yaml()
+    writer.add_bytes(RECIPE_NAME, recipe_yaml.encode())
+    writer.add_bytes(CARD_NAME, model_card(plan, recipe_yaml).encode())
+    writer.finish_shards()
+    shards = writer.shard_files
+    files = {p.name: shards.get(p.name) or {"size": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(writer.staging_dir.iterdir())
+             if p.is_file() and p.name not in writer.private_files}
+    report = build_report(plan, stats, files)
+    writer.add_bytes(REPORT_NAME, report_json(report))
+    writer.commit()
     return report
 
 
@@ -119,10 +135,10 @@ def _config_dtype(plan: Plan) -> str:
 
 
 def run_merge(recipe: Recipe, out, *, max_memory=None, threads=None, force=False, resume=False, progress=None,
-              shard_size=None) -> dict:
+              shard_size=None, part: tuple[int, int] | None = None) -> dict:
     plan = plan_merge(recipe, max_memory=max_memory, threads=threads, shard_size=shard_size, out=out, force=force,
-                      resume=resume)
+                      resume=resume, part=part)
     try:
-        return execute(plan, out, force=force, resume=resume, progress=progress)
+        return execute(plan, out, force=force, resume=resume, progress=progress, part=part)
     finally:
         plan.close()

@@ -124,10 +124,13 @@ TOKENIZER = typer.Option(None, "--tokenizer-source", metavar="SOURCE", help="Map
                          "to an output vocabulary: base (the base's), union (every model's tokens) or one of the "
                          "models; its tokenizer files are written (default: none, rows merged by position, the base's "
                          "tokenizer copied).", rich_help_panel=_OUTPUT)
+PART = typer.Option(None, "--part", metavar="I/N", help="Merge only part I of N (whole output shards, balanced by "
+                   "bytes) into a staging directory beside -o, on a filesystem every node sees; then `npmerge "
+                   "assemble OUT` (see README 'Beyond one machine').", rich_help_panel=_RESOURCES)
 _SHARED = dict(tokenizer_source=(Optional[str], TOKENIZER),
                out_dtype=(Optional[str], OUT_DTYPE), shard_size=(Optional[str], SHARD), max_memory=(Optional[str], MEM),
                threads=(Optional[int], THREADS), dry_run=(bool, DRY), json_out=(bool, JSON), force=(bool, FORCE),
-               allow_nonfinite=(bool, NONFINITE), quiet=(bool, QUIET), resume=(bool, RESUME))
+               allow_nonfinite=(bool, NONFINITE), quiet=(bool, QUIET), resume=(bool, RESUME), part=(Optional[str], PART))
 _SHORT = {"weight": "-w", "density": "-d", "t": "-t"}
 
 
@@ -192,7 +195,7 @@ def _add_method_command(method) -> None:
         flags = [f for p in per_model.values() for f in (p.cli_flag, _SHORT.get(p.name)) if f]
         _merge_command(method.name, kw.get("base"), kw["models"], kw["out"], recipe_args, kw["shard_size"],
                        kw["max_memory"], kw["threads"], kw["dry_run"], kw["json_out"], kw["force"], kw["quiet"],
-                       kw["resume"], flags)
+                       kw["resume"], flags, kw["part"])
 
     command.__signature__ = inspect.Signature(sig)
     command.__name__ = method.name
@@ -221,6 +224,7 @@ def run(
     out: Path = OUT,
     shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS,
     dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE, quiet: bool = QUIET, resume: bool = RESUME,
+    part: Optional[str] = PART,
 ):
     """Run a merge recipe (YAML), e.g. the npmerge_recipe.yml of an earlier merge."""
     def build():
@@ -228,7 +232,30 @@ def run(
 
         return Recipe.from_file(recipe)
 
-    _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume)
+    _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume, part)
+
+
+@app.command(cls=_Command, epilog="Example: npmerge assemble merged")
+def assemble(
+    out: Path = typer.Argument(..., metavar="OUT", help="The output directory the parts were run with (-o).",
+                               rich_help_panel=_INPUTS),
+    max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS, json_out: bool = JSON, force: bool = FORCE,
+    quiet: bool = QUIET,
+):
+    """Put together a merge split into parts (--part I/N): check that every part is there and
+    was made from the same plan, verify their shards, write the index, config, tokenizer,
+    card and report, and rename the output into place (byte-identical to one machine)."""
+    def body():
+        from .parts import assemble as put_together
+
+        started = time.perf_counter()
+        report = put_together(out, force=force, max_memory=max_memory, threads=threads)
+        if json_out:
+            typer.echo(json.dumps(report, indent=2))
+        elif not quiet:
+            typer.echo(f"assembled {out}: {len(report['files'])} files in {time.perf_counter() - started:.1f} s")
+
+    _guard(body, json_out)
 
 
 @app.command(cls=_Command, epilog="Example: npmerge info meta-llama/Llama-3.2-1B --tensors | less")
@@ -378,7 +405,7 @@ def warmup(
 
 # -- plumbing -------------------------------------------------------------------------
 def _merge_command(method, base, models, out, recipe_args, shard_size, max_memory, threads, dry_run,
-                   json_out, force, quiet, resume, per_model_flags):
+                   json_out, force, quiet, resume, per_model_flags, part):
     def build():
         from .recipe import Recipe
 
@@ -386,17 +413,19 @@ def _merge_command(method, base, models, out, recipe_args, shard_size, max_memor
             _refuse_option_value(ref, per_model_flags)
         return Recipe.from_cli(method, base, list(models), **recipe_args)
 
-    _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume)
+    _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume, part)
 
 
-def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume):
+def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume, part=None):
     def body():
         from . import api, kernels, render
+        from .parts import parse_part
 
         started = time.perf_counter()
+        split = parse_part(part) if part is not None else None
         recipe = build_recipe()
         plan = api.plan_merge(recipe, max_memory=max_memory, threads=threads, shard_size=shard_size, out=out,
-                              force=force, resume=resume)
+                              force=force, resume=resume, part=split)
         try:
             if not quiet:
                 render.notes(plan.notes)
@@ -407,9 +436,12 @@ def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_o
                     render.plan(plan, out)
                 return
             with render.progress(plan, disable=quiet or json_out) as advance:
-                report = api.execute(plan, out, force=force, resume=resume, progress=advance)
+                report = api.execute(plan, out, force=force, resume=resume, progress=advance, part=split)
         finally:
             plan.close()
+        if split is not None:
+            render.part_done(report, out, json_out, quiet)
+            return
         elapsed = time.perf_counter() - started
         if not quiet:
             render.notes(report["notes"][len(plan.notes):])  # found while merging

@@ -111,12 +111,13 @@ class Engine:
             src.prefetch()
 
     def run(self, plan) -> dict[str, dict]:
-        """The plan's tensors shard by shard, in each shard's data order: output is written
-        sequentially and each shard is final (fsynced) as soon as its last tensor is done."""
+        """The plan's tensors shard by shard (the writer's: a part writes some), in each shard's
+        data order: output is written sequentially and each shard is final (fsynced) as soon
+        as its last tensor is done."""
         jobs = {job.name: job for job in plan.jobs}
-        shards = plan.layout.shards
-        todo = [jobs[n] for i, shard in enumerate(shards) if self.writer.resumed_stats(i) is None
-                for n in shard.tensors]
+        mine = self.writer.mine  # the shards this run writes (a part of a merge split into parts: some)
+        shards = [(i, shard) for i, shard in enumerate(plan.layout.shards) if i in mine]
+        todo = [jobs[n] for i, shard in shards if self.writer.resumed_stats(i) is None for n in shard.tensors]
         from concurrent.futures import ThreadPoolExecutor
 
         prefetcher = ThreadPoolExecutor(1, thread_name_prefix="npmerge-prefetch")
@@ -124,7 +125,7 @@ class Engine:
         first = next((job for job in todo if not job.copy), None)
         self._precompile = precompile.start(first, self.threads) if first is not None else None
         try:
-            for i, shard in enumerate(shards):
+            for i, shard in shards:
                 resumed = self.writer.resumed_stats(i)
                 if resumed is not None:  # completed by an interrupted run, verified by the writer
                     self.stats.update(resumed)

@@ -5,6 +5,7 @@ summary. Progress and diagnostics (notes; `Error:`/`Hint:` lines, cli.py) go to 
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 
 import numpy as np
@@ -355,3 +356,20 @@ def inspection_plot(data: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None} if str(path).lower().endswith(".png") else None)
     plt.close(fig)
+
+
+def part_done(record: dict, out, json_out: bool, quiet: bool) -> None:
+    """A part of a merge split into parts: what it wrote, and how many parts are done."""
+    from .parts import finished_parts
+
+    i, n = record["part"]
+    done = sorted(p for p, m in finished_parts(out) if m == n)
+    if json_out:
+        print(json.dumps({**record, "parts_done": done}, indent=2))
+        return
+    if quiet:
+        return
+    files = record["files"]
+    stdout().print(f"part {i}/{n} done: {len(files)} shard(s), {human_bytes(sum(f['size'] for f in files.values()))}; "
+                   f"{len(done)} of {n} parts finished"
+                   + (f"; now: npmerge assemble {escape(str(out))}" if len(done) == n else ""), soft_wrap=True)

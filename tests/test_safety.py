@@ -277,7 +277,7 @@ def test_plan_differences_name_each_changed_key():
     old = {"npmerge_version": "1", "recipe_sha256": "x", "recipe": recipe, "layout_sha256": "x", "layout": layout}
     new = {"npmerge_version": "2", "recipe_sha256": "y", "recipe": other, "layout_sha256": "y",
            "layout": {"shards": 2, "dtypes": dict(layout["dtypes"], t0="F32", t3="F16", t4="F32")}}
-    assert stg._plan_differences(old, new) == [
+    assert stg.plan_differences(old, new) == [
         "the npmerge version differs from the interrupted run's: version was '1', now '2'",
         "the recipe (method, models, parameters or dtypes) differs from the interrupted run's: merge_method was "
         "'ties', now 'dare_ties'; models[1].model was 'b', now 'c'; models[1].parameters.weight was 1.0, now absent; "
@@ -286,7 +286,7 @@ def test_plan_differences_name_each_changed_key():
         "t0 was 'BF16', now 'F32'; t3 was 'BF16', now 'F16' (and 1 more)",
     ]
     del old["recipe"], old["layout"]  # a plan.json of an npmerge that kept only the hashes
-    assert stg._plan_differences(old, new)[1:] == [
+    assert stg.plan_differences(old, new)[1:] == [
         "the recipe (method, models, parameters or dtypes) differs from the interrupted run's",
         "the output layout (--shard-size or output dtypes) differs from the interrupted run's"]
 

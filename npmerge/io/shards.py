@@ -171,3 +171,16 @@ def with_metadata(shard: ShardPlan, metadata: dict[str, str]) -> bytes | None:
     if len(new) > len(text):
         return None
     return shard.header[:8] + new + b" " * (len(text) - len(new))
+
+
+def part_shards(layout: ShardLayout, part: int, parts: int) -> list[int]:
+    """The shards part `part` of `parts` (1-based) writes: whole shards, balanced by bytes
+    (largest first, each to the part with the fewest bytes so far, the lower part on a tie);
+    the same on every machine, as it depends only on the layout. A part may get none."""
+    load = [0] * parts
+    owner = {}
+    for i in sorted(range(len(layout.shards)), key=lambda i: (-layout.shards[i].size, i)):
+        p = min(range(parts), key=lambda p: (load[p], p))
+        owner[i] = p
+        load[p] += layout.shards[i].size
+    return [i for i in range(len(layout.shards)) if owner[i] == part - 1]

@@ -36,7 +36,8 @@ LOCK_NAME = "npmerge.lock"
 README_NAME = "README.txt"
 PLAN_NAME = "plan.json"
 MANIFEST_NAME = "manifest.jsonl"
-PRIVATE = frozenset({LOCK_NAME, README_NAME, PLAN_NAME, MANIFEST_NAME})  # never part of the output
+PART_NAME = "part.json"  # a finished part of a merge split into parts (npmerge/parts.py)
+PRIVATE = frozenset({LOCK_NAME, README_NAME, PLAN_NAME, MANIFEST_NAME, PART_NAME})  # never part of the output
 SPACE_MARGIN = 64 << 20  # free space demanded beyond the planned bytes (companions, slack)
 CREATE = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
 _README_TEXT = """\
@@ -235,7 +236,7 @@ def input_changes(entries: list[dict]) -> list[str]:
     return changes
 
 
-def _plan_differences(old: dict, new: dict) -> list[str]:
+def plan_differences(old: dict, new: dict) -> list[str]:
     diffs = []
     for key, text in _FINGERPRINT_PARTS.items():
         if old.get(key) != new.get(key):
@@ -321,6 +322,16 @@ def pid_alive(pid: int) -> bool:
 # ---------------------------------------------------------------- the staging directory
 
 
+def parts_dir(out_dir: Path) -> Path:
+    """Where the parts of a merge split into parts stage (`--part I/N`): beside OUT, on the
+    filesystem every node sees."""
+    return out_dir.parent / f".{out_dir.name}.npmerge-parts"
+
+
+def part_dir(out_dir: Path, part: int, parts: int) -> Path:
+    return parts_dir(out_dir) / f"part-{part:04d}-of-{parts:04d}"
+
+
 class Staging:
     """`.<out>.npmerge-partial/`: created or taken over, then parked, discarded or finalised.
 
@@ -328,9 +339,9 @@ class Staging:
     staging directory it does not own.
     """
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, path: Path | None = None):
         self.out_dir = out_dir
-        self.path = out_dir.parent / f".{out_dir.name}.npmerge-partial"
+        self.path = path or out_dir.parent / f".{out_dir.name}.npmerge-partial"  # `path`: a part's (parts.py)
         self.owned = False
 
     def exists(self) -> bool:
@@ -352,6 +363,8 @@ class Staging:
 
     def create(self, fingerprint: dict) -> None:
         try:
+            if self.path.parent != self.out_dir.parent:  # a part's: the parts' directory may be new
+                os.makedirs(self.path.parent, exist_ok=True)
             os.mkdir(self.path)
         except FileExistsError:  # another run got there first
             self.refuse()
@@ -428,7 +441,7 @@ class Staging:
                               hint=f"the run stopped before writing anything; delete {self.path} and run "
                                    "again without --resume") from None
         try:
-            diffs = _plan_differences(old, fingerprint)
+            diffs = plan_differences(old, fingerprint)
         except (AttributeError, KeyError, TypeError):
             diffs = [f"{PLAN_NAME} is damaged"]
         if diffs:

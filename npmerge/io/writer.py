@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 import threading
@@ -29,7 +30,7 @@ from ..constants import INDEX_NAME, WRITE_PIECE_BYTES, WRITEBACK_BYTES
 from ..errors import InvalidCheckpoint, OutputError, RecipeError
 from ..units import human_bytes
 from . import staging as st
-from .shards import ShardLayout
+from .shards import ShardLayout, part_shards
 from .staging import SPACE_MARGIN, Staging, writing
 
 def _as_bytes(data) -> memoryview:
@@ -116,7 +117,7 @@ class OutputWriter:
 
     def __init__(self, out_dir, layout: ShardLayout, *, inputs: Sequence = (), force: bool = False,
                  check_space: bool = True, resume: bool = False, fingerprint: dict | None = None,
-                 one_file: bool = False):
+                 one_file: bool = False, part: tuple[int, int] | None = None, adopt: bool = False):
         self.out_dir = st.resolve_out(out_dir)
         self.one_file = one_file  # OUT is the layout's single shard itself (no directory, no companions)
         self._held: dict | None = None  # one file: the stats finish_shard got, kept until the header's rewrite
@@ -126,7 +127,12 @@ class OutputWriter:
         self.inputs = [os.fspath(p) for p in inputs]
         self.fingerprint = {**(fingerprint or {}), "layout_sha256": layout_digest(layout),
                             "layout": {"shards": len(layout.shards), "dtypes": {t.name: t.dtype for t in layout.tensors}}}
-        self._stage = Staging(self.out_dir)
+        # A part of a merge split into parts writes only its shards, into its own staging
+        # directory, and ends with a record instead of a commit (finish_part); `adopt`: the
+        # shards come finished from the parts (adopt_shard), as `npmerge assemble` puts them.
+        self.part, self.adopt = part, adopt
+        self.mine = set(part_shards(layout, *part) if part else range(len(layout.shards)))
+        self._stage = Staging(self.out_dir, st.part_dir(self.out_dir, *part) if part else None)
         self._old = self.out_dir.parent / f".{self.out_dir.name}.npmerge-old"
         self._sizes = {n: None for s in layout.shards for n in s.tensors}  # None: unknown (hand-built layout)
         self._sizes.update((t.name, t.nbytes) for t in layout.tensors)
@@ -173,7 +179,7 @@ class OutputWriter:
             self._stage.check_unlocked()
             self._stage.check_plan(self.fingerprint)
             kept = self._stage.recorded(shards)
-        need, free = self._check_space([i for i in range(len(shards)) if i not in kept])
+        need, free = self._check_space([i for i in sorted(self.mine) if i not in kept and not self.adopt])
         replaces = self.out_dir.is_file() if self.one_file else (self.out_dir.is_dir() and bool(os.listdir(self.out_dir)))
         return OutputCheck(self.out_dir, replaces, len(kept), len(shards), need, free)
 
@@ -232,7 +238,7 @@ class OutputWriter:
         self._state = "open"
         try:
             self._preflight()
-            todo = list(range(len(self.layout.shards)))
+            todo = [] if self.adopt else sorted(self.mine)
             if self.resume and self._stage.exists():
                 self._done = self._stage.take_over(self.fingerprint, [(s.filename, s.size) for s in self.layout.shards])
                 self._resumed = set(self._done)
@@ -382,16 +388,49 @@ class OutputWriter:
             raise RuntimeError(f"OutputWriter.finish_shards() on a writer that is {self._state}")
         if self._shards_done:
             return
-        for name, size in self._sizes.items():
-            if size is not None and self._written[name] != size:
-                raise RuntimeError(f"tensor {name!r} incomplete: {self._written[name]} of {size} bytes written")
+        for i in sorted(self.mine - set(self._done)):
+            for name in self.layout.shards[i].tensors:
+                size = self._sizes[name]
+                if size is not None and self._written[name] != size:
+                    raise RuntimeError(f"tensor {name!r} incomplete: {self._written[name]} of {size} bytes written")
         self._shards_done_calling = True
-        for i in range(len(self.layout.shards)):
+        for i in sorted(self.mine):
             self.finish_shard(i, self._held)
-        index = self.layout.index_json()
+        index = self.layout.index_json() if self.part is None else None
         if index is not None:
             st.place_file(self.staging_dir / INDEX_NAME, [index])
         self._shards_done = True
+
+    # -- parts
+
+    def adopt_shard(self, i: int, src: Path, record: dict) -> None:
+        """Take shard i finished from a part (`npmerge assemble`): moved into staging (the same
+        filesystem: one rename) and recorded as a shard this run finished."""
+        if not self.adopt or self._state != "open" or i in self._done:
+            raise RuntimeError(f"OutputWriter.adopt_shard({i}) on a writer that cannot adopt it")
+        dest = self.staging_dir / self.layout.shards[i].filename
+        with writing(dest):
+            os.rename(src, dest)
+        rec = {**record, "shard": i, "file": dest.name}
+        self._done[i] = rec
+        self._stage.record(rec)
+
+    def finish_part(self, record: dict) -> Path:
+        """A part's end: its shards final, then `record` and their manifest records in
+        part.json (the part's completion mark, what assemble reads); its staging directory
+        stays, unlocked, for assemble or a rerun with --resume."""
+        if self.part is None or self._state != "open":
+            raise RuntimeError("OutputWriter.finish_part() on a writer that is not an open part")
+        try:
+            self.finish_shards()
+            done = {"fingerprint": self.fingerprint, **record, "shards": [self._done[i] for i in sorted(self.mine)]}
+            st.place_file(self.staging_dir / st.PART_NAME, [(json.dumps(done, indent=1, allow_nan=True) + "\n").encode()])
+            self._stage.park({r["file"] for r in self._done.values()})
+        except BaseException as e:
+            self.abort(e)
+            raise
+        self._state = "committed"
+        return self.staging_dir
 
     # -- commit / abort
 
