@@ -127,10 +127,15 @@ TOKENIZER = typer.Option(None, "--tokenizer-source", metavar="SOURCE", help="Map
 PART = typer.Option(None, "--part", metavar="I/N", help="Merge only part I of N (whole output shards, balanced by "
                    "bytes) into a staging directory beside -o, on a filesystem every node sees; then `npmerge "
                    "assemble OUT` (see README 'Beyond one machine').", rich_help_panel=_RESOURCES)
+RAY = typer.Option(None, "--ray", metavar="ADDRESS", help="Run the merge as parts on Ray and assemble it: 'local' "
+                  "(a Ray started here), 'auto' (the cluster `ray start` made) or a cluster address; --threads CPUs "
+                  "per part (default: 1), one part per share of the cluster's CPUs, at most one per shard; needs "
+                  "npmerge[ray].", rich_help_panel=_RESOURCES)
 _SHARED = dict(tokenizer_source=(Optional[str], TOKENIZER),
                out_dtype=(Optional[str], OUT_DTYPE), shard_size=(Optional[str], SHARD), max_memory=(Optional[str], MEM),
                threads=(Optional[int], THREADS), dry_run=(bool, DRY), json_out=(bool, JSON), force=(bool, FORCE),
-               allow_nonfinite=(bool, NONFINITE), quiet=(bool, QUIET), resume=(bool, RESUME), part=(Optional[str], PART))
+               allow_nonfinite=(bool, NONFINITE), quiet=(bool, QUIET), resume=(bool, RESUME), part=(Optional[str], PART),
+               ray=(Optional[str], RAY))
 _SHORT = {"weight": "-w", "density": "-d", "t": "-t"}
 
 
@@ -195,7 +200,7 @@ def _add_method_command(method) -> None:
         flags = [f for p in per_model.values() for f in (p.cli_flag, _SHORT.get(p.name)) if f]
         _merge_command(method.name, kw.get("base"), kw["models"], kw["out"], recipe_args, kw["shard_size"],
                        kw["max_memory"], kw["threads"], kw["dry_run"], kw["json_out"], kw["force"], kw["quiet"],
-                       kw["resume"], flags, kw["part"])
+                       kw["resume"], flags, kw["part"], kw["ray"])
 
     command.__signature__ = inspect.Signature(sig)
     command.__name__ = method.name
@@ -224,7 +229,7 @@ def run(
     out: Path = OUT,
     shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS,
     dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE, quiet: bool = QUIET, resume: bool = RESUME,
-    part: Optional[str] = PART,
+    part: Optional[str] = PART, ray: Optional[str] = RAY,
 ):
     """Run a merge recipe (YAML), e.g. the npmerge_recipe.yml of an earlier merge."""
     def build():
@@ -232,14 +237,14 @@ def run(
 
         return Recipe.from_file(recipe)
 
-    _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume, part)
+    _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume, part, ray)
 
 
 @app.command(cls=_Command, epilog="Example: npmerge assemble merged")
 def assemble(
     out: Path = typer.Argument(..., metavar="OUT", help="The output directory the parts were run with (-o).",
                                rich_help_panel=_INPUTS),
-    max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS, json_out: bool = JSON, force: bool = FORCE,
+    max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS, force: bool = FORCE, json_out: bool = JSON,
     quiet: bool = QUIET,
 ):
     """Put together a merge split into parts (--part I/N): check that every part is there and
@@ -405,7 +410,7 @@ def warmup(
 
 # -- plumbing -------------------------------------------------------------------------
 def _merge_command(method, base, models, out, recipe_args, shard_size, max_memory, threads, dry_run,
-                   json_out, force, quiet, resume, per_model_flags, part):
+                   json_out, force, quiet, resume, per_model_flags, part, ray):
     def build():
         from .recipe import Recipe
 
@@ -413,16 +418,19 @@ def _merge_command(method, base, models, out, recipe_args, shard_size, max_memor
             _refuse_option_value(ref, per_model_flags)
         return Recipe.from_cli(method, base, list(models), **recipe_args)
 
-    _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume, part)
+    _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume, part, ray)
 
 
-def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume, part=None):
+def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume, part=None,
+             ray=None):
     def body():
         from . import api, kernels, render
         from .parts import parse_part
 
         started = time.perf_counter()
         split = parse_part(part) if part is not None else None
+        if ray is not None and split is not None:
+            raise RecipeError("--ray runs every part itself; give --ray or --part, not both")
         recipe = build_recipe()
         plan = api.plan_merge(recipe, max_memory=max_memory, threads=threads, shard_size=shard_size, out=out,
                               force=force, resume=resume, part=split)
@@ -435,8 +443,11 @@ def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_o
                 else:
                     render.plan(plan, out)
                 return
-            with render.progress(plan, disable=quiet or json_out) as advance:
-                report = api.execute(plan, out, force=force, resume=resume, progress=advance, part=split)
+            if ray is not None:
+                report = _on_ray(plan, out, ray, threads, force, max_memory, quiet or json_out)
+            else:
+                with render.progress(plan, disable=quiet or json_out) as advance:
+                    report = api.execute(plan, out, force=force, resume=resume, progress=advance, part=split)
         finally:
             plan.close()
         if split is not None:
@@ -452,6 +463,21 @@ def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_o
             render.summary(plan, report, out, elapsed)
 
     _guard(body, json_out)
+
+
+def _on_ray(plan, out, address, threads, force, max_memory, quiet) -> dict:
+    """The merge as parts on Ray (this command with --part I/N in each task), then assembled here."""
+    from . import parts, ray_parts, render
+
+    if plan.one_file:
+        raise RecipeError("--ray splits a model directory by shards; a one-file output is one shard",
+                          hint="give -o a directory")
+    total = sum(s.size for s in plan.layout.shards)
+    advance = render.bar("ray")(total) if not quiet else None
+    ray_parts.run_parts(ray_parts.strip_ray(_ARGV, address), None, threads or 1, len(plan.layout.shards),
+                        None if address == "local" else address,
+                        progress=(lambda nbytes: advance(nbytes, "part")) if advance else None)
+    return parts.assemble(out, force=force, max_memory=max_memory, threads=threads)
 
 
 _ARGV: list[str] = []  # the command line main() parses, for hints that quote it

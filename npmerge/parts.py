@@ -17,6 +17,7 @@ output is byte-identical to a one-machine run.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -84,7 +85,7 @@ def assemble(out, *, force: bool = False, max_memory=None, threads=None) -> dict
     try:
         writer = api.writer_for(plan, out, force, False, adopt=True)
         _check_plans(parts, n, writer.fingerprint)
-        shard_of = _check_shards(out, parts, n, plan.layout)
+        shard_of = _check_shards(out, parts, n, plan.layout, threads)
         stats: dict[str, dict] = {}
         with writer:
             writer.open()
@@ -113,9 +114,12 @@ def _check_plans(parts: dict, n: int, fingerprint: dict) -> None:
                                       "first), then assemble again")
 
 
-def _check_shards(out: Path, parts: dict, n: int, layout) -> dict[int, tuple[int, dict]]:
+def _check_shards(out: Path, parts: dict, n: int, layout, threads: int | None) -> dict[int, tuple[int, dict]]:
     """Shard index -> (part, record): each shard recorded by exactly the part that owns it,
-    its file there with the recorded size and sha256."""
+    its file there with the recorded size and sha256 (hashed on `threads` threads: hashlib
+    releases the GIL, so a large output is hashed at the disk's speed, not one core's)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from .io.shards import part_shards
 
     shard_of = {}
@@ -127,9 +131,13 @@ def _check_shards(out: Path, parts: dict, n: int, layout) -> dict[int, tuple[int
             if rec is None or not isinstance(rec.get("stats"), dict) or not path.is_file():
                 raise IncompatibleModels(f"part {p}/{n} lacks shard {layout.shards[i].filename}",
                                          hint=f"rerun part {p}/{n} (delete {path.parent} first)")
-            if path.stat().st_size != rec.get("size") or st.sha256_file(path) != rec.get("sha256"):
-                raise IncompatibleModels(f"part {p}/{n}: {path.name} no longer matches its recorded size and sha256 "
-                                         "(changed after the part finished)",
-                                         hint=f"rerun part {p}/{n} (delete {path.parent} first)")
             shard_of[i] = (p, rec)
+    paths = {i: st.part_dir(out, p, n) / rec["file"] for i, (p, rec) in shard_of.items()}
+    with ThreadPoolExecutor(max(1, threads or os.cpu_count() or 1)) as pool:
+        digests = dict(zip(paths, pool.map(lambda i: (paths[i].stat().st_size, st.sha256_file(paths[i])), paths)))
+    for i, (p, rec) in sorted(shard_of.items()):
+        if digests[i] != (rec.get("size"), rec.get("sha256")):
+            raise IncompatibleModels(f"part {p}/{n}: {paths[i].name} no longer matches its recorded size and sha256 "
+                                     "(changed after the part finished)",
+                                     hint=f"rerun part {p}/{n} (delete {paths[i].parent} first)")
     return shard_of

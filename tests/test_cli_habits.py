@@ -197,10 +197,10 @@ def test_command_help_has_panels_an_example_and_no_bool(command):
     if command == "warmup":
         return
     assert "Inputs" in panels
-    if command not in ("info", "verify", "inspect"):
+    if command not in ("info", "verify", "inspect", "assemble"):
         assert {"Output", "Resources", "Safety"} <= panels
         assert "--dry-run" in text and "--max-memory SIZE" in text
-    if command not in ("info", "run", "verify"):
+    if command not in ("info", "run", "verify", "assemble"):
         assert "Method" in panels
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -17,6 +19,7 @@ from test_cli_habits import cli
 
 M = [str(LLAMA / n) for n in ("base", "ft-a", "ft-b", "ft-c")]
 SHARDS = ("--shard-size", "100KB")  # the tiny Llama in 5 shards
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the CLI installed with the test extras
 MERGES = {
     "ties": ["ties", *M, "-d", "0.3"],
     "dare": ["dare-ties", *M, "-d", "0.5", "--seed", "7"],
@@ -59,7 +62,7 @@ def test_parts_in_reverse_order_assemble_to_the_one_machine_bytes(work, merge, n
 def test_concurrent_parts_and_a_killed_one_rerun(work):
     want = one_machine(work, "ties")
     args = [*MERGES["ties"], "-o", str(work / "split"), *SHARDS]
-    procs = [subprocess.Popen(["python", "-m", "npmerge", *args, "--part", f"{i}/3", "-q"], cwd=work,
+    procs = [subprocess.Popen([sys.executable, "-m", "npmerge", *args, "--part", f"{i}/3", "-q"], cwd=work,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (1, 2)]
     killed = start(*args, "--part", "3/3", slow=0.02)
     staging = work / ".split.npmerge-parts" / "part-0003-of-0003"
@@ -120,3 +123,37 @@ def test_part_refusals(work):
     proc = part(work, "ties", 1, 2)  # done: a plain rerun is refused, --resume redoes nothing
     assert proc.returncode == 5
     assert part(work, "ties", 1, 2, "--resume").returncode == 0
+
+
+def test_ray_runs_the_parts_on_a_local_cluster_and_stops_at_a_part_s_error(work):
+    """A local cluster of 2 CPUs (`ray start`, once: every Ray case is in this test), then
+    `--ray auto`: byte-identical to one machine; an npmerge error in one part (NaN in a
+    tensor of its shard: not seen by planning, found while merging) stops the merge with
+    that part's message and exit code, and nothing is assembled."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    want = one_machine(work, "ties")
+    env = {"RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+    start_ray = subprocess.run([RAY, "start", "--head", "--num-cpus", "2", "--include-dashboard=false",
+                                "--disable-usage-stats"], capture_output=True, text=True, timeout=120)
+    assert start_ray.returncode == 0, start_ray.stderr
+    try:
+        proc = cli(*MERGES["ties"], "-o", "ray-out", *SHARDS, "--ray", "auto", cwd=work, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert tree_bytes(work / "ray-out") == want and not (work / ".ray-out.npmerge-parts").exists()
+        bad = work / "ft-nan"
+        shutil.copytree(LLAMA / "ft-c", bad)
+        shard = sorted(bad.glob("model-*.safetensors"))[-1]
+        tensors = load_file(str(shard))
+        name = sorted(tensors)[0]
+        tensors[name] = tensors[name].copy()
+        tensors[name].reshape(-1)[0] = np.nan
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+        proc = cli("ties", *M[:3], str(bad), "-d", "0.3", "-o", "ray-bad", *SHARDS, "--ray", "auto", cwd=work,
+                   env=env)
+        assert proc.returncode == 4, proc.stderr
+        assert "Error: part " in proc.stderr and "NaN/Inf" in proc.stderr and name in proc.stderr
+        assert not (work / "ray-bad").exists()
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
