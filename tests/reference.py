@@ -168,6 +168,9 @@ __all__ = [
     "multislerp64",
     "karcher64",
     "combine",
+    "fusion_row_kl",
+    "arcee_fusion",
+    "arcee_fusion_mask64",
     "NO_MATCH",
     "layer_t",
     "gradient_value",
@@ -1267,6 +1270,62 @@ def karcher64(models, *, max_iter=10, tol=1e-5) -> np.ndarray:
         if un > tol:
             mean = mean / un
     return (sum(n / N for n in norms) * mean).reshape(models[0].shape)
+
+
+def fusion_row_kl(base, model) -> np.ndarray:
+    """Arcee Fusion's KL per row along the last axis (float64, shape base.shape[:-1]; one
+    value for a 1-D tensor): p = exp(f64(M) - max M)/Z_M + 1e-8, q likewise of B, Z and
+    the sum of p*log(p/q) by reduce_rows. exp and log are Python's math functions (the C
+    library's, which the kernels call too; NumPy's own SIMD versions may differ in the
+    last bit)."""
+    _check_inputs(base, [model], {})
+    exp, log = np.frompyfunc(math.exp, 1, 1), np.frompyfunc(math.log, 1, 1)
+    x, y = _f64("model", model), _f64("base", base)
+    if x.ndim == 0:
+        x, y = x.reshape(1), y.reshape(1)
+    ex = exp(x - x.max(axis=-1, keepdims=True)).astype(np.float64)
+    ey = exp(y - y.max(axis=-1, keepdims=True)).astype(np.float64)
+    p = ex / reduce_rows(ex)[..., None] + 1e-8
+    q = ey / reduce_rows(ey)[..., None] + 1e-8
+    return reduce_rows(p * log(p / q).astype(np.float64))
+
+
+def arcee_fusion(base, model) -> tuple[np.ndarray, dict]:
+    """Arcee Fusion (docs/semantics.md §C): d = M - B (float32); importance
+    x = fl32(f64(|d|) * kl[row]); q1, median, q3 = the sorted x at ranks floor(k(n - 1)/4),
+    k = 1, 2, 3 (exact, no sampling); threshold fl32(median + fl32(1.5) * fl32(q3 - q1));
+    result B + d * fl32(x >= threshold). Returns (result, {"threshold", "kept"})."""
+    kl = fusion_row_kl(base, model)
+    with np.errstate(all="ignore"):
+        d = model - base
+        x = (np.abs(d).astype(np.float64) * np.asarray(kl)[..., None].reshape(d.shape[:-1] + (1,) if d.ndim else ())
+             ).astype(np.float32)
+        n = x.size
+        s = np.sort(x.ravel())
+        q1, med, q3 = s[(n - 1) // 4], s[(n - 1) // 2], s[3 * (n - 1) // 4]
+        thr = np.float32(med + np.float32(1.5) * np.float32(q3 - q1))
+        keep = x >= thr
+        out = base + d * keep.astype(np.float32)
+    assert out.dtype == _F32
+    return out, {"threshold": float(thr), "kept": int(keep.sum())}
+
+
+def arcee_fusion_mask64(base, model) -> np.ndarray:
+    """mergekit's arcee_fusion mask evaluated in float64 on the whole tensor (no sampling):
+    importance |M - B| * sum p log(p/q) per row, p, q = softmax + 1e-8; kept where
+    importance >= median + 1.5 (q3 - q1), the quartiles at floor(q (n - 1)) of the sort."""
+    x, y = _f64("model", model), _f64("base", base)
+    if x.ndim == 0:
+        x, y = x.reshape(1), y.reshape(1)
+    p = np.exp(x - x.max(axis=-1, keepdims=True))
+    p = p / p.sum(axis=-1, keepdims=True) + 1e-8
+    q = np.exp(y - y.max(axis=-1, keepdims=True))
+    q = q / q.sum(axis=-1, keepdims=True) + 1e-8
+    imp = np.abs(x - y) * (p * np.log(p / q)).sum(axis=-1, keepdims=True)
+    s = np.sort(imp.ravel())
+    n = s.size
+    q1, med, q3 = s[int(0.25 * (n - 1))], s[int(0.5 * (n - 1))], s[int(0.75 * (n - 1))]
+    return (imp >= med + 1.5 * (q3 - q1)).reshape(base.shape)
 
 
 def combine(models, coefficients, base=None) -> np.ndarray:

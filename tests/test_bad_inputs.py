@@ -607,6 +607,8 @@ REFUSED = [
     # issue 21: the methods of step 3, wrong model counts and parameter values
     Case("i21-nearswap-two-models", cli("nearswap", BASE, FA, FB, "--t", "0.1"),
          2, ("nearswap merges exactly 1 model(s) besides the base, got 2",)),
+    Case("i21-arcee-fusion-two-models", cli("arcee-fusion", BASE, FA, FB),
+         2, ("arcee_fusion merges exactly 1 model(s) besides the base, got 2",)),
     Case("i21-nearswap-no-t", cli("nearswap", BASE, FA), 2, ("missing parameter 't'",), "sameness threshold"),
     Case("i21-nearswap-t-zero", cli("nearswap", BASE, FA, "--t", "0"), 2, ("parameter 't' must be > 0, got 0.0",), False),
     Case("i21-ram-epsilon-negative", cli("ram", BASE, FA, "--epsilon", "-1e-5"),

@@ -1,6 +1,6 @@
-"""NearSwap, RAM, RAM+, Multi-SLERP and Karcher (issue 21) through the real CLI and
+"""NearSwap, RAM, RAM+, Multi-SLERP, Karcher and Arcee Fusion (issue 21) through the real CLI and
 recipes on the bundled fixtures: every tensor against tests/reference.py (bit for bit for
-the element-wise methods; the Gram methods' merge pass bit for bit with the coefficients
+the element-wise methods and Arcee Fusion; the Gram methods' merge pass bit for bit with the coefficients
 the report records, and within 1e-6 of mergekit's algorithm in float64); the same bytes
 with 1 or 2 threads and with spans of one block; recipes (gradients, filters) equal to
 the subcommands. Bad input is in the catalogue, tests/test_bad_inputs.py (`i21-*`)."""
@@ -31,6 +31,8 @@ CASES = {
                     dict(names=["ft-a", "ft-b", "ft-c"], base="base", weights=[1.0, 2.0, 0.5])),
                    (["ft-a", "ft-b", "--no-normalize-weights", "-w", "0.3"],
                     dict(names=["ft-a", "ft-b"], base=None, weights=[0.3, 0.3], normalize_weights=False))],
+    "arcee-fusion": [(["base", "ft-a"], dict(names=["ft-a"], base="base")),
+                     (["base", "ft-b"], dict(names=["ft-b"], base="base"))],
     "karcher": [(["ft-a", "ft-b", "ft-c"], dict(names=["ft-a", "ft-b", "ft-c"], base=None)),
                 (["ft-a", "ft-b", "--max-iter", "3", "--tol", "1e-7"],
                  dict(names=["ft-a", "ft-b"], base=None, max_iter=3, tol=1e-7))],
@@ -50,9 +52,12 @@ def check(cmd: str, fixture, out, names, base, report, **kw) -> None:
         xs = [m[name].astype(np.float32) for m in models]
         bx = b[name].astype(np.float32) if b else None
         g = got[name]
-        if cmd in ("nearswap", "ram", "ramplus-tl"):
+        if cmd in ("nearswap", "ram", "ramplus-tl", "arcee-fusion"):
             if cmd == "nearswap":
                 r = ref.nearswap(bx, xs[0], kw["t"])
+            elif cmd == "arcee-fusion":
+                r, info = ref.arcee_fusion(bx, xs[0])
+                assert report["tensors"][name]["threshold"] == info["threshold"]
             else:
                 r = ref.ram(bx, xs, plus=cmd == "ramplus-tl", **kw)
             w = as_output(r, first.dtype)
@@ -83,7 +88,8 @@ def test_cli_matches_reference(fixture, cmd, i, tmp_path):
     check(cmd, fixture, out, report=report, **kw)
 
 
-@pytest.mark.parametrize("cmd,i", [("nearswap", 0), ("ram", 0), ("ramplus-tl", 0), ("multislerp", 0), ("karcher", 0)])
+@pytest.mark.parametrize("cmd,i", [("nearswap", 0), ("ram", 0), ("ramplus-tl", 0), ("multislerp", 0), ("karcher", 0),
+                                   ("arcee-fusion", 0)])
 def test_same_bytes_any_threads_and_spans(cmd, i, tmp_path):
     """Output directories byte-identical with 1 and 2 numba threads, and with a budget that
     cuts the largest tensor into spans of one block."""
@@ -112,6 +118,8 @@ def test_recipes_equal_the_subcommands(tmp_path):
         "multislerp": (f"merge_method: multislerp\nbase_model: {b}\nmodels:\n  - model: {a}\n"
                        f"    parameters: {{weight: 0.2}}\n  - model: {c}\n    parameters: {{weight: 0.8}}\n",
                        ["multislerp", a, c, "--base", b, "-w", "0.2", "-w", "0.8"]),
+        "arcee_fusion": (f"merge_method: arcee_fusion\nbase_model: {b}\nmodels:\n  - model: {b}\n  - model: {c}\n",
+                         ["arcee-fusion", b, c]),
         "karcher": (f"merge_method: karcher\nmodels:\n  - model: {a}\n  - model: {c}\n  - model: {d}\n"
                     "parameters: {max_iter: 5}\n", ["karcher", a, c, d, "--max-iter", "5"]),
     }

@@ -17,7 +17,7 @@ from ..errors import RecipeError, shown
 from .protocol import Driver, Stat, TensorContext
 
 _MODULES = ("ties", "task_arithmetic", "linear", "dare", "breadcrumbs", "della", "slerp", "nuslerp", "model_stock",
-            "sce", "passthrough", "nearswap", "ram", "multislerp", "karcher")
+            "sce", "passthrough", "nearswap", "ram", "multislerp", "karcher", "arcee_fusion")
 
 
 # A check gets the parameter's display name, e.g. "'density' of model 2 'ft-b'", and the value.

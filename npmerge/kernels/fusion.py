@@ -1,0 +1,120 @@
+"""Span kernels of Arcee Fusion (docs/semantics.md §C): the KL divergence between the
+softmaxes of each row of the model and of the base, the importance |Δ|·KL of every
+element, the radix histograms that find its exact quartiles, and the masked merge.
+
+`row_kl` gives each row to one thread, which reads it whole (the driver's whole_rows)
+and sums in float64 by the reduction rule relative to the row (§A.1: blocks, 8 lanes,
+block sums added exactly), so results depend neither on threads nor on spans. The
+other operations are ordinary span kernels over blocks, with the engine's first-pass
+checks left to the engine (the row pass reads rows, not blocks).
+
+Importance keys: a float32 importance x maps to the uint32 key k(x) = bits ^ 0x80000000
+for x >= +0, ~bits for x < 0 (negative only through rounding of a KL of nearly equal
+rows), which orders like x; the k-th smallest key is found from a histogram of its top
+16 bits and one of the low 16 bits inside the bucket holding it, counts being integers.
+"""
+
+import math
+from collections import namedtuple
+
+import numpy as np
+from numba import njit
+
+from .bits import HELPER, JIT, f32_bits
+from .reduce import exact_rows
+from .span import encode, lanes8, load_rows
+
+HIST_HI = 0
+HIST_LO = 1
+MERGE = 2
+
+SOFTMAX_EPS = 1e-8  # added to both softmaxes before the KL, as mergekit
+
+# One thread's buffers: a decoded row of the model and of the base (or a block of task
+# vectors), the output block, block sums of one row and its exact total, 8 lanes.
+Scratch = namedtuple("Scratch", "rows base o part total lanes")
+
+
+def scratch(C: int, block: int) -> Scratch:
+    cap = max(C, block)
+    return Scratch(np.empty((1, cap), np.float32), np.empty(cap, np.float32), np.empty(block, np.float32),
+                   np.empty((1, max(1, -(-C // block))), np.float64), np.empty(1, np.float64), np.empty(8, np.float64))
+
+
+@njit(**HELPER)
+def _row_sum(x, y, C, block, kl, a, b, za, zb, sc):
+    """The reduction rule over one row of the terms exp(f64(x) - a) (kl False: a softmax's
+    normaliser) or p·log(p/q), p = exp(f64(x) - a)/za + eps, q = exp(f64(y) - b)/zb + eps."""
+    part, lanes = sc.part, sc.lanes
+    nb = (C + block - 1) // block
+    for k in range(nb):
+        for q in range(8):
+            lanes[q] = 0.0
+        s = k * block
+        for e in range(min(block, C - s)):
+            p = math.exp(np.float64(x[s + e]) - a)
+            if kl:
+                p = p / za + SOFTMAX_EPS
+                q = math.exp(np.float64(y[s + e]) - b) / zb + SOFTMAX_EPS
+                p = p * math.log(p / q)
+            lanes[e & 7] += p
+        part[0, k] = lanes8(lanes)
+    exact_rows(part, sc.total)
+    return sc.total[0]
+
+
+@njit(**JIT)
+def row_kl(inp, r0, r1, C, block, kl, sc):
+    """kl[r] = sum over row r of p·log(p/q), p and q the softmaxes (float64, shifted by the
+    row's maximum) of the model's and the base's row, each + 1e-8; rows r0..r1."""
+    x, base = sc.rows[0], sc.base
+    for r in range(r0, r1):
+        load_rows(inp, False, r * C, C, sc.rows, base)
+        a, b = x[0], base[0]
+        for e in range(1, C):
+            a = x[e] if x[e] > a else a
+            b = base[e] if base[e] > b else b
+        a64, b64 = np.float64(a), np.float64(b)
+        za = _row_sum(x, base, C, block, False, a64, 0.0, 1.0, 1.0, sc)
+        zb = _row_sum(base, x, C, block, False, b64, 0.0, 1.0, 1.0, sc)
+        kl[r] = _row_sum(x, base, C, block, True, a64, b64, za, zb, sc)
+
+
+@njit(**HELPER)
+def key32(x):
+    """k(x) as an int64 in [0, 2**32)."""
+    bits = np.int64(f32_bits(x))
+    return bits + 0x80000000 if bits < 0x80000000 else 0xFFFFFFFF - bits
+
+
+@njit(**JIT)
+def fusion(inp, out, op, lo, a, z, block, C, kl, slots, h, thr, kept, sc):
+    """Elements a..z of the task vector d = M - B (float32) with importance
+    x = fl32(f64(|d|)·kl[row]):
+    HIST_HI  h[0, k(x) >> 16] += 1
+    HIST_LO  h[j, k(x) & 0xFFFF] += 1 where k(x) >> 16 == slots[j]
+    MERGE    o = B + d·fl32(x >= thr), kept[0] += #{x >= thr}; returns how many encoded
+             values are Inf/NaN (h, kept: the thread's own)."""
+    rows, base, o = sc.rows, sc.base, sc.o
+    d = rows[0]
+    nbad = 0
+    for s in range(a, z, block):
+        n = min(block, z - s)
+        load_rows(inp, True, s, n, rows, base)
+        for e in range(n):
+            x = np.float32(np.float64(abs(d[e])) * kl[(s + e) // C])
+            if op == MERGE:
+                keep = x >= thr
+                kept[0] += keep
+                o[e] = base[e] + d[e] * np.float32(keep)
+                continue
+            k = key32(x)
+            if op == HIST_HI:
+                h[0, k >> 16] += 1
+            else:
+                for j in range(slots.shape[0]):
+                    if (k >> 16) == slots[j]:
+                        h[j, k & 0xFFFF] += 1
+        if op == MERGE:
+            nbad += encode(out, o, n, s - lo)
+    return nbad
