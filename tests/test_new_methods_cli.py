@@ -15,7 +15,7 @@ import pytest
 
 import reference as ref
 from helpers import LLAMA, LLAMA_F32, load_model, npmerge, tree_bytes
-from test_reduce_cli import cli_args, small_budget
+from test_reduce_cli import assert_same_bytes, cli_args
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 B, FA, FB, FC = (LLAMA / n for n in ("base", "ft-a", "ft-b", "ft-c"))
@@ -93,15 +93,7 @@ def test_cli_matches_reference(fixture, cmd, i, tmp_path):
 def test_same_bytes_any_threads_and_spans(cmd, i, tmp_path):
     """Output directories byte-identical with 1 and 2 numba threads, and with a budget that
     cuts the largest tensor into spans of one block."""
-    args = cli_args(LLAMA, CASES[cmd][i][0])
-    budget = small_budget(cmd, args)
-    trees = []
-    for threads, memory in (("1", None), ("2", None), ("2", budget)):
-        out = tmp_path / f"out-{threads}-{memory}"
-        npmerge(cmd, *args, "-o", out, *(["--max-memory", memory] if memory else []),
-                env={"NUMBA_NUM_THREADS": threads})
-        trees.append(tree_bytes(out))
-    assert trees[0] == trees[1] == trees[2]
+    assert_same_bytes(cmd, cli_args(LLAMA, CASES[cmd][i][0]), tmp_path)
 
 
 def test_recipes_equal_the_subcommands(tmp_path):

@@ -110,8 +110,12 @@ def test_same_bytes_any_threads_and_spans(cmd, i, tmp_path):
     """Output directories byte-identical with 1 and 2 numba threads, and with a budget that
     cuts the largest tensor into spans of one block (rows straddling nothing here: the
     kernel tests cover straddling rows)."""
-    args, _ = CASES[cmd][i]
-    args = cli_args(LLAMA, args)
+    assert_same_bytes(cmd, cli_args(LLAMA, CASES[cmd][i][0]), tmp_path)
+
+
+def assert_same_bytes(cmd: str, args: list[str], tmp_path: Path) -> None:
+    """The output directory of `npmerge cmd args` byte-identical with 1 and 2 threads and with
+    spans of one block (the largest tensor in four)."""
     budget = small_budget(cmd, args)
     plan = json.loads(run(cmd, *args, "-o", "unused", "--dry-run", "--json", "--max-memory", budget).out)
     assert plan["span_elements"] == 16384
