@@ -1,6 +1,6 @@
 """A recipe's `chat_template:`: a built-in name, `auto` or a literal Jinja template, as
 mergekit 0.1.5 reads it, resolved to the template text and written where transformers
-reads it (docs/recipes.md "Chat templates").
+reads it (docs/recipes.md §4).
 
 The built-in templates (npmerge/_data/chat_templates) are mergekit's own files, byte for
 byte. mergekit's rules for a value: a short single-line string without `{` is a

@@ -115,6 +115,7 @@ class Plan:
     tokenizer_files: dict | None = None  # with a tokenizer source: the output's tokenizer files, name -> bytes
     tensor_map: LayoutPlan | None = None  # which input tensor feeds which output tensor (io/layout.py)
     output: OutputCheck | None = None  # the output location's checks (api.plan_merge with `out`)
+    stages: list | None = None  # a multi-stage recipe's earlier stages (stages.py), for the report and card
 
     @property
     def reference(self) -> Checkpoint:

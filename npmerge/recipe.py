@@ -348,7 +348,11 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "recipe") -> "Recipe":
-        data = load_yaml(text, source)
+        return cls.from_data(load_yaml(text, source), source)
+
+    @classmethod
+    def from_data(cls, data, source: str = "recipe") -> "Recipe":
+        """A recipe from its parsed YAML (one document)."""
         if not isinstance(data, dict):
             raise RecipeError(f"{source} must be a mapping with merge_method, models, ...")
         err = lambda message, hint=None: RecipeError(f"{source}: {message}", hint=hint)

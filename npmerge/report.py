@@ -116,8 +116,14 @@ def build_report(plan, stats: dict[str, dict], files: dict[str, dict]) -> dict:
         "tensors": {name: {k: v for k, v in s.items()} for name, s in stats.items()},
         "tensor_parameters": deviations(plan),  # per-tensor values that differ from "parameters"/"models"
         **_vocab_and_layout(plan),
+        **({"stages": _stages(plan.stages)} if plan.stages else {}),
         "files": files,
     }
+
+
+def _stages(stages: list[dict]) -> list[dict]:
+    """The earlier stages of a multi-stage recipe, by name (a report is published: no paths)."""
+    return [{"stage": s["stage"], "method": s["method"], "reused": s["reused"]} for s in stages]
 
 
 def _vocab_and_layout(plan) -> dict:
@@ -182,6 +188,10 @@ def model_card(plan, recipe_yaml: str) -> str:
     for ref, p in zip(models, plan.model_params):
         params = ", ".join(f"{k}={v}" for k, v in p.items())
         lines.append(f"| {_card_model(ref)} | {params} |")
+    if plan.stages:
+        lines += ["", "Made in stages: the models named below by a stage's name are the outputs of earlier stages "
+                  "of the same recipe:", ""]
+        lines += [f"- `{s['stage']}`: {s['method']}" for s in plan.stages]
     lines += ["", "All arithmetic ran in float32 and was rounded once to the output dtype; "
               "the statistics of the merge are in `merge_report.json`.", "",
               "## Recipe", "", "Models are named by Hub id or directory name; `npmerge_recipe.yml` holds the recipe "

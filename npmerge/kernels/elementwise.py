@@ -1,5 +1,5 @@
 """Span kernels of the methods that merge each element on its own: NearSwap and RAM /
-RAM+ (docs/semantics.md §D). Float32 throughout, one rounding per operation in the
+RAM+ (docs/semantics.md §C). Float32 throughout, one rounding per operation in the
 written order (tests/reference.py `nearswap`, `ram`); the engine's first-pass checks run
 inside them (span.check_block), so each input is decoded once per pass.
 

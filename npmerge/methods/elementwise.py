@@ -1,5 +1,5 @@
 """Drivers of the methods that merge each element on its own: NearSwap and RAM / RAM+
-(docs/semantics.md §D; kernels/elementwise.py). NearSwap and RAM are one merge pass; RAM+
+(docs/semantics.md §C; kernels/elementwise.py). NearSwap and RAM are one merge pass; RAM+
 first counts, per model, the elements it changes alone and those it shares, and turns
 the counts into its scale lambda_i (float32, as mergekit computes it) before merging."""
 

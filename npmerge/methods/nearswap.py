@@ -1,5 +1,5 @@
 """NearSwap (alchemonaut, QuartetAnemoi): per element, the base moved towards the one
-other model where they are close, w = clamp(t / |B - M|, 0, 1) (docs/semantics.md §D)."""
+other model where they are close, w = clamp(t / |B - M|, 0, 1) (docs/semantics.md §C)."""
 
 from . import elementwise
 from .registry import Method, Param, positive, register

@@ -1,4 +1,4 @@
-"""RAM, Reinforced Agent Merging, and RAM+ tensor-local (docs/semantics.md §D): task
+"""RAM, Reinforced Agent Merging, and RAM+ tensor-local (docs/semantics.md §C): task
 vectors thresholded at epsilon; an element changed by one model takes that model's delta
 (RAM+: scaled by 1 + r·clamp(shared/unique, 0, alpha), per model and tensor), an element
 changed by several the mean of their deltas."""
