@@ -66,7 +66,13 @@ def read(path) -> list[Stage] | None:
         s.needs = sorted({n for ref in _references(s.data) for n in [_stage_of(ref, names)] if n},
                          key=[t.name for t in stages].index)
         _check_unknown(s, names, source)
-    return _order(stages, source)
+    last = final(stages)
+    readers = [s.label for s in stages if last.name in s.needs]
+    if readers:
+        raise RecipeError(f"{source}: {', '.join(readers)} read(s) the final stage '{last.name}', which is written to "
+                          "-o OUT after every other stage", hint="add a final document without a name, or move the "
+                          "stage that is read away from the end of the file")
+    return _order(stages, last, source)
 
 
 def final(stages: list[Stage]) -> Stage:
@@ -193,10 +199,11 @@ def _check_unknown(stage: Stage, names: set[str], source: str) -> None:
                           hint=f"stages: {', '.join(sorted(names)) or 'none named'}")
 
 
-def _order(stages: list[Stage], source: str) -> list[Stage]:
-    """Dependency order, document order among the stages that are ready; a cycle is an error."""
+def _order(stages: list[Stage], last: Stage, source: str) -> list[Stage]:
+    """Dependency order, document order among the stages that are ready, the final stage
+    last; a cycle is an error."""
     done: set[str] = set()
-    todo, order = list(stages), []
+    todo, order = [s for s in stages if s is not last] + [last], []
     while todo:
         ready = next((s for s in todo if all(n in done for n in s.needs)), None)
         if ready is None:

@@ -86,7 +86,9 @@ def test_reuse_only_while_unchanged(tmp_path):
     ((stage_a(), STAGE_B, FINAL.replace("stage-a", "stage-c")), "document 3: model 'stage-c' names no stage"),
     ((stage_a(), stage_a(), FINAL), "two stages are named 'stage-a' (documents 1 and 2)"),
     ((stage_a(), STAGE_B.replace("name: stage-b\n", ""), FINAL), "documents 2, 3 have no name"),
-], ids=["cycle", "unknown-name", "same-name", "two-unnamed"])
+    (("name: stage-f\n" + FINAL.replace("stage-b", str(B)), stage_a()),
+     "stage 'stage-f' read(s) the final stage 'stage-a', which is written to -o OUT"),
+], ids=["cycle", "unknown-name", "same-name", "two-unnamed", "final-read"])
 def test_refused(docs, phrase, tmp_path, monkeypatch):
     recipe = write(tmp_path, *docs)
     work = tmp_path / "work"

@@ -31,20 +31,23 @@ MERGE = 2
 SOFTMAX_EPS = 1e-8  # added to both softmaxes before the KL, as mergekit
 
 # One thread's buffers: a decoded row of the model and of the base (or a block of task
-# vectors), the output block, block sums of one row and its exact total, 8 lanes.
-Scratch = namedtuple("Scratch", "rows base o part total lanes")
+# vectors), the output block, both rows' exponentials (float64), block sums of one row and
+# its exact total, 8 lanes.
+Scratch = namedtuple("Scratch", "rows base o ex part total lanes")
 
 
 def scratch(C: int, block: int) -> Scratch:
     cap = max(C, block)
     return Scratch(np.empty((1, cap), np.float32), np.empty(cap, np.float32), np.empty(block, np.float32),
-                   np.empty((1, max(1, -(-C // block))), np.float64), np.empty(1, np.float64), np.empty(8, np.float64))
+                   np.empty((2, C), np.float64), np.empty((1, max(1, -(-C // block))), np.float64), np.empty(1, np.float64),
+                   np.empty(8, np.float64))
 
 
 @njit(**HELPER)
-def _row_sum(x, y, C, block, kl, a, b, za, zb, sc):
-    """The reduction rule over one row of the terms exp(f64(x) - a) (kl False: a softmax's
-    normaliser) or p·log(p/q), p = exp(f64(x) - a)/za + eps, q = exp(f64(y) - b)/zb + eps."""
+def _row_sum(ex, C, block, kl, za, zb, sc):
+    """The reduction rule over one row of the terms ex[0] (kl False: a softmax's
+    normaliser, ex[0] = exp(f64(x) - max x)) or p·log(p/q), p = ex[0]/za + eps,
+    q = ex[1]/zb + eps."""
     part, lanes = sc.part, sc.lanes
     nb = (C + block - 1) // block
     for k in range(nb):
@@ -52,10 +55,10 @@ def _row_sum(x, y, C, block, kl, a, b, za, zb, sc):
             lanes[q] = 0.0
         s = k * block
         for e in range(min(block, C - s)):
-            p = math.exp(np.float64(x[s + e]) - a)
+            p = ex[0, s + e]
             if kl:
                 p = p / za + SOFTMAX_EPS
-                q = math.exp(np.float64(y[s + e]) - b) / zb + SOFTMAX_EPS
+                q = ex[1, s + e] / zb + SOFTMAX_EPS
                 p = p * math.log(p / q)
             lanes[e & 7] += p
         part[0, k] = lanes8(lanes)
@@ -67,7 +70,7 @@ def _row_sum(x, y, C, block, kl, a, b, za, zb, sc):
 def row_kl(inp, r0, r1, C, block, kl, sc):
     """kl[r] = sum over row r of p·log(p/q), p and q the softmaxes (float64, shifted by the
     row's maximum) of the model's and the base's row, each + 1e-8; rows r0..r1."""
-    x, base = sc.rows[0], sc.base
+    x, base, ex = sc.rows[0], sc.base, sc.ex
     for r in range(r0, r1):
         load_rows(inp, False, r * C, C, sc.rows, base)
         a, b = x[0], base[0]
@@ -75,9 +78,14 @@ def row_kl(inp, r0, r1, C, block, kl, sc):
             a = x[e] if x[e] > a else a
             b = base[e] if base[e] > b else b
         a64, b64 = np.float64(a), np.float64(b)
-        za = _row_sum(x, base, C, block, False, a64, 0.0, 1.0, 1.0, sc)
-        zb = _row_sum(base, x, C, block, False, b64, 0.0, 1.0, 1.0, sc)
-        kl[r] = _row_sum(x, base, C, block, True, a64, b64, za, zb, sc)
+        for e in range(C):
+            ex[0, e] = math.exp(np.float64(base[e]) - b64)
+        zb = _row_sum(ex, C, block, False, 1.0, 1.0, sc)
+        for e in range(C):
+            ex[1, e] = ex[0, e]
+            ex[0, e] = math.exp(np.float64(x[e]) - a64)
+        za = _row_sum(ex, C, block, False, 1.0, 1.0, sc)
+        kl[r] = _row_sum(ex, C, block, True, za, zb, sc)
 
 
 @njit(**HELPER)

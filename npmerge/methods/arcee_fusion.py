@@ -46,8 +46,9 @@ class FusionDriver(Driver):
         self._h = self._buffers = None
 
     def work_bytes(self, span: int) -> int:
-        """Row KLs; per thread two decoded rows, a row's block sums and three histograms."""
-        per_thread = 8 * max(self.C, BLOCK) + 8 * -(-self.C // BLOCK) + 3 * BUCKETS * 8
+        """Row KLs; per thread two decoded rows and their exponentials, a row's block sums
+        and three histograms."""
+        per_thread = 8 * max(self.C, BLOCK) + 16 * self.C + 8 * -(-self.C // BLOCK) + 3 * BUCKETS * 8
         return 8 * self.nrows + self.ctx.threads * per_thread
 
     def kernel_for(self, pass_name: str) -> str:

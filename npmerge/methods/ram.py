@@ -5,24 +5,14 @@ changed by several the mean of their deltas."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from ..errors import RecipeError, shown
 from . import elementwise
-from .registry import Method, Param, number, register
+from .registry import Method, Param, non_negative, number, register
 
 PAPER = "https://arxiv.org/abs/2601.13572"
 
-
-def non_negative(name: str, value: Any) -> float:
-    value = number(name, value)
-    if value < 0.0:
-        raise RecipeError(f"{name} must be >= 0, got {shown(value)}",
-                          hint="epsilon is the magnitude a delta must exceed to count as a change, e.g. 1e-5")
-    return value
-
-
-EPSILON = Param("epsilon", 1e-5, non_negative, "a delta counts as a change where its magnitude exceeds epsilon")
+EPSILON = Param("epsilon", 1e-5, non_negative("epsilon is the magnitude a delta must exceed to count as a change, "
+                                              "e.g. 1e-5"),
+                "a delta counts as a change where its magnitude exceeds epsilon")
 
 register(Method(
     name="ram",
