@@ -174,7 +174,7 @@ def test_karcher_matches_reference(shape):
 def test_karcher_parameters_and_zero_inputs():
     rng = np.random.default_rng(3)
     models = [normal(rng, (6, 9)) for _ in range(3)]
-    for max_iter, tol in [(1, 1e-5), (3, 1e-2), (50, 1e-12)]:
+    for max_iter, tol in [(1, 1e-5), (3, 1e-2), (50, 1e-12), (4, 0.0)]:
         got, _, _ = run("karcher", None, models, {"max_iter": max_iter, "tol": tol})
         assert rel_l2(got, ref.karcher64(models, max_iter=max_iter, tol=tol)) < 1e-6
     zero = np.zeros((6, 9), np.float32)

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import RecipeError, shown
 from . import gram
-from .registry import Method, Param, positive, register
+from .registry import Method, Param, non_negative, register
 
 
 def iterations(name: str, value: Any) -> int:
@@ -28,7 +28,8 @@ METHOD = register(Method(
     model_params=(),
     global_params=(
         Param("max_iter", 10, iterations, "most iterations of the mean"),
-        Param("tol", 1e-5, positive, "convergence threshold (also the smallest norm and angle counted)"),
+        Param("tol", 1e-5, non_negative("tol is the convergence threshold, e.g. 1e-5 (0 runs max_iter iterations)"),
+              "convergence threshold (also the smallest norm and angle counted)"),
     ),
     driver=gram.KarcherDriver,
     stats=gram.KARCHER_STATS,
