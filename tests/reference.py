@@ -1292,22 +1292,21 @@ def fusion_row_kl(base, model) -> np.ndarray:
 
 def arcee_fusion(base, model) -> tuple[np.ndarray, dict]:
     """Arcee Fusion (docs/semantics.md §C): d = M - B (float32); importance
-    x = fl32(f64(|d|) * kl[row]); q1, median, q3 = the sorted x at ranks floor(k(n - 1)/4),
-    k = 1, 2, 3 (exact, no sampling); threshold fl32(median + fl32(1.5) * fl32(q3 - q1));
-    result B + d * fl32(x >= threshold). Returns (result, {"threshold", "kept"})."""
+    x = f64(|d|) * kl[row] (float64); q1, median, q3 = the sorted x at ranks
+    floor(k(n - 1)/4), k = 1, 2, 3 (exact, no sampling); threshold median + 1.5 (q3 - q1)
+    in float64; result B + d * fl32(x >= threshold). Returns (result, {"threshold", "kept"})."""
     kl = fusion_row_kl(base, model)
     with np.errstate(all="ignore"):
         d = model - base
-        x = (np.abs(d).astype(np.float64) * np.asarray(kl)[..., None].reshape(d.shape[:-1] + (1,) if d.ndim else ())
-             ).astype(np.float32)
+        x = np.abs(d).astype(np.float64) * (np.asarray(kl)[..., None] if d.ndim else np.asarray(kl).reshape(()))
         n = x.size
         s = np.sort(x.ravel())
-        q1, med, q3 = s[(n - 1) // 4], s[(n - 1) // 2], s[3 * (n - 1) // 4]
-        thr = np.float32(med + np.float32(1.5) * np.float32(q3 - q1))
+        q1, med, q3 = float(s[(n - 1) // 4]), float(s[(n - 1) // 2]), float(s[3 * (n - 1) // 4])
+        thr = med + 1.5 * (q3 - q1)
         keep = x >= thr
         out = base + d * keep.astype(np.float32)
     assert out.dtype == _F32
-    return out, {"threshold": float(thr), "kept": int(keep.sum())}
+    return out, {"threshold": thr, "kept": int(keep.sum())}
 
 
 def arcee_fusion_mask64(base, model) -> np.ndarray:

@@ -58,6 +58,9 @@ def check(cmd: str, fixture, out, names, base, report, **kw) -> None:
             elif cmd == "arcee-fusion":
                 r, info = ref.arcee_fusion(bx, xs[0])
                 assert report["tensors"][name]["threshold"] == info["threshold"]
+                changed = xs[0] != bx  # the mask matters only there
+                agree = (r != bx) == ref.arcee_fusion_mask64(bx, xs[0])
+                assert agree[changed].mean() >= 0.999 if changed.any() else True, name
             else:
                 r = ref.ram(bx, xs, plus=cmd == "ramplus-tl", **kw)
             w = as_output(r, first.dtype)
@@ -68,6 +71,10 @@ def check(cmd: str, fixture, out, names, base, report, **kw) -> None:
         assert np.array_equal((g.view(np.uint16) if g.dtype == BF16 else g).view(np.uint8), w.view(np.uint8)), name
         if cmd == "multislerp":
             r = ref.multislerp64(xs, kw["weights"], bx, normalize_weights=kw.get("normalize_weights", True))
+            r32 = ref.multislerp64(xs, kw["weights"], bx, normalize_weights=kw.get("normalize_weights", True),
+                                   dtype=np.float32).astype(np.float64)  # mergekit's float32 run
+            exact = ref.combine(xs, coef, bx).astype(np.float64)  # before the output's rounding
+            assert np.linalg.norm(exact - r32) <= 1e-5 * np.linalg.norm(r32), name
         else:
             r = ref.karcher64(xs, max_iter=kw.get("max_iter", 10), tol=kw.get("tol", 1e-5))
         exact = ref.combine(xs, coef, bx).astype(np.float64)  # before the output's rounding

@@ -1,6 +1,7 @@
 """Span kernels of Arcee Fusion (docs/semantics.md §C): the KL divergence between the
 softmaxes of each row of the model and of the base, the importance |Δ|·KL of every
-element, the radix histograms that find its exact quartiles, and the masked merge.
+element (float64), the radix histograms that find its exact quartiles, and the masked
+merge.
 
 `row_kl` gives each row to one thread, which reads it whole (the driver's whole_rows)
 and sums in float64 by the reduction rule relative to the row (§A.1: blocks, 8 lanes,
@@ -8,10 +9,11 @@ block sums added exactly), so results depend neither on threads nor on spans. Th
 other operations are ordinary span kernels over blocks, with the engine's first-pass
 checks left to the engine (the row pass reads rows, not blocks).
 
-Importance keys: a float32 importance x maps to the uint32 key k(x) = bits ^ 0x80000000
-for x >= +0, ~bits for x < 0 (negative only through rounding of a KL of nearly equal
-rows), which orders like x; the k-th smallest key is found from a histogram of its top
-16 bits and one of the low 16 bits inside the bucket holding it, counts being integers.
+Importance keys: a float64 importance x maps to a 64-bit key that orders like x (x < 0
+only through rounding of a KL of nearly equal rows); the k-th smallest key is found one
+16-bit digit at a time, from the top: four histogram passes, each counting the next digit
+of the elements whose higher digits match the ones found so far (counts are integers, so
+any thread or span count gives the same answer).
 """
 
 import math
@@ -20,13 +22,12 @@ from collections import namedtuple
 import numpy as np
 from numba import njit
 
-from .bits import HELPER, JIT, f32_bits
+from .bits import HELPER, JIT, f64_bits
 from .reduce import exact_rows
 from .span import encode, lanes8, load_rows
 
-HIST_HI = 0
-HIST_LO = 1
-MERGE = 2
+HIST = 0
+MERGE = 1
 
 SOFTMAX_EPS = 1e-8  # added to both softmaxes before the KL, as mergekit
 
@@ -88,41 +89,48 @@ def row_kl(inp, r0, r1, C, block, kl, sc):
         kl[r] = _row_sum(ex, C, block, True, za, zb, sc)
 
 
+MIN64 = np.int64(-(2**63))
+
+
 @njit(**HELPER)
-def key32(x):
-    """k(x) as an int64 in [0, 2**32)."""
-    bits = np.int64(f32_bits(x))
-    return bits + 0x80000000 if bits < 0x80000000 else 0xFFFFFFFF - bits
+def key64(x):
+    """k(x): an int64 whose order is the float order of x (-0 just below +0)."""
+    bits = f64_bits(x)
+    return bits if bits >= 0 else (MIN64 - bits) - 1
 
 
 @njit(**JIT)
-def fusion(inp, out, op, lo, a, z, block, C, kl, slots, h, thr, kept, sc):
+def fusion(inp, out, op, lo, a, z, block, C, kl, level, prefixes, h, thr, kept, sc):
     """Elements a..z of the task vector d = M - B (float32) with importance
-    x = fl32(f64(|d|)·kl[row]):
-    HIST_HI  h[0, k(x) >> 16] += 1
-    HIST_LO  h[j, k(x) & 0xFFFF] += 1 where k(x) >> 16 == slots[j]
-    MERGE    o = B + d·fl32(x >= thr), kept[0] += #{x >= thr}; returns how many encoded
-             values are Inf/NaN (h, kept: the thread's own)."""
+    x = f64(|d|)·kl[row] (float64), u = k(x) with its sign bit flipped (unsigned order):
+    HIST   digit `level` of u (16 bits, from the top) counted in h[j] for the elements
+           whose higher digits equal prefixes[j] (level 0: every element, in h[0])
+    MERGE  o = B + d·fl32(x >= thr), kept[0] += #{x >= thr}; returns how many encoded
+           values are Inf/NaN (h, kept: the thread's own)."""
     rows, base, o = sc.rows, sc.base, sc.o
     d = rows[0]
+    shift = 48 - 16 * level
+    above = (np.int64(1) << (16 * level)) - 1
     nbad = 0
     for s in range(a, z, block):
         n = min(block, z - s)
         load_rows(inp, True, s, n, rows, base)
         for e in range(n):
-            x = np.float32(np.float64(abs(d[e])) * kl[(s + e) // C])
+            x = np.float64(abs(d[e])) * kl[(s + e) // C]
             if op == MERGE:
                 keep = x >= thr
                 kept[0] += keep
                 o[e] = base[e] + d[e] * np.float32(keep)
                 continue
-            k = key32(x)
-            if op == HIST_HI:
-                h[0, k >> 16] += 1
-            else:
-                for j in range(slots.shape[0]):
-                    if (k >> 16) == slots[j]:
-                        h[j, k & 0xFFFF] += 1
+            u = key64(x) ^ MIN64
+            digit = (u >> shift) & 0xFFFF
+            if level == 0:
+                h[0, digit] += 1
+                continue
+            prefix = (u >> (shift + 16)) & above
+            for j in range(prefixes.shape[0]):
+                if prefix == prefixes[j]:
+                    h[j, digit] += 1
         if op == MERGE:
             nbad += encode(out, o, n, s - lo)
     return nbad
