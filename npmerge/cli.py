@@ -229,9 +229,25 @@ def run(
     out: Path = OUT,
     shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS,
     dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE, quiet: bool = QUIET, resume: bool = RESUME,
+    intermediate_dir: Optional[Path] = typer.Option(
+        None, "--intermediate-dir", metavar="DIR", help="Multi-stage recipes: where the named stages are written "
+        "(DIR/NAME; default OUT.stages beside OUT).", rich_help_panel=_OUTPUT),
     part: Optional[str] = PART, ray: Optional[str] = RAY,
 ):
-    """Run a merge recipe (YAML), e.g. the npmerge_recipe.yml of an earlier merge."""
+    """Run a merge recipe (YAML), e.g. the npmerge_recipe.yml of an earlier merge; a file of
+    several documents (---) runs them as stages, each named stage readable by later ones."""
+    from . import stages
+
+    found = []
+    _guard(lambda: found.append(stages.read(recipe)), json_out)
+    if found[0] is not None and (part is not None or ray is not None):
+        _guard(lambda: _refuse(RecipeError("--part and --ray split one merge; a multi-stage recipe is several",
+                                           hint="run the stages by hand, each with --part or --ray")), json_out)
+    if found[0] is not None:
+        _guard(lambda: _run_stages(recipe, found[0], out, intermediate_dir, shard_size, max_memory, threads,
+                                   dry_run, json_out, force, quiet, resume), json_out)
+        return
+
     def build():
         from .recipe import Recipe
 
@@ -261,6 +277,77 @@ def assemble(
             typer.echo(f"assembled {out}: {len(report['files'])} files in {time.perf_counter() - started:.1f} s")
 
     _guard(body, json_out)
+
+
+def _refuse(error: Exception):
+    raise error
+
+
+def _run_stages(source, todo, out, intermediate, shard_size, max_memory, threads, dry_run, json_out, force, quiet,
+                resume):
+    """Every stage of a multi-stage recipe in order (npmerge/stages.py): a reusable stage
+    output is kept, the others merged; the final stage's report and card list the stages."""
+    from . import api, render, stages
+
+    paths = stages.outputs(todo, out, intermediate)
+    last = stages.final(todo)
+    done, planned = [], []
+    options = dict(max_memory=max_memory, threads=threads, shard_size=shard_size)
+    for stage in todo:
+        recipe = stages.recipe(stage, todo, paths, str(source))
+        where = paths[stage.number]
+        if dry_run and any(paths[s.number] != out and not (paths[s.number] / "npmerge_recipe.yml").is_file()
+                           for s in todo if s.name in stage.needs):
+            planned.append({"stage": stage.name, "out": str(where), "after": stage.needs})
+            if not json_out:
+                typer.echo(f"{stage.label} -> {where}: merged after {', '.join(stage.needs)} (planned once they exist)")
+            continue
+        final = stage is last
+        redo = force if final else False
+        if not final and where.exists():
+            plan = api.plan_merge(recipe, **options)
+            try:
+                why = stages.reusable(recipe, plan, where)
+            finally:
+                plan.close()
+            if why is None:
+                done.append({"stage": stage.name, "method": recipe.method, "out": str(where), "reused": True})
+                if not quiet:
+                    render.notes([f"{stage.label}: {where} reused (same recipe, inputs unchanged)"])
+                continue
+            if not quiet:
+                render.notes([f"{stage.label}: {where} is out of date ({why}): merged again"])
+            redo = True
+        if not final and not dry_run:
+            where.parent.mkdir(parents=True, exist_ok=True)
+        checked = where if final or where.parent.is_dir() else None  # a dry run creates no folder
+        plan = api.plan_merge(recipe, **options, out=checked, force=redo, resume=resume and final)
+        try:
+            if not quiet:
+                render.notes(plan.notes)
+            if dry_run:
+                planned.append({"stage": stage.name, **render.plan_dict(plan, where)})
+                if not json_out:
+                    typer.echo(f"== {stage.label} -> {where}")
+                    render.plan(plan, where)
+                continue
+            if final:
+                plan.stages = done
+            started = time.perf_counter()
+            with render.progress(plan, disable=quiet or json_out) as advance:
+                report = api.execute(plan, where, force=redo, resume=resume and final, progress=advance)
+            if not final:
+                stages.record(plan, where)
+                done.append({"stage": stage.name, "method": recipe.method, "out": str(where), "reused": False})
+        finally:
+            plan.close()
+        if not quiet and not json_out:
+            render.notes(report["notes"][len(plan.notes):])
+            render.summary(plan, report, where, time.perf_counter() - started)
+    if dry_run and json_out:
+        typer.echo(json.dumps({"stages": planned}, indent=2))
+    elif json_out and not dry_run:
+        typer.echo(json.dumps(report, indent=2))
 
 
 @app.command(cls=_Command, epilog="Example: npmerge info meta-llama/Llama-3.2-1B --tensors | less")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import __version__, constants
-from . import layers, values
+from . import chat_template, layers, values
 from .budget import choose_span, default_budget, grant_caches, parse_size
 from .compat import check_distinct, check_equal_data, check_inputs, check_names, label
 from .dtypes import DECODABLE, DTYPES, ENCODABLE
@@ -38,7 +38,7 @@ from .io.checkpoint import Checkpoint, TensorRef
 from .io.layout import LayoutPlan, ModelLayout, config_changes, embedding_name, is_vocab_tensor, plan_layout
 from .io.models import fingerprints, open_model, source
 from .io.sources import TensorSource
-from .io.tokenizer import read_tokenizer, write_tokenizer_files
+from .io.tokenizer import TOKENIZER_FILES, read_tokenizer, write_tokenizer_files
 from .io.vocab import OutputVocab, build_output_vocab, compare_vocabs
 from .io.vocab_rows import VocabRowsSource
 from .io.shards import OutputTensor, ShardLayout, plan_one_file, plan_shards
@@ -117,6 +117,7 @@ class Plan:
     tensor_map: LayoutPlan | None = None  # which input tensor feeds which output tensor (io/layout.py)
     output: OutputCheck | None = None  # the output location's checks (api.plan_merge with `out`)
     one_file: bool = False  # the output is one .safetensors file (no directory, no companion files)
+    stages: list | None = None  # a multi-stage recipe's earlier stages (stages.py), for the report and card
 
     @property
     def reference(self) -> Checkpoint:
@@ -180,6 +181,11 @@ def build_plan(recipe: Recipe, *, max_memory=None, threads: int | None = None,
         check_distinct(base, models)
         jobs, notes, config_updates, vocab, tensor_map = _jobs(recipe, method, base, models, threads)
         tokenizer_files = write_tokenizer_files(vocab.source_dir, vocab.added, vocab.strip_at) if vocab is not None else None
+        if recipe.chat_template is not None:
+            tokenizer_files = _with_chat_template(recipe, base, models, tokenizer_files, notes)
+        if one_file and tokenizer_files:
+            raise RecipeError("a one-file output (-o NAME.safetensors) carries no tokenizer files, which a "
+                              "tokenizer source or chat_template writes", hint="give -o a model directory")
         tensors = [OutputTensor(j.name, j.out_dtype, j.shape) for j in jobs]
         layout = (plan_one_file(tensors, one_file, one_file_metadata(recipe, shard_bytes), shard_bytes,
                                 constants.ONE_FILE_SUMMARY_BYTES) if one_file else plan_shards(tensors, shard_bytes))
@@ -274,7 +280,7 @@ def _jobs(recipe: Recipe, method: Method, base: Checkpoint | None, models: list[
     vocab = _vocabulary(recipe, inputs, rows, notes) if recipe.tokenizer_source is not None else None
     check_inputs(inputs, tensor_map, vocab_tensors, remapped=vocab is not None)
     if vocab is None:
-        _compare_tokenizers(inputs, rows, notes)
+        _compare_tokenizers(inputs, rows, notes, recipe.chat_template is None)
     notes.extend(tensor_map.notes)
     feeds = {t.name: t for t in tensor_map.tensors}
     stack, why = layers.find_stack(ref.tensors, ref.config)
@@ -538,10 +544,23 @@ def _tokenizer(role: str, ckpt: Checkpoint, rows: int, fallback):
     return read_tokenizer(ckpt.root, rows, fallback=fallback)
 
 
-def _compare_tokenizers(inputs, rows: list, notes: list) -> None:
+def _with_chat_template(recipe: Recipe, base, models, tokenizer_files: dict | None, notes: list) -> dict | None:
+    """The output's tokenizer files (a tokenizer source's, else the reference's, as copied)
+    with the recipe's chat template written in; unchanged when `auto` finds none."""
+    text = chat_template.resolve(recipe.chat_template, [c.root for c in ([base] if base else []) + models], notes)
+    if text is None:
+        return tokenizer_files
+    if tokenizer_files is None:
+        root = (base or models[0]).root
+        tokenizer_files = {n: (root / n).read_bytes() for n in TOKENIZER_FILES if root and (root / n).is_file()}
+    return chat_template.apply(tokenizer_files, text, notes)
+
+
+def _compare_tokenizers(inputs, rows: list, notes: list, template_note: bool = True) -> None:
     """Without a tokenizer source rows are merged by position and the reference's tokenizer
     is copied: refuse a model that has other tokens at the reference's ids; note tokens it
-    keeps in the reference's padded rows, and a chat template the output will not have."""
+    keeps in the reference's padded rows, and a chat template the output will not have
+    (`template_note`: unless the recipe sets one)."""
     (ref_role, ref), *others = inputs
     if ref.root is None or not (ref.root / "tokenizer.json").is_file():
         return
@@ -558,7 +577,7 @@ def _compare_tokenizers(inputs, rows: list, notes: list) -> None:
             raise diff.error()
         if diff.note() is not None:
             notes.append(diff.note())
-        if have.chat_template is not None and have.chat_template != want.chat_template:
+        if template_note and have.chat_template is not None and have.chat_template != want.chat_template:
             notes.append(f"the chat template of {label(role, c)} is not in the output: the tokenizer files of "
                          f"{label(ref_role, ref)} are copied (tokenizer_source: '{c.label}' writes that model's "
                          "tokenizer and template)")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__
+from . import __version__, chat_template
 from .dtypes import ALIASES, TORCH_NAMES, parse_user_dtype
 from .errors import RecipeError, shown
 from .methods import registry
@@ -28,11 +28,9 @@ from .recipe_yaml import decode_recipe, dumper, load_yaml, plain, with_params
 from .values import check_level, filters, is_varying, other_methods, suggest
 
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-            "tokenizer_source", "tokenizer", "npmerge")
+            "tokenizer_source", "tokenizer", "chat_template", "npmerge")
 REFUSED_KEYS = {
     "modules": "per-module recipes ('modules:') are not supported; use 'models:' or 'slices:'",
-    "chat_template": "'chat_template' is not supported; the output takes the chat template of the tokenizer "
-                     "source (tokenizer_source: a model with the template you want), else the base's",
 }
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "parameters", "base_model", "residual_weight")
@@ -102,6 +100,7 @@ class Recipe:
     out_dtype: str | None = None  # explicit output dtype (out_dtype, else dtype); None: each tensor's stored dtype
     tokenizer_source: str | None = None  # 'base', 'union' or a model reference (io/vocab.py)
     pad_to_multiple_of: int | None = None  # output vocabulary rows rounded up to a multiple (tokenizer source only)
+    chat_template: str | None = None  # a built-in name, 'auto' or a Jinja template (chat_template.py)
     allow_nonfinite: bool = False
     notes: tuple[str, ...] = ()
     source: str | None = field(default=None, compare=False)  # recipe file name for messages; None: command line
@@ -349,7 +348,11 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "recipe") -> "Recipe":
-        data = load_yaml(text, source)
+        return cls.from_data(load_yaml(text, source), source)
+
+    @classmethod
+    def from_data(cls, data, source: str = "recipe") -> "Recipe":
+        """A recipe from its parsed YAML (one document)."""
         if not isinstance(data, dict):
             raise RecipeError(f"{source} must be a mapping with merge_method, models, ...")
         err = lambda message, hint=None: RecipeError(f"{source}: {message}", hint=hint)
@@ -391,6 +394,12 @@ class Recipe:
         if "dtype" in data and data["dtype"] is None:
             notes.append("dtype: null means inputs are used as stored (no rounding)")
         tokenizer_source, pad_to = _tokenizer(data, err, notes)
+        template = data.get("chat_template")
+        if template is not None:
+            try:
+                template = chat_template.check(template)
+            except RecipeError as e:
+                raise err(e.message, hint=e.hint) from None
         options = data.get("npmerge") or {}
         if not isinstance(options, dict):
             raise err("'npmerge' must be a mapping", hint="npmerge: {allow_nonfinite: true}")
@@ -400,7 +409,7 @@ class Recipe:
             raise err(f"npmerge.allow_nonfinite must be true or false, got {shown(allow)}")
         return cls(method=method, entries=entries, base_model=base, params=params, slices=slices, dtype=dtype,
                    out_dtype=out_dtype, tokenizer_source=tokenizer_source, pad_to_multiple_of=pad_to,
-                   allow_nonfinite=allow,
+                   chat_template=template, allow_nonfinite=allow,
                    notes=tuple(notes), source=source)
 
     def to_yaml(self) -> str:
@@ -439,6 +448,8 @@ class Recipe:
             data["tokenizer"] = {"source": self.tokenizer_source, "pad_to_multiple_of": self.pad_to_multiple_of}
         elif self.tokenizer_source:
             data["tokenizer_source"] = self.tokenizer_source
+        if self.chat_template is not None:
+            data["chat_template"] = self.chat_template
         if self.allow_nonfinite:
             data["npmerge"] = {"allow_nonfinite": True}
         return data

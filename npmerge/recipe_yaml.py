@@ -121,9 +121,20 @@ def _check_size(root, yaml) -> None:
 
 
 def load_yaml(text: str, source: str):
+    return _load(text, source, False)
+
+
+def load_yaml_documents(text: str, source: str) -> list:
+    """Every document of a YAML stream (`---` between them): a multi-stage recipe."""
+    return _load(text, source, True)
+
+
+def _load(text: str, source: str, documents: bool):
     import yaml
 
     try:
+        if documents:
+            return list(yaml.load_all(text, Loader=_yaml_loader()))  # noqa: S506 (a SafeLoader subclass)
         return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark

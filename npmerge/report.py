@@ -117,6 +117,7 @@ def build_report(plan, stats: dict[str, dict], files: dict[str, dict]) -> dict:
         "tensors": {name: {k: v for k, v in s.items()} for name, s in stats.items()},
         "tensor_parameters": deviations(plan),  # per-tensor values that differ from "parameters"/"models"
         **_vocab_and_layout(plan),
+        **({"stages": _stages(plan.stages)} if plan.stages else {}),
         "inputs": input_records(plan),
         "output": {"shard_size": plan.layout.shard_bytes},
         "files": files,
@@ -132,6 +133,11 @@ def input_records(plan) -> list[dict]:
         return {"file": os.path.basename(e["path"]), "size": e["size"], **digest}
 
     return [{"name": public_name(model_ref(m)), "files": [entry(e) for e in fingerprints(m)]} for m in plan.inputs]
+
+
+def _stages(stages: list[dict]) -> list[dict]:
+    """The earlier stages of a multi-stage recipe, by name (a report is published: no paths)."""
+    return [{"stage": s["stage"], "method": s["method"], "reused": s["reused"]} for s in stages]
 
 
 def _vocab_and_layout(plan) -> dict:
@@ -196,6 +202,10 @@ def model_card(plan, recipe_yaml: str) -> str:
     for ref, p in zip(models, plan.model_params):
         params = ", ".join(f"{k}={v}" for k, v in p.items())
         lines.append(f"| {_card_model(ref)} | {params} |")
+    if plan.stages:
+        lines += ["", "Made in stages: the models named below by a stage's name are the outputs of earlier stages "
+                  "of the same recipe:", ""]
+        lines += [f"- `{s['stage']}`: {s['method']}" for s in plan.stages]
     lines += ["", "All arithmetic ran in float32 and was rounded once to the output dtype; "
               "the statistics of the merge are in `merge_report.json`.", "",
               "## Recipe", "", "Models are named by Hub id or directory name; `npmerge_recipe.yml` holds the recipe "

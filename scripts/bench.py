@@ -120,6 +120,12 @@ METHOD_ARGS = {
     "slerp": (True, 1, ["--t", "0.4"]),
     "model-stock": (True, None, []),
     "sce": (True, None, ["--select-topk", "0.5"]),
+    "multislerp": (False, None, []),  # the fine-tunes themselves (no --base)
+    "karcher": (False, None, []),
+    "arcee-fusion": (True, 1, []),
+    "nearswap": (True, 1, ["--t", "0.0001"]),
+    "ram": (True, None, []),
+    "ramplus-tl": (True, None, []),
 }
 METHODS = ("ties", "task-arithmetic", "linear")  # the default set
 

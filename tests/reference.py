@@ -161,6 +161,16 @@ __all__ = [
     "model_stock",
     "sce",
     "passthrough",
+    "nearswap",
+    "ram_counts",
+    "ramplus_lambda",
+    "ram",
+    "multislerp64",
+    "karcher64",
+    "combine",
+    "fusion_row_kl",
+    "arcee_fusion",
+    "arcee_fusion_mask64",
     "NO_MATCH",
     "layer_t",
     "gradient_value",
@@ -1126,6 +1136,211 @@ def passthrough(x, scale=None) -> np.ndarray:
         return x.copy()
     with np.errstate(all="ignore"):
         return x * np.float32(scale)
+
+
+# ------------------------------------------------ C. element-wise methods (issue 21)
+
+
+def nearswap(base, model, t) -> np.ndarray:
+    """NearSwap (docs/semantics.md §C): d = |B - M|; w = fl32(1 / max(d, fl32(1e-6))) * fl32(t)
+    clamped to [0, 1] (mergekit: torch's `t / x` is `x.reciprocal() * t`); result
+    fl32(w * M) + fl32(fl32(1 - w) * B). NaN propagates."""
+    _check_inputs(base, [model], {})
+    with np.errstate(all="ignore"):
+        d = np.abs(base - model)
+        w = (_ONE / np.maximum(d, np.float32(1e-6))) * np.float32(t)
+        w = np.minimum(np.maximum(w, _ZERO), _ONE)
+        out = w * model + (_ONE - w) * base
+    assert out.dtype == _F32
+    return out
+
+
+def _ram_masks(base, models, epsilon):
+    taus = [M - base for M in models]
+    kept = [np.abs(tau) > np.float32(epsilon) for tau in taus]
+    count = np.zeros(base.shape, dtype=np.int64)
+    for k in kept:
+        count = count + k
+    return taus, kept, count
+
+
+def ram_counts(base, models, epsilon=1e-5) -> tuple[list[int], list[int]]:
+    """Per model: elements whose delta it alone keeps (|tau| > fl32(epsilon)), and those
+    it keeps with at least one other model."""
+    _check_inputs(base, models, {})
+    taus, kept, count = _ram_masks(base, models, epsilon)
+    return [int((k & (count == 1)).sum()) for k in kept], [int((k & (count > 1)).sum()) for k in kept]
+
+
+def ramplus_lambda(unique, shared, *, r=0.1, alpha=0.2, epsilon=1e-5) -> list[np.float32]:
+    """lambda_i = 1 + r * clamp(shared_i / max(unique_i, epsilon), 0, alpha), every
+    operand and operation float32 (the counts converted to float32)."""
+    out = []
+    for u, s in zip(unique, shared):
+        rho = np.float32(s) / np.maximum(np.float32(u), np.float32(epsilon))
+        rho = np.minimum(np.maximum(rho, _ZERO), np.float32(alpha))
+        out.append(np.float32(_ONE + np.float32(r) * rho))
+    return out
+
+
+def ram(base, models, *, epsilon=1e-5, plus=False, r=0.1, alpha=0.2) -> np.ndarray:
+    """RAM / RAM+ tensor-local (docs/semantics.md §C). tau_i = M_i - B; kept where
+    |tau_i| > fl32(epsilon); c = number of models keeping theirs. Term t_i = tau_i * lambda_i
+    where c == 1 (lambda_i = 1 for RAM, ramplus_lambda for RAM+), tau_i / fl32(c) where
+    c > 1, +0 where not kept; result B + (((+0 + t_0) + t_1) + ...)."""
+    _check_inputs(base, models, {})
+    with np.errstate(all="ignore"):
+        taus, kept, count = _ram_masks(base, models, epsilon)
+        lams = [_ONE] * len(models)
+        if plus:
+            lams = ramplus_lambda(*ram_counts(base, models, epsilon), r=r, alpha=alpha, epsilon=epsilon)
+        acc = np.zeros(base.shape, dtype=np.float32)
+        c32 = count.astype(np.float32)
+        for tau, k, lam in zip(taus, kept, lams):
+            term = np.where(count == 1, tau * lam, tau / np.maximum(c32, _ONE))
+            acc = acc + np.where(k, term, _ZERO)
+        out = base + acc
+    assert out.dtype == _F32
+    return out
+
+
+def multislerp64(models, weights, base=None, *, normalize_weights=True, eps=1e-8, dtype=np.float64) -> np.ndarray:
+    """mergekit's multislerp evaluated in `dtype` (float64; float32 as mergekit's float32
+    run) on whole vectors, returned in that dtype:
+    v_i = M_i - B (float32) or M_i; w normalized by its sum; u_i = v_i / (||v_i|| + eps);
+    mean = sum w_i u_i, normalized (norm < eps: the weighted sum for two inputs, else an
+    error); tangent = sum w_i (u_i - <u_i, mean> mean); t = ||tangent|| + eps;
+    result (mean cos t + tangent sin t / t) * sum w_i ||v_i|| (+ B)."""
+    ref_ = models[0] if base is None else base
+    _check_inputs(ref_, models, {"weights": weights})
+    vs = np.stack([(M if base is None else M - base).astype(dtype).ravel() for M in models])
+    w = np.array(weights, dtype=dtype)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = np.linalg.norm(vs, axis=1)
+    eps = dtype(eps)
+    units = vs / (norms[:, None] + eps)
+    mean = (units * w[:, None]).sum(0)
+    mean_norm = np.linalg.norm(mean)
+    if mean_norm < eps:
+        if len(models) != 2:
+            raise ValueError("multislerp: the weighted sum of the inputs is zero")
+        res = vs[0] * w[0] + vs[1] * w[1]
+    else:
+        mean = mean / mean_norm
+        dots = units @ mean
+        tangent = ((units - dots[:, None] * mean) * w[:, None]).sum(0)
+        tn = np.linalg.norm(tangent) + eps
+        res = (mean * np.cos(tn) + tangent * (np.sin(tn) / tn)) * (norms * w).sum()
+    res = res.reshape(ref_.shape)
+    return res if base is None else res + base.astype(dtype)
+
+
+def karcher64(models, *, max_iter=10, tol=1e-5) -> np.ndarray:
+    """mergekit's karcher evaluated in float64 on whole vectors (returns float64): equal
+    weights 1/N; inputs of norm <= tol dropped (an error if none is left); the iteration
+    of mergekit's karcher_merge_tensors; result (sum ||v_i|| / N) * mean."""
+    _check_inputs(models[0], models, {})
+    vs = [M.astype(np.float64).ravel() for M in models]
+    N = len(vs)
+    norms = [float(np.linalg.norm(v)) for v in vs]
+    valid = [i for i in range(N) if norms[i] > tol]
+    if not valid:
+        raise ValueError("karcher: every input is zero")
+    units = [vs[i] / norms[i] for i in valid]
+    alphas = [1.0 / len(valid)] * len(valid)
+    mean = np.zeros_like(units[0])
+    for a, u in zip(alphas, units):
+        mean += a * u
+    mn = np.linalg.norm(mean)
+    mean = units[0].copy() if mn < tol else mean / mn
+    for _ in range(max_iter):
+        tangent = np.zeros_like(mean)
+        for a, u in zip(alphas, units):
+            dot = min(max(float(mean @ u), -1.0), 1.0)
+            theta = math.acos(dot)
+            if theta < tol:
+                continue
+            tangent += a * (theta / math.sin(theta)) * (u - dot * mean)
+        tn = np.linalg.norm(tangent)
+        if tn < tol:
+            break
+        mean = math.cos(tn) * mean + math.sin(tn) * (tangent / tn)
+        un = np.linalg.norm(mean)
+        if un > tol:
+            mean = mean / un
+    return (sum(n / N for n in norms) * mean).reshape(models[0].shape)
+
+
+def fusion_row_kl(base, model) -> np.ndarray:
+    """Arcee Fusion's KL per row along the last axis (float64, shape base.shape[:-1]; one
+    value for a 1-D tensor): p = exp(f64(M) - max M)/Z_M + 1e-8, q likewise of B, Z and
+    the sum of p*log(p/q) by reduce_rows. exp and log are Python's math functions (the C
+    library's, which the kernels call too; NumPy's own SIMD versions may differ in the
+    last bit)."""
+    _check_inputs(base, [model], {})
+    exp, log = np.frompyfunc(math.exp, 1, 1), np.frompyfunc(math.log, 1, 1)
+    x, y = _f64("model", model), _f64("base", base)
+    if x.ndim == 0:
+        x, y = x.reshape(1), y.reshape(1)
+    ex = exp(x - x.max(axis=-1, keepdims=True)).astype(np.float64)
+    ey = exp(y - y.max(axis=-1, keepdims=True)).astype(np.float64)
+    p = ex / reduce_rows(ex)[..., None] + 1e-8
+    q = ey / reduce_rows(ey)[..., None] + 1e-8
+    return reduce_rows(p * log(p / q).astype(np.float64))
+
+
+def arcee_fusion(base, model) -> tuple[np.ndarray, dict]:
+    """Arcee Fusion (docs/semantics.md §C): d = M - B (float32); importance
+    x = f64(|d|) * kl[row] (float64); q1, median, q3 = the sorted x at ranks
+    floor(k(n - 1)/4), k = 1, 2, 3 (exact, no sampling); threshold median + 1.5 (q3 - q1)
+    in float64; result B + d * fl32(x >= threshold). Returns (result, {"threshold", "kept"})."""
+    kl = fusion_row_kl(base, model)
+    with np.errstate(all="ignore"):
+        d = model - base
+        x = np.abs(d).astype(np.float64) * (np.asarray(kl)[..., None] if d.ndim else np.asarray(kl).reshape(()))
+        n = x.size
+        s = np.sort(x.ravel())
+        q1, med, q3 = float(s[(n - 1) // 4]), float(s[(n - 1) // 2]), float(s[3 * (n - 1) // 4])
+        thr = med + 1.5 * (q3 - q1)
+        keep = x >= thr
+        out = base + d * keep.astype(np.float32)
+    assert out.dtype == _F32
+    return out, {"threshold": thr, "kept": int(keep.sum())}
+
+
+def arcee_fusion_mask64(base, model) -> np.ndarray:
+    """mergekit's arcee_fusion mask evaluated in float64 on the whole tensor (no sampling):
+    importance |M - B| * sum p log(p/q) per row, p, q = softmax + 1e-8; kept where
+    importance >= median + 1.5 (q3 - q1), the quartiles at floor(q (n - 1)) of the sort."""
+    x, y = _f64("model", model), _f64("base", base)
+    if x.ndim == 0:
+        x, y = x.reshape(1), y.reshape(1)
+    p = np.exp(x - x.max(axis=-1, keepdims=True))
+    p = p / p.sum(axis=-1, keepdims=True) + 1e-8
+    q = np.exp(y - y.max(axis=-1, keepdims=True))
+    q = q / q.sum(axis=-1, keepdims=True) + 1e-8
+    imp = np.abs(x - y) * (p * np.log(p / q)).sum(axis=-1, keepdims=True)
+    s = np.sort(imp.ravel())
+    n = s.size
+    q1, med, q3 = s[int(0.25 * (n - 1))], s[int(0.5 * (n - 1))], s[int(0.75 * (n - 1))]
+    return (imp >= med + 1.5 * (q3 - q1)).reshape(base.shape)
+
+
+def combine(models, coefficients, base=None) -> np.ndarray:
+    """The merge pass of multislerp and karcher given their float64 coefficients c_i:
+    fl32(f64(B) + acc) with x_i = M_i - B (float32), else fl32(acc);
+    acc = ((+0 + c_0 f64(x_0)) + c_1 f64(x_1)) + ... in float64."""
+    ref_ = models[0] if base is None else base
+    _check_inputs(ref_, models, {"coefficients": coefficients})
+    with np.errstate(all="ignore"):
+        acc = np.zeros(ref_.shape, dtype=np.float64)
+        for M, c in zip(models, coefficients):
+            x = M if base is None else M - base
+            acc = acc + float(c) * x.astype(np.float64)
+        if base is not None:
+            acc = base.astype(np.float64) + acc
+        return acc.astype(np.float32)
 
 
 # ------------------------------------------------------------ D. recipe values

@@ -14,8 +14,10 @@ Cases whose right behaviour is acceptance (ACCEPTED) check success, the note in
 merge_report.json, and the same cleanliness.
 
 Every id starts with the §5 case number (`s27-...` is case 27); `i5-...` are the cases
-issue 5 adds (unknown method, recipe YAML errors, budget), `i24-...` issue 24's (one-file
-outputs; verify's and inspect's refusals are in test_verify.py and test_inspect.py), `i26-...` issue 26's (hostile
+issue 5 adds (unknown method, recipe YAML errors, budget), `i21-...` issue 21's (the
+methods of step 3: model counts, parameter values, inputs they cannot merge), `i24-...` issue
+24's (one-file outputs; verify's and inspect's refusals are in test_verify.py and
+test_inspect.py), `i26-...` issue 26's (hostile
 recipe YAML, tokenizer ids and padding, fan_in_fan_out; the --resume detail is in
 test_safety.py, the fuzzing in test_fuzz_inputs.py). Where each §5 case is tested:
 
@@ -53,6 +55,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from helpers import FIXTURES, LLAMA, LLAMA_F32, load_model
 from npmerge.io import writer as writer_mod
@@ -279,6 +282,18 @@ def _lora(t, mp):
     (d / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     shutil.copy(FA / "model.safetensors", d / "adapter_model.safetensors")
     return ["linear", FA, d]
+
+
+def _zero_tensor_models(t, mp):
+    """Two models whose `model.norm.weight` is all zeros (a Karcher mean has no direction)."""
+    paths = []
+    for name in ("z1", "z2"):
+        tensors = load_model(FA)
+        tensors["model.norm.weight"][:] = 0.0
+        (t / name).mkdir()
+        save_file(tensors, str(t / name / "model.safetensors"), metadata={"format": "pt"})
+        paths.append(t / name)
+    return ["karcher", *paths]
 
 
 def _two_files(data_a: bytes, data_b: bytes):
@@ -571,7 +586,7 @@ REFUSED = [
 
     # issue 5: unknown method, recipe YAML errors, missing base, bad option values
     Case("i5-unknown-method-cli", cli("dare", BASE, FA), 2, ("No such command 'dare'",), "npmerge --help"),
-    Case("i5-unknown-method-yaml", recipe(ties_yaml().replace("ties", "karcher")), 2, ("unknown merge method 'karcher'",), "ties"),
+    Case("i5-unknown-method-yaml", recipe(ties_yaml().replace("ties", "fusion")), 2, ("unknown merge method 'fusion'",), "ties"),
     Case("i5-yaml-unknown-key", recipe(ties_yaml(extra="foo: 1\n")), 2, ("recipe.yml: unknown key 'foo'",), "known keys"),
     Case("i5-yaml-unknown-model-key", recipe(ties_yaml().replace(f"  - model: {FB}\n", f"  - model: {FB}\n    wieght: 1\n")),
          2, ("unknown key 'models[1].wieght'",), "parameters"),
@@ -595,6 +610,34 @@ REFUSED = [
     Case("i5-bad-size", cli(*TIES, "--max-memory", "lots"), 2, ("invalid size 'lots'",), "512MiB"),
     Case("i5-bad-out-dtype", cli(*TIES, "--out-dtype", "int8"), 2, ("unsupported output dtype 'int8'",), "bfloat16"),
     Case("i5-zero-threads", cli(*TIES, "--threads", "0"), 2, ("--threads must be >= 1, got 0",), False),
+
+    # issue 21: the methods of step 3, wrong model counts and parameter values
+    Case("i21-nearswap-two-models", cli("nearswap", BASE, FA, FB, "--t", "0.1"),
+         2, ("nearswap merges exactly 1 model(s) besides the base, got 2",)),
+    Case("i21-arcee-fusion-two-models", cli("arcee-fusion", BASE, FA, FB),
+         2, ("arcee_fusion merges exactly 1 model(s) besides the base, got 2",)),
+    Case("i21-nearswap-no-t", cli("nearswap", BASE, FA), 2, ("missing parameter 't'",), "sameness threshold"),
+    Case("i21-nearswap-t-zero", cli("nearswap", BASE, FA, "--t", "0"), 2, ("parameter 't' must be > 0, got 0.0",), False),
+    Case("i21-ram-epsilon-negative", cli("ram", BASE, FA, "--epsilon", "-1e-5"),
+         2, ("parameter 'epsilon' must be >= 0, got -1e-05",), "e.g. 1e-5"),
+    Case("i21-ramplus-epsilon-negative-yaml",
+         recipe(f"merge_method: ramplus_tl\nbase_model: {BASE}\nmodels: [{{model: {FA}}}, {{model: {FB}}}]\n"
+                "parameters: {epsilon: -1}\n"), 2, ("parameter 'epsilon' must be >= 0, got -1.0",)),
+    Case("i21-karcher-max-iter-zero", cli("karcher", FA, FB, "--max-iter", "0"),
+         2, ("parameter 'max_iter' must be an integer >= 1, got 0",), "e.g. 10"),
+    Case("i21-karcher-max-iter-fraction-yaml",
+         recipe(f"merge_method: karcher\nmodels: [{{model: {FA}}}, {{model: {FB}}}]\nparameters: {{max_iter: 2.5}}\n"),
+         2, ("parameter 'max_iter' must be an integer >= 1, got 2.5",)),
+    Case("i21-karcher-one-model", cli("karcher", FA), 2, ("karcher needs at least 2 model(s)",)),
+    Case("i21-karcher-all-zero", _zero_tensor_models, 4,
+         ("karcher cannot merge tensor 'model.norm.weight': every input has norm <= tol = 1e-05 (norms 0, 0)",)),
+    Case("i21-multislerp-weights-cancel", cli("multislerp", FA, FB, "-w", "1", "-w", "-1"),
+         2, ("multislerp: the weights sum to 0 (1.0, -1.0)",), "--no-normalize-weights"),
+    Case("i21-multislerp-weights-cancel-in-one-tensor-yaml",
+         recipe(f"merge_method: multislerp\nmodels:\n  - model: {FA}\n    parameters: {{weight: 1}}\n"
+                f"  - model: {FB}\n    parameters:\n      weight:\n        - filter: mlp.up_proj\n"
+                "          value: -1\n        - value: 1\n"),
+         2, ("tensor 'model.layers.0.mlp.up_proj.weight': multislerp: the weights sum to 0",)),
 
     # issue 26: hostile recipes get a short, clean error at load time
     Case("i26-added-token-id-1e20", _chat_tokenizer(_set_last_id(10**20)),

@@ -14,7 +14,7 @@ from npmerge import kernels, precompile
 from npmerge.methods import registry
 from npmerge.methods.protocol import TensorContext
 
-PARAMS = {"slerp": {"t": 0.3}, "nuslerp": {"nuslerp_flatten": False}, "sce": {"select_topk": 0.5}}
+PARAMS = {"slerp": {"t": 0.3}, "nearswap": {"t": 0.001}, "nuslerp": {"nuslerp_flatten": False}, "sce": {"select_topk": 0.5}}
 
 
 def spec(method: str, dtype: str = "BF16") -> dict:

@@ -132,7 +132,7 @@ def test_notes_for_harmless_habits():
                          "parameters: {int8_mask: true, t: 0.5}\nout_dtype: null\n")
     notes = " | ".join(r.notes)
     assert "'density' is not a parameter of task_arithmetic (it is one of ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear): ignored (model 1 'a')" in notes
-    assert "'t' is not a parameter of task_arithmetic (it is one of slerp): ignored (top level)" in notes
+    assert "'t' is not a parameter of task_arithmetic (it is one of slerp, nearswap): ignored (top level)" in notes
     assert "out_dtype: null means the default output dtype: each tensor's stored dtype" in notes
     assert "int8_mask" not in notes and r.out_dtype is None  # accepted and changes nothing
     assert "density" not in r.to_yaml().split("parameters:")[1].split("\n")[1]  # dropped from the written recipe
@@ -172,7 +172,7 @@ def test_notes_for_harmless_habits():
     ("merge_method: linear\nmodels: [{model: a}]\nparameters: {normalize: 3}\n", "true or false"),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\nout_dtype: int8\n", "unsupported output dtype"),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\ndtype: float64\n", "dtype 'float64' is not supported"),
-    ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\nchat_template: chatml\n", "'chat_template' is not"),
+    ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\nchat_template: chatlm\n", "unknown chat template 'chatlm'"),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\ntokenizer_source: base\ntokenizer: {source: base}\n",
      "either tokenizer_source or tokenizer"),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a}]\ntokenizer: {source: union, tokens: {x: {}}}\n",

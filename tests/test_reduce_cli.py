@@ -110,8 +110,12 @@ def test_same_bytes_any_threads_and_spans(cmd, i, tmp_path):
     """Output directories byte-identical with 1 and 2 numba threads, and with a budget that
     cuts the largest tensor into spans of one block (rows straddling nothing here: the
     kernel tests cover straddling rows)."""
-    args, _ = CASES[cmd][i]
-    args = cli_args(LLAMA, args)
+    assert_same_bytes(cmd, cli_args(LLAMA, CASES[cmd][i][0]), tmp_path)
+
+
+def assert_same_bytes(cmd: str, args: list[str], tmp_path: Path) -> None:
+    """The output directory of `npmerge cmd args` byte-identical with 1 and 2 threads and with
+    spans of one block (the largest tensor in four)."""
     budget = small_budget(cmd, args)
     plan = json.loads(run(cmd, *args, "-o", "unused", "--dry-run", "--json", "--max-memory", budget).out)
     assert plan["span_elements"] == 16384
@@ -261,11 +265,12 @@ def test_row_accumulators_over_budget(tmp_path, monkeypatch):
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-@pytest.mark.parametrize("method", ["sce", "model-stock", "nuslerp"])
+@pytest.mark.parametrize("method", ["sce", "model-stock", "nuslerp", "arcee-fusion", "multislerp"])
 def test_peak_anonymous_memory_follows_the_budget(method, tmp_path):
     """As tests/test_memory.py for TIES: a 16M-element tensor (4096 rows) whose working set
     is ~16x the budget merges within the budget, with SCE's selection (radix histograms,
-    tie counts), Model Stock's per-row sums and NuSLERP's per-column lanes."""
+    tie counts), Model Stock's per-row sums, NuSLERP's per-column lanes, Arcee Fusion's
+    whole rows, row KLs and importance histograms, and Multi-SLERP's Gram sums."""
     from test_memory import BIG, BUDGET, make_model, peak_anon
 
     base = make_model(tmp_path / "base", 0)
@@ -273,10 +278,12 @@ def test_peak_anonymous_memory_follows_the_budget(method, tmp_path):
     make_model(tmp_path / "ft2", 2, base)
     del base
     opts = {"sce": ["--select-topk", "0.5"], "model-stock": ["--filter-wise"],
-            "nuslerp": ["-w", "1", "-w", "2", "--no-nuslerp-flatten", "--nuslerp-row-wise"]}[method]
+            "nuslerp": ["-w", "1", "-w", "2", "--no-nuslerp-flatten", "--nuslerp-row-wise"],
+            "arcee-fusion": [], "multislerp": ["-w", "1", "-w", "2"]}[method]
 
     def args(b, m1, m2, out):
-        inputs = [m1, m2, "--base", b] if method == "nuslerp" else [b, m1, m2]
+        inputs = ([m1, m2, "--base", b] if method in ("nuslerp", "multislerp") else [b, m1] if method == "arcee-fusion"
+                  else [b, m1, m2])
         return [method, *inputs, *opts, "-o", out, "--max-memory", str(BUDGET), "--quiet"]
 
     _, tiny = peak_anon(args(LLAMA / "base", LLAMA / "ft-a", LLAMA / "ft-b", tmp_path / "tiny"))

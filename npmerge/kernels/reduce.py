@@ -1,5 +1,5 @@
 """Span kernels of the methods that reduce a tensor before they merge it (SLERP, NuSLERP,
-Model Stock, SCE): exact float64 sums over vectors, then float32 blends.
+Model Stock, SCE, Multi-SLERP, Karcher): exact float64 sums over vectors, then float32 blends.
 
 Reductions follow docs/semantics.md §A (tests/reference.py `reduce_sum`): float64 terms; blocks
 of `block` elements relative to the vector (the whole tensor, a row along the last axis,
@@ -295,6 +295,32 @@ def blend(inp, out, op, lo, a, z, block, W, per_col, ca, cb, sc):
                     o[j] += x[j]
             for j in range(n):
                 o[j] = ka[j] * (o[j] / fn) + kb[j] * base[j]
+        bad += encode(out, o, n, s - lo)
+    return bad
+
+
+@njit(**JIT)
+def combine(inp, out, lo, a, z, block, c, sc):
+    """Elements a..z of fl32(f64(B) + acc) with a base (x_i task vectors), else fl32(acc):
+    acc = ((+0 + c[0]*f64(x_0)) + c[1]*f64(x_1)) + ... in float64 (multislerp, karcher:
+    float64 coefficients from the Gram matrix). Returns how many encoded values are Inf/NaN."""
+    rows, base, o, acc = sc.rows, sc.base, sc.o, sc.wide[0]
+    has_base = inp[6]
+    bad = 0
+    for s in range(a, z, block):
+        n = min(block, z - s)
+        load_rows(inp, has_base, s, n, rows, base)
+        for e in range(n):
+            acc[e] = 0.0
+        for i in range(rows.shape[0]):
+            ci, x = c[i], rows[i]
+            for e in range(n):
+                acc[e] += ci * np.float64(x[e])
+        if has_base:
+            for e in range(n):
+                acc[e] = np.float64(base[e]) + acc[e]
+        for e in range(n):
+            o[e] = np.float32(acc[e])
         bad += encode(out, o, n, s - lo)
     return bad
 

@@ -17,7 +17,7 @@ from ..errors import RecipeError, shown
 from .protocol import Driver, Stat, TensorContext
 
 _MODULES = ("ties", "task_arithmetic", "linear", "dare", "breadcrumbs", "della", "slerp", "nuslerp", "model_stock",
-            "sce", "passthrough")
+            "sce", "passthrough", "nearswap", "ram", "multislerp", "karcher", "arcee_fusion")
 
 
 # A check gets the parameter's display name, e.g. "'density' of model 2 'ft-b'", and the value.
@@ -30,12 +30,17 @@ def _finite(name: str, value: Any) -> float:
     return value
 
 
-def density(name: str, value: Any) -> float:
-    value = _finite(name, value)
-    if value < 0.0:
-        raise RecipeError(f"{name} must be >= 0, got {value}",
-                          hint="density is the fraction of each task vector kept, e.g. 0.2 (1 keeps all)")
-    return value
+def non_negative(hint: str) -> Callable[[str, Any], float]:
+    """A check for a finite number >= 0; `hint` says what the parameter means."""
+    def check(name: str, value: Any) -> float:
+        value = _finite(name, value)
+        if value < 0.0:
+            raise RecipeError(f"{name} must be >= 0, got {value}", hint=hint)
+        return value
+    return check
+
+
+density = non_negative("density is the fraction of each task vector kept, e.g. 0.2 (1 keeps all)")
 
 
 def number(name: str, value: Any) -> float:
