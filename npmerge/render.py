@@ -174,14 +174,19 @@ def _named(record: dict) -> str:
 
 
 # -- a run ------------------------------------------------------------------------------------
-@contextlib.contextmanager
 def progress(plan, disable: bool):
+    return progress_bar(plan.method.name, plan.total_work, disable)
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: int, disable: bool):
+    """A bar on stderr advanced by bytes of input; yields advance(nbytes, name)."""
     # Only on a terminal: in a log or pipe a bar is noise, and `Error:` must stay the first line.
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=stderr(),
                    disable=disable or not stderr().is_terminal, transient=False)
     with bar:
-        task = bar.add_task(plan.method.name, total=plan.total_work)
+        task = bar.add_task(label, total=total)
 
         def advance(nbytes: int, name: str) -> None:
             bar.update(task, advance=nbytes)
@@ -219,4 +224,25 @@ def summary(plan, report: dict, out, elapsed: float) -> None:
     facts += [f"{report['tensors_merged']} tensors merged, {report['tensors_copied']} copied",
               f"{human_bytes(size)} written in {elapsed:.1f} s ({human_bytes(plan.read_bytes / max(elapsed, 1e-9))}/s "
               f"of input)", f"peak RSS {human_bytes(rss, True)}"]
+    c.print("; ".join(facts))
+
+
+def extract_summary(report: dict, out, elapsed: float) -> None:
+    """extract-lora's result: one row per low-rank module, the tensors saved whole, totals."""
+    c = stdout()
+    t = Table("module", "shape", "rank", "energy kept", "rel. error", "optimum", title=escape(f"LoRA -> {out}"))
+    for module, m in report["modules"].items():
+        t.add_row(escape(module), "x".join(map(str, m["shape"])), str(m["rank"]), f"{m['energy']:.6f}",
+                  f"{m['error']:.3e}", f"{m['optimal_error']:.3e}")
+    for name, w in report["saved_whole"].items():
+        t.add_row(escape(name), "", "whole", "", "", escape(w["kind"]))
+    c.print(t)
+    tot = report["totals"]
+    skipped = {why: len(names) for why, names in report["skipped"].items()}
+    size = sum(f["size"] for f in report["files"].values())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    facts = [f"{tot['lowrank']} low-rank modules, {tot['whole']} tensors saved whole"]
+    facts += [f"skipped: " + ", ".join(f"{n} {why}" for why, n in skipped.items())] if skipped else []
+    facts += [f"energy kept {tot['energy']:.6f}, relative error {tot['error']:.3e}",
+              f"{human_bytes(size)} written in {elapsed:.1f} s", f"peak RSS {human_bytes(rss, True)}"]
     c.print("; ".join(facts))

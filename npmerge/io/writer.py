@@ -132,11 +132,13 @@ def _plan_one(filename: str, tensors: list[OutputTensor]) -> ShardPlan:
     return ShardPlan(filename, prefix, tuple(t.name for t in ordered), offsets, len(prefix) + start)
 
 
-def plan_shards(tensors: Sequence[OutputTensor], shard_bytes: int = DEFAULT_SHARD_BYTES) -> ShardLayout:
+def plan_shards(tensors: Sequence[OutputTensor], shard_bytes: int = DEFAULT_SHARD_BYTES,
+                single_name: str = SINGLE_NAME) -> ShardLayout:
     """Assign tensors greedily, in the given order, to shards of at most `shard_bytes` of data.
 
     A new shard starts when the next tensor would push the current (non-empty) one past
-    the limit, so a tensor larger than the limit sits alone.
+    the limit, so a tensor larger than the limit sits alone. One shard is `single_name`
+    (a PEFT adapter's is adapter_model.safetensors).
     """
     if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, (int, np.integer)) or shard_bytes < 1:
         raise RecipeError(f"shard size must be a positive number of bytes, got {shown(shard_bytes)}")
@@ -154,7 +156,7 @@ def plan_shards(tensors: Sequence[OutputTensor], shard_bytes: int = DEFAULT_SHAR
     n = len(groups)
     if n > _MAX_SHARDS:
         raise RecipeError(f"the output would need {n} shards", hint="use a larger --shard-size")
-    names = [SINGLE_NAME] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    names = [single_name] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     shards = tuple(_plan_one(name, g) for name, g in zip(names, groups))
     return ShardLayout(shards, sum(t.nbytes for t in tensors), tuple(tensors))
 
@@ -239,15 +241,18 @@ class OutputWriter:
     verifies them against the manifest and `fingerprint` (plan.json) and skips them.
     `fingerprint["inputs"]` (staging.file_fingerprint entries) are re-checked just
     before the commit. `finish_shards()` may be called before `commit()` to make the
-    shard files final in `staging_dir` (e.g. to hash them for a report).
+    shard files final in `staging_dir` (e.g. to hash them for a report). `resumable=False`:
+    every abort removes staging (for outputs that cannot be resumed).
     """
 
     private_files = st.PRIVATE  # in staging, never part of the output
 
     def __init__(self, out_dir, layout: ShardLayout, *, inputs: Sequence = (), force: bool = False,
-                 check_space: bool = True, resume: bool = False, fingerprint: dict | None = None):
+                 check_space: bool = True, resume: bool = False, fingerprint: dict | None = None,
+                 resumable: bool = True):
         self.out_dir = st.resolve_out(out_dir)
         self.layout, self.force, self.check_space, self.resume = layout, force, check_space, resume
+        self.resumable = resumable  # False: an abort never keeps finished shards (a writer without --resume)
         self.inputs = [os.fspath(p) for p in inputs]
         self.fingerprint = {**(fingerprint or {}), "layout_sha256": layout_digest(layout),
                             "layout": {"shards": len(layout.shards), "dtypes": {t.name: t.dtype for t in layout.tensors}}}
@@ -554,7 +559,7 @@ class OutputWriter:
         self._fds.clear()
         self._streams.clear()
         if self._stage.owned:
-            if self._done and _resumable(exc) and self._stage.park({r["file"] for r in self._done.values()}):
+            if self._done and self.resumable and _resumable(exc) and self._stage.park({r["file"] for r in self._done.values()}):
                 self.kept = (f"{len(self._done)} of {len(self.layout.shards)} shard(s) are finished and kept in "
                              f"{self.staging_dir}: run the same command with --resume to continue, "
                              "or delete that directory")
