@@ -71,7 +71,8 @@ class Options:
             raise RecipeError(f"--rank must be a positive integer, got {self.rank!r}",
                               hint="e.g. --rank 64 (mergekit's default is 128)")
         if not (math.isfinite(self.sv_epsilon) and self.sv_epsilon >= 0):
-            raise RecipeError(f"--sv-epsilon must be a number >= 0, got {self.sv_epsilon!r}")
+            raise RecipeError(f"--sv-epsilon must be a number >= 0, got {self.sv_epsilon!r}",
+                              hint="singular values at or below it are dropped; 0 (the default) keeps them all")
         if self.rank_energy is not None and not (0 < self.rank_energy <= 1):
             raise RecipeError(f"--rank-energy must be in (0, 1], got {self.rank_energy!r}",
                               hint="the fraction of each module's squared Frobenius norm to keep, e.g. 0.9")
@@ -80,7 +81,9 @@ class Options:
                 try:
                     re.compile(p)
                 except re.error as exc:
-                    raise RecipeError(f"{flag} {p!r} is not a valid regular expression: {exc}") from None
+                    raise RecipeError(f"{flag} {p!r} is not a valid regular expression: {exc}",
+                                      hint="a Python regular expression, searched in each module name "
+                                           "(e.g. --include 'self_attn' --exclude 'layers\\.0\\.')") from None
 
     def selects(self, module: str) -> bool:
         """mergekit's rule: re.search of each pattern on the module name."""
@@ -258,7 +261,7 @@ def _need(base, ft, name: str, shape: tuple, is_lowrank: bool, options: Options)
         return reads
     m, n = shape
     r = min(options.rank, m, n)
-    return reads + lowrank.svd_bytes(m, n) + 24 * r * (m + n) + 16 * lowrank.ERROR_ROWS
+    return reads + lowrank.svd_bytes(m, n) + 24 * r * (m + n) + 16 * min(m * n, max(n, lowrank.ERROR_ROWS))
 
 
 def _base_dtype(base, items: list[Item]) -> str:
