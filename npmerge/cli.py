@@ -297,6 +297,9 @@ def extract_lora(
     out_dtype: Optional[str] = OUT_DTYPE, max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS,
     json_out: bool = typer.Option(False, "--json", help="Print the report (or the error) as JSON on stdout.",
                                   rich_help_panel=_OUTPUT),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Run every check the extraction makes (inputs, output "
+                                 "location, free space, memory per module) and print the plan on stdout; write "
+                                 "nothing.", rich_help_panel=_SAFETY),
     force: bool = FORCE, quiet: bool = QUIET,
 ):
     """Extract a LoRA adapter from a fine-tune: per module the best rank-r approximation of
@@ -314,6 +317,10 @@ def extract_lora(
         try:
             if not quiet:
                 render.notes(plan.notes)
+            if dry_run:
+                data = plan.as_dict(out)
+                typer.echo(json.dumps(data, indent=2)) if json_out else render.extract_plan(data)
+                return
             with render.progress_bar("extract-lora", plan.total_work, disable=quiet or json_out) as advance:
                 report = execute(plan, out, force=force, progress=advance)
         finally:

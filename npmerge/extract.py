@@ -149,6 +149,17 @@ class ExtractPlan:
         on = getattr(self.ft, "on", None)
         return paths + ([Path(on.path)] if on is not None and on is not self.base else [])
 
+    def as_dict(self, out) -> dict:
+        """The plan as --dry-run shows it (models as the user named them)."""
+        return {"base": model_ref(self.base).name, "fine_tune": model_ref(self.ft).name, "out": str(out),
+                "out_dtype": self.out_dtype, "threads": self.threads, "max_memory": self.budget,
+                "parameters": self.options.record(),
+                "tensors": [{"tensor": i.name, "module": i.module, "shape": list(i.shape),
+                             "lowrank": i.lowrank, "kind": i.what,
+                             "max_rank": i.max_rank(self.options.rank) if i.lowrank else None,
+                             "memory": i.need} for i in self.items],
+                "skipped": self.skipped, "notes": self.notes}
+
     def close(self) -> None:
         self.ft.close()
         self.base.close()

@@ -246,3 +246,18 @@ def extract_summary(report: dict, out, elapsed: float) -> None:
     facts += [f"energy kept {tot['energy']:.6f}, relative error {tot['error']:.3e}",
               f"{human_bytes(size)} written in {elapsed:.1f} s", f"peak RSS {human_bytes(rss, True)}"]
     c.print("; ".join(facts))
+
+
+def extract_plan(data: dict) -> None:
+    """extract-lora --dry-run: what each selected tensor becomes and the memory it takes."""
+    c = stdout()
+    t = Table("tensor", "shape", "becomes", "max rank", "memory",
+              title=escape(f"extract-lora {data['base']} {data['fine_tune']} -> {data['out']}"))
+    for i in data["tensors"]:
+        becomes = f"LoRA ({i['kind']})" if i["lowrank"] else f"whole if changed ({i['kind']})"
+        t.add_row(escape(i["tensor"]), "x".join(map(str, i["shape"])), becomes,
+                  str(i["max_rank"]) if i["max_rank"] else "", human_bytes(i["memory"], True))
+    c.print(t)
+    skipped = "; ".join(f"{len(v)} {why}" for why, v in data["skipped"].items())
+    c.print(f"output dtype {data['out_dtype']}; {data['threads']} thread(s) within --max-memory "
+            f"{human_bytes(data['max_memory'], True)}" + (f"; left out: {skipped}" if skipped else ""))
