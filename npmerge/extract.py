@@ -232,14 +232,14 @@ def _items(base, ft, options: Options) -> tuple[list[Item], dict[str, list[str]]
     skipped: dict[str, list[str]] = {}
     for name in names:
         module, _, param = name.rpartition(".")
+        if not options.selects(module or name):
+            skipped.setdefault("not selected (--include/--exclude)", []).append(name)
+            continue
         clash = RESERVED_SEGMENTS.intersection(name.split("."))
         if clash:
             raise IncompatibleModels(f"tensor '{name}' has a segment PEFT reserves for adapter keys "
                                      f"('{sorted(clash)[0]}'): its adapter keys would be read as something else",
-                                     hint="exclude it with --exclude, or rename it in the checkpoints")
-        if not options.selects(module or name):
-            skipped.setdefault("not selected (--include/--exclude)", []).append(name)
-            continue
+                                     hint="leave it out with --exclude, or rename it in the checkpoints")
         shape = tuple(base.tensors[name].info.shape)
         if name == embed:
             found.append((name, module, shape, options.embed_lora, "embedding"))
@@ -263,16 +263,17 @@ def _items(base, ft, options: Options) -> tuple[list[Item], dict[str, list[str]]
 
 
 def _need(base, ft, name: str, shape: tuple, is_lowrank: bool, options: Options) -> int:
-    """Working bytes of one item: input reads (two float32 chunks and what a computed source
-    allocates), and for a module its SVD, factors (float64, encoded, decoded) and error check."""
+    """Working bytes of one item: input reads (two float32 chunks, the output's encoded chunk and
+    what a computed source allocates), and for a module its SVD (Δ included), its factors
+    (float64, encoded, decoded to float32 and back to float64) and the error check's blocks."""
     numel = math.prod(shape)
     chunk = min(CHUNK, max(numel, 1))
-    reads = 8 * chunk + source(ft, name).work_bytes(chunk) + 8 * chunk
+    reads = 16 * chunk + source(ft, name).work_bytes(chunk)
     if not is_lowrank:
         return reads
     m, n = shape
     r = min(options.rank, m, n)
-    return reads + lowrank.svd_bytes(m, n) + 24 * r * (m + n) + 16 * min(m * n, max(n, lowrank.ERROR_ROWS))
+    return reads + lowrank.svd_bytes(m, n) + 28 * r * (m + n) + 24 * min(m * n, max(n, lowrank.ERROR_ROWS))
 
 
 def _base_dtype(base, items: list[Item]) -> str:
@@ -440,22 +441,16 @@ def _decoded(raw: np.ndarray, code: str, shape) -> np.ndarray:
 
 
 def _whole_changed(plan: ExtractPlan, item: Item) -> bool:
+    """Whether FT differs from BASE anywhere in the tensor (NaN counts as a change)."""
     numel = math.prod(item.shape)
     size = min(CHUNK, max(numel, 1))
     buf, scratch = np.empty(size, np.float32), np.empty(size, np.float32)
-    delta_source = source(plan.ft, item.name).is_delta
     try:
-        for start in range(0, numel, CHUNK):
+        for start in range(0, numel, CHUNK):  # x − y = 0 exactly when x = y (IEEE, with subnormals)
             k = min(CHUNK, numel - start)
-            if delta_source:
-                _values(plan, item.name, start, k, buf, scratch, delta=True)
-                if buf[:k].any():
-                    return True
-            else:
-                source(plan.ft, item.name).read(start, k, buf)
-                source(plan.base, item.name).read(start, k, scratch)
-                if not np.array_equal(buf[:k], scratch[:k]):
-                    return True
+            _values(plan, item.name, start, k, buf, scratch, delta=True)
+            if buf[:k].any():
+                return True
         return False
     finally:
         _release(plan, item.name)
@@ -530,8 +525,9 @@ def _write(plan: ExtractPlan, out: Path, force: bool, results: list[_Result], sp
         keys[r.item.name] = whole_key(r.item.name, r.item.module in ranks)
         tensors.append(OutputTensor(keys[r.item.name], plan.out_dtype, r.item.shape))
     base_ref, ft_ref = model_ref(plan.base), model_ref(plan.ft)
+    saved = sorted({r.item.module or r.item.name for r in whole if r.item.module not in ranks})
     config = adapter_config(
-        public_name(base_ref), ranks, sorted({r.item.module or r.item.name for r in whole if r.item.module not in ranks}),
+        public_name(base_ref), ranks, saved,
         layer_bias=any(r.item.module in ranks for r in whole),
         fan_in_fan_out=any(r.item.what == "conv1d" for r in lowranked), task_type=_task_type(plan.base))
     layout = _layout(tensors)
@@ -566,24 +562,23 @@ def _task_type(base) -> str | None:
 
 def _report(plan: ExtractPlan, results: list[_Result], keys: dict[str, str]) -> dict:
     """Deterministic (no times, threads or memory figures), like merge_report.json."""
-    modules, skipped = {}, {k: list(v) for k, v in plan.skipped.items()}
+    modules, whole, skipped = {}, {}, {k: list(v) for k, v in plan.skipped.items()}
     norm2 = kept2 = err2 = 0.0
     for r in results:
         i = r.item
         if not r.changed:
             skipped.setdefault("unchanged", []).append(i.name)
-        elif i.lowrank and r.rank == 0:
+        elif not i.lowrank:
+            whole[i.name] = {"key": keys[i.name], "kind": i.what}
+        elif r.rank == 0:
             skipped.setdefault("below --sv-epsilon", []).append(i.name)
-        if not i.lowrank or not r.changed:
-            continue
-        norm2 += r.norm ** 2
-        kept2 += r.energy * r.norm ** 2
-        err2 += (r.error * r.norm) ** 2
-        modules[i.module] = {"tensor": i.name, "kind": i.what, "shape": list(i.shape), "rank": r.rank,
-                             "energy": r.energy, "error": r.error, "optimal_error": r.optimal_error,
-                             "norm": r.norm}
-    whole = {name: {"key": key, "kind": next(r.item.what for r in results if r.item.name == name)}
-             for name, key in keys.items()}
+        else:
+            norm2 += r.norm ** 2
+            kept2 += r.energy * r.norm ** 2
+            err2 += (r.error * r.norm) ** 2
+            modules[i.module] = {"tensor": i.name, "kind": i.what, "shape": list(i.shape), "rank": r.rank,
+                                 "energy": r.energy, "error": r.error, "optimal_error": r.optimal_error,
+                                 "norm": r.norm}
     params = sum(v["rank"] * sum(v["shape"]) for v in modules.values())
     base_ref, ft_ref = model_ref(plan.base), model_ref(plan.ft)
     return {

@@ -242,7 +242,7 @@ def extract_summary(report: dict, out, elapsed: float) -> None:
     size = sum(f["size"] for f in report["files"].values())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     facts = [f"{tot['lowrank']} low-rank modules, {tot['whole']} tensors saved whole"]
-    facts += [f"skipped: " + ", ".join(f"{n} {why}" for why, n in skipped.items())] if skipped else []
+    facts += ["skipped: " + ", ".join(f"{n} {why}" for why, n in skipped.items())] if skipped else []
     facts += [f"energy kept {tot['energy']:.6f}, relative error {tot['error']:.3e}",
               f"{human_bytes(size)} written in {elapsed:.1f} s", f"peak RSS {human_bytes(rss, True)}"]
     c.print("; ".join(facts))

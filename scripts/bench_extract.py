@@ -87,7 +87,8 @@ def per_module(base: Path, ft: Path, rank: int, names: list[str], work: Path) ->
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="1B", choices=list(bench.SIZES))
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--ft", type=int, default=1, help="which fine-tune of the set (default 1)")

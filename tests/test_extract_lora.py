@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from helpers import LLAMA, LLAMA_F32, load_model, tree_bytes
+from helpers import FIXTURES, LLAMA, LLAMA_F32, load_model, tree_bytes
 from npmerge.dtypes import encode_f64
 from npmerge.io.lora import LoraAdapter
 from safety_helpers import assert_clean, assert_error, make_model, run
@@ -179,7 +179,7 @@ def test_embeddings_head_and_norms(tmp_path):
     config, tensors, report = adapter(embed)
     assert config["modules_to_save"] is None
     assert "model.embed_tokens" in config["target_modules"] and "lm_head" in config["target_modules"]
-    a, b = tensors[PREFIX + "model.embed_tokens.lora_embedding_A"], tensors[PREFIX + "model.embed_tokens.lora_embedding_B"]
+    a, b = (tensors[f"{PREFIX}model.embed_tokens.lora_embedding_{x}"] for x in "AB")
     assert a.shape == (4, 256) and b.shape == (64, 4)  # PEFT: [r, vocab], [dim, r]; Δ = (B·A)ᵀ
     assert rel((b.astype(np.float64) @ a).T, actual_deltas(ft)["model.embed_tokens.weight"]) < 1e-2  # rank 4 of rank 1
     norms = sorted(k for k in load_model(BASE) if k.endswith("norm.weight"))  # left out unread, changed or not
@@ -188,6 +188,48 @@ def test_embeddings_head_and_norms(tmp_path):
     assert run("task-arithmetic", BASE, f"{BASE}+{embed}", "-o", merged, "-q").code == 0
     assert rel(load_model(merged)["model.embed_tokens.weight"].astype(np.float64),
                load_model(ft)["model.embed_tokens.weight"].astype(np.float64)) < 1e-6
+
+
+def test_conv1d_layers_and_biases(tmp_path):
+    """GPT-2 stores Conv1D weights [in, out]; PEFT applies (B·A)ᵀ with lora_A [r, in]. Changed
+    biases of LoRA modules are saved whole under PEFT's own key, `<module>.base_layer.bias`."""
+    rng = np.random.default_rng(9)
+    src = FIXTURES / "tiny-lora" / "tiny-gpt2" / "base"
+    tensors = load_model(src)
+    for k, v in list(tensors.items()):
+        if k.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight")):
+            tensors[k] = (v + lowrank_delta(rng, v.shape, 3)).astype(np.float32)
+        elif k.endswith("attn.c_attn.bias"):
+            tensors[k] = v + np.float32(0.125)
+    ft, out, merged = make_model(tmp_path / "ft", tensors, src=src), tmp_path / "lora", tmp_path / "merged"
+    assert run("extract-lora", src, ft, "--rank", "3", "-o", out, "-q").code == 0
+    config, factors, _ = adapter(out)
+    assert config["fan_in_fan_out"] is True and config["bias"] == "all" and not config["modules_to_save"]
+    module = "transformer.h.0.mlp.c_fc"
+    assert factors[f"{PREFIX}{module}.lora_A.weight"].shape == (3, 32)  # [r, in]; the weight is [in=32, out=128]
+    assert factors[f"{PREFIX}{module}.lora_B.weight"].shape == (128, 3)
+    assert f"{PREFIX}transformer.h.0.attn.c_attn.base_layer.bias" in factors
+    assert run("task-arithmetic", src, f"{src}+{out}", "-o", merged, "-q").code == 0
+    got = load_model(merged)
+    for k, v in tensors.items():
+        assert rel(got[k].astype(np.float64), v.astype(np.float64)) < 1e-6 if np.any(v) else not np.any(got[k]), k
+
+
+def test_an_adapter_as_the_fine_tune(tmp_path):
+    """FT may be anything a merge accepts: here a bare adapter, applied to BASE (Δ = s·B·A)."""
+    src, lora = LLAMA / "base", FIXTURES / "tiny-lora" / "tiny-llama" / "qv-f32"
+    out = tmp_path / "again"
+    assert run("extract-lora", src, lora, "--rank", "8", "--out-dtype", "float32", "-o", out, "-q").code == 0
+    config, factors, report = adapter(out)
+    original = load_model(lora / "adapter_model.safetensors")
+    scale = 16 / 8  # lora_alpha / r of the fixture
+    modules = config["target_modules"]
+    assert len(modules) == 4 and all(m.endswith(("q_proj", "v_proj")) for m in modules)
+    for module in config["target_modules"]:
+        want = scale * (original[f"{PREFIX}{module}.lora_B.weight"].astype(np.float64)
+                        @ original[f"{PREFIX}{module}.lora_A.weight"])
+        assert rel(product(factors, module), want) < 1e-6
+    assert len(report["skipped"]["unchanged"]) == 17  # every tensor the adapter does not touch
 
 
 def test_same_bytes_for_threads_and_budgets(tmp_path):

@@ -96,8 +96,9 @@ def adapter_card(base: ModelRef, ft: ModelRef, config: dict, summary: dict) -> s
              f"- rank {ranks[-1]}" + (f" (per module {ranks[0]}–{ranks[-1]}, see `rank_pattern`)" if len(ranks) > 1
                                       else "") + f", lora_alpha = r (scale 1); {summary['lowrank']} low-rank "
              f"module(s), {summary['whole']} tensor(s) saved whole",
-             f"- ‖Δ‖² kept overall: {summary['energy']:.6f}; relative error of B·A overall: {summary['error']:.3e}",
-             "", f"Per-module ranks, kept energy and errors are in `extract_report.json`; load with PEFT "
-             f"(`PeftModel.from_pretrained(base, DIR)`) or merge with `npmerge task-arithmetic BASE DIR`.",
+             f"- ‖Δ‖² kept overall: {summary['energy']:.6f}; relative error of B·A overall: "
+             f"{summary['error']:.3e}", "",
+             "Per-module ranks, kept energy and errors are in `extract_report.json`; load with PEFT "
+             "(`PeftModel.from_pretrained(base, DIR)`) or merge with `npmerge task-arithmetic BASE DIR`.",
              f"`{CONFIG_NAME}` names the base as `{config['base_model_name_or_path']}`.", ""]
     return "\n".join(lines)
