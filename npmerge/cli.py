@@ -306,7 +306,8 @@ def extract_lora(
     FT - BASE (exact truncated SVD), as a PEFT adapter directory npmerge and PEFT load."""
     def body():
         from . import render
-        from .extract import Options, execute, plan_extract
+        from .extract import Options, plan_extract
+        from .extract_run import execute
 
         started = time.perf_counter()
         options = Options(rank=rank, sv_epsilon=sv_epsilon, rank_energy=rank_energy,

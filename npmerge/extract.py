@@ -1,4 +1,5 @@
 """`npmerge extract-lora BASE FT -o ADAPTER`: a PEFT LoRA adapter from a full fine-tune.
+This module plans it; extract_run.py runs it.
 
 Plan (everything from headers, nothing written): open BASE and FT as a merge does
 (io/models.py: paths, Hub ids, MODEL+ADAPTER), check FT has the base's tensors and
@@ -6,16 +7,8 @@ shapes, sort each selected tensor into a low-rank module (a 2-D weight; the inpu
 embedding and the head only with --embed-lora) or a tensor saved whole (embeddings and
 head by default, norms, biases, anything else that changed), give each low-rank module
 the memory of its exact SVD (lowrank.svd_bytes) and refuse one that does not fit
-`--max-memory`, and run the output checks of a merge (io/writer.py preflight).
-
-Run: modules in parallel on `threads` Python threads, as many at once as the budget
-holds, each SVD on a single-threaded BLAS (blas.py): the adapter's bytes do not depend
-on threads or budget. Factors are rounded once to the output dtype and spilled to an
-unlinked temporary file beside the output (their ranks, hence the file layout, are
-known only at the end); then adapter_model.safetensors is written into staging with
-the tensors saved whole (read again from FT), with adapter_config.json, README.md and
-extract_report.json, and renamed into place (io/staging.py). Nothing holds more than
-one module per thread.
+`--max-memory`, and run the output checks of a merge (io/writer.py preflight) against
+the largest adapter the plan can write.
 """
 
 from __future__ import annotations
@@ -23,32 +16,23 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
-
-from . import __version__, blas, lowrank
+from . import blas, lowrank
 from .budget import default_budget, parse_size
-from .dtypes import DTYPES, ENCODABLE, decode, encode, encode_f64, parse_user_dtype
+from .dtypes import ENCODABLE, parse_user_dtype
 from .errors import BudgetError, IncompatibleModels, RecipeError
 from .io.adapted import AdaptedModel
 from .io.layout import HEAD_NAMES, embedding_name, is_buffer
-from .io.lora import CONFIG_NAME, CONV1D_MODULES, WEIGHTS_NAME
-from .io.lora_write import RESERVED_SEGMENTS, adapter_card, adapter_config, config_bytes, lowrank_keys, whole_key
-from .io.models import fingerprints, open_model, source
-from .io.staging import pwrite_all, sha256_file, writing
+from .io.lora import CONV1D_MODULES, WEIGHTS_NAME
+from .io.lora_write import RESERVED_SEGMENTS, lowrank_keys, whole_key
+from .io.models import open_model, source
 from .io.writer import OutputCheck, OutputTensor, OutputWriter, plan_shards
-from .report import model_ref, public_name, report_json
+from .report import model_ref
 from .units import human_bytes
 
 CHUNK = 1 << 20  # elements per read of an input tensor
-REPORT_NAME = "extract_report.json"
-CARD_NAME = "README.md"
 DEFAULT_RANK = 128  # mergekit-extract-lora's --max-rank default
 
 
@@ -194,7 +178,7 @@ def plan_extract(base_ref: str, ft_ref: str, options: Options, *, max_memory=Non
             plan.notes.append(blas.pin_note())
         _check_budget(plan)
         if out is not None:
-            plan.output = OutputWriter(Path(out), _bound_layout(plan), inputs=plan.input_paths(),
+            plan.output = OutputWriter(Path(out), bound_layout(plan), inputs=plan.input_paths(),
                                        force=force).preflight()
     except BaseException:
         if ft is not None and ft is not base:
@@ -298,7 +282,7 @@ def _check_budget(plan: ExtractPlan) -> None:
                               hint=f"allow at least {math.ceil(item.need / 2**20)} MiB with --max-memory, or {way}")
 
 
-def _bound_layout(plan: ExtractPlan):
+def bound_layout(plan: ExtractPlan):
     """The largest adapter the plan can write (every module at its maximum rank, every
     tensor saved whole): what the output checks (free space) are run against."""
     tensors = []
@@ -311,297 +295,8 @@ def _bound_layout(plan: ExtractPlan):
                         OutputTensor(b, plan.out_dtype, (n if item.transposed else m, r))]
         else:
             tensors.append(OutputTensor(whole_key(item.name, False), plan.out_dtype, item.shape))
-    return _layout(tensors)
+    return layout(tensors)
 
 
-def _layout(tensors: list[OutputTensor]):
+def layout(tensors: list[OutputTensor]):
     return plan_shards(sorted(tensors, key=lambda t: t.name), shard_bytes=1 << 62, single_name=WEIGHTS_NAME)
-
-
-# ---------------------------------------------------------------- run
-
-
-@dataclass
-class _Result:
-    item: Item
-    changed: bool
-    rank: int = 0
-    spill: tuple[int, int, int] = (0, 0, 0)  # offset, bytes of A, bytes of B
-    norm: float = 0.0
-    energy: float = 1.0
-    optimal_error: float = 0.0
-    error: float = 0.0
-
-
-class _Spill:
-    """Encoded factors, appended as modules finish, in an unlinked file beside the output."""
-
-    def __init__(self, where: Path):
-        self.where = where / ".npmerge-extract-spill"  # for messages: the file has no name
-        with writing(self.where):
-            self.file = tempfile.TemporaryFile(dir=where, prefix=".npmerge-extract-")
-        self.end = 0
-        self.lock = threading.Lock()
-
-    def append(self, *arrays: np.ndarray) -> int:
-        data = b"".join(a.tobytes() for a in arrays)
-        with self.lock:
-            at, self.end = self.end, self.end + len(data)
-        pwrite_all(self.file.fileno(), memoryview(data), at, self.where)
-        return at
-
-    def read(self, at: int, n: int) -> bytes:
-        return os.pread(self.file.fileno(), n, at)
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class _Gate:
-    """Admits work while the budget has room for it (each item fits alone, see _check_budget)."""
-
-    def __init__(self, budget: int):
-        self.free = budget
-        self.cond = threading.Condition()
-
-    def run(self, need: int, work: Callable):
-        with self.cond:
-            self.cond.wait_for(lambda: self.free >= need)
-            self.free -= need
-        try:
-            return work()
-        finally:
-            with self.cond:
-                self.free += need
-                self.cond.notify_all()
-
-
-def _values(plan: ExtractPlan, name: str, start: int, n: int, out: np.ndarray, scratch: np.ndarray,
-            delta: bool) -> None:
-    """out[:n] = FT − BASE (delta) or FT values, float32, of flat elements start..start+n-1."""
-    ft = source(plan.ft, name)
-    ft.read(start, n, out)
-    if ft.is_delta and not delta:  # a bare adapter: FT = fl32(BASE + Δ), as a merge computes it
-        source(plan.base, name).read(start, n, scratch)
-        out[:n] += scratch[:n]
-    elif delta and not ft.is_delta:
-        source(plan.base, name).read(start, n, scratch)
-        out[:n] -= scratch[:n]
-
-
-def _release(plan: ExtractPlan, name: str) -> None:
-    for model in plan.inputs:
-        source(model, name).release()
-
-
-def _extract(plan: ExtractPlan, item: Item, spill: _Spill) -> _Result:
-    if not item.lowrank:
-        return _Result(item, _whole_changed(plan, item))
-    m, n = item.shape
-    delta = np.empty((m, n), np.float64)
-    flat = delta.reshape(-1)
-    buf, scratch = np.empty(min(CHUNK, m * n), np.float32), np.empty(min(CHUNK, m * n), np.float32)
-    for start in range(0, m * n, CHUNK):
-        k = min(CHUNK, m * n - start)
-        _values(plan, item.name, start, k, buf, scratch, delta=True)
-        flat[start:start + k] = buf[:k]
-    _release(plan, item.name)
-    if not np.isfinite(delta).all():
-        raise IncompatibleModels(f"tensor '{item.name}' has NaN or Inf values in the base or the fine-tune",
-                                 hint="a task vector with NaN/Inf has no SVD; check the checkpoints")
-    if not delta.any():
-        return _Result(item, False)
-    o = plan.options
-    try:
-        f = lowrank.factorise(delta, item.max_rank(o.rank), sv_epsilon=o.sv_epsilon, rank_energy=o.rank_energy,
-                              distribute=o.distribute_scale, transposed=item.transposed)
-    except np.linalg.LinAlgError as exc:
-        raise IncompatibleModels(f"the SVD of tensor '{item.name}' failed: {exc}") from None
-    if f.rank == 0:
-        return _Result(item, True, norm=f.norm, energy=0.0, optimal_error=1.0, error=1.0)
-    raw_a, raw_b = _encoded(f.a, plan.out_dtype), _encoded(f.b, plan.out_dtype)
-    error = lowrank.relative_error(delta, _decoded(raw_b, plan.out_dtype, f.b.shape),
-                                   _decoded(raw_a, plan.out_dtype, f.a.shape), item.transposed)
-    at = spill.append(raw_a, raw_b)
-    return _Result(item, True, f.rank, (at, raw_a.nbytes, raw_b.nbytes), f.norm, f.energy, f.optimal_error, error)
-
-
-def _encoded(x: np.ndarray, code: str) -> np.ndarray:
-    raw = np.empty(x.size, DTYPES[code].storage)
-    encode_f64(x.reshape(-1), code, raw)
-    return raw
-
-
-def _decoded(raw: np.ndarray, code: str, shape) -> np.ndarray:
-    if code == "F64":
-        return raw.view(np.float64).reshape(shape)
-    values = np.empty(raw.size, np.float32)
-    decode(raw, code, values)
-    return values.astype(np.float64).reshape(shape)
-
-
-def _whole_changed(plan: ExtractPlan, item: Item) -> bool:
-    """Whether FT differs from BASE anywhere in the tensor (NaN counts as a change)."""
-    numel = math.prod(item.shape)
-    size = min(CHUNK, max(numel, 1))
-    buf, scratch = np.empty(size, np.float32), np.empty(size, np.float32)
-    try:
-        for start in range(0, numel, CHUNK):  # x − y = 0 exactly when x = y (IEEE, with subnormals)
-            k = min(CHUNK, numel - start)
-            _values(plan, item.name, start, k, buf, scratch, delta=True)
-            if buf[:k].any():
-                return True
-        return False
-    finally:
-        _release(plan, item.name)
-
-
-def _write_whole(plan: ExtractPlan, item: Item, key: str, writer: OutputWriter) -> None:
-    """FT's tensor, rounded once to the output dtype, streamed into the adapter."""
-    numel = math.prod(item.shape)
-    size = min(CHUNK, max(numel, 1))
-    buf, scratch = np.empty(size, np.float32), np.empty(size, np.float32)
-    raw = np.empty(size, DTYPES[plan.out_dtype].storage)
-    itemsize = DTYPES[plan.out_dtype].itemsize
-    for start in range(0, numel, CHUNK):
-        k = min(CHUNK, numel - start)
-        _values(plan, item.name, start, k, buf, scratch, delta=False)
-        encode(buf[:k], plan.out_dtype, raw[:k])
-        writer.write(key, start * itemsize, raw[:k])
-    _release(plan, item.name)
-
-
-def execute(plan: ExtractPlan, out, *, force: bool = False, progress: Callable[[int, str], None] | None = None) -> dict:
-    """Run the plan into directory `out`; return the report (also written as extract_report.json)."""
-    out = Path(out)
-    check = OutputWriter(out, _bound_layout(plan), inputs=plan.input_paths(), force=force)
-    spill = _Spill(check.out_dir.parent)
-    try:
-        results = _compute(plan, spill, progress)
-        return _write(plan, out, force, results, spill)
-    finally:
-        spill.close()
-
-
-def _compute(plan: ExtractPlan, spill: _Spill, progress) -> list[_Result]:
-    gate = _Gate(plan.budget)
-
-    def one(item: Item) -> _Result:
-        result = gate.run(item.need, lambda: _extract(plan, item, spill))
-        if progress is not None:
-            progress(item.read_bytes, item.name)
-        return result
-
-    with blas.one_thread():
-        if plan.threads == 1:
-            return [one(i) for i in plan.items]
-        with ThreadPoolExecutor(plan.threads, thread_name_prefix="npmerge-extract") as pool:
-            futures = [pool.submit(one, i) for i in plan.items]
-            try:
-                return [f.result() for f in futures]
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
-
-
-def _write(plan: ExtractPlan, out: Path, force: bool, results: list[_Result], spill: _Spill) -> dict:
-    lowranked = [r for r in results if r.rank > 0]
-    if not lowranked:
-        changed = [r.item.name for r in results if r.changed]
-        raise IncompatibleModels(
-            f"nothing to extract: no selected 2-D weight of '{plan.ft.label}' differs from the base"
-            + (f" by a singular value above --sv-epsilon {plan.options.sv_epsilon}" if changed else ""),
-            hint="check the models (a fine-tune of this base?) and --include/--exclude/--sv-epsilon")
-    ranks = {r.item.module: r.rank for r in lowranked}
-    whole = [r for r in results if not r.item.lowrank and r.changed]
-    tensors, keys = [], {}
-    for r in lowranked:
-        m, n = r.item.shape
-        a, b = lowrank_keys(r.item.module, r.item.embedding)
-        rows, cols = (n, m) if r.item.transposed else (m, n)
-        tensors += [OutputTensor(a, plan.out_dtype, (r.rank, cols)), OutputTensor(b, plan.out_dtype, (rows, r.rank))]
-    for r in whole:
-        keys[r.item.name] = whole_key(r.item.name, r.item.module in ranks)
-        tensors.append(OutputTensor(keys[r.item.name], plan.out_dtype, r.item.shape))
-    base_ref, ft_ref = model_ref(plan.base), model_ref(plan.ft)
-    saved = sorted({r.item.module or r.item.name for r in whole if r.item.module not in ranks})
-    config = adapter_config(
-        public_name(base_ref), ranks, saved,
-        layer_bias=any(r.item.module in ranks for r in whole),
-        fan_in_fan_out=any(r.item.what == "conv1d" for r in lowranked), task_type=_task_type(plan.base))
-    layout = _layout(tensors)
-    fingerprint = {"inputs": [e for m in plan.inputs for e in fingerprints(m)]}
-    with OutputWriter(out, layout, inputs=plan.input_paths(), force=force, fingerprint=fingerprint,
-                      resumable=False) as writer:
-        writer.open()
-        for r in lowranked:
-            at, na, nb = r.spill
-            a, b = lowrank_keys(r.item.module, r.item.embedding)
-            for key, start, size in ((a, at, na), (b, at + na, nb)):
-                for piece in range(0, size, CHUNK):
-                    writer.write(key, piece, spill.read(start + piece, min(CHUNK, size - piece)))
-        for r in whole:
-            _write_whole(plan, r.item, keys[r.item.name], writer)
-        report = _report(plan, results, keys)
-        writer.add_bytes(CONFIG_NAME, config_bytes(config))
-        writer.add_bytes(CARD_NAME, adapter_card(base_ref, ft_ref, config, report["totals"]).encode())
-        writer.finish_shards()
-        report["files"] = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                           for p in sorted(writer.staging_dir.iterdir())
-                           if p.is_file() and p.name not in writer.private_files}
-        writer.add_bytes(REPORT_NAME, report_json(report))
-        writer.commit()
-    return report
-
-
-def _task_type(base) -> str | None:
-    archs = (base.config or {}).get("architectures") if isinstance(base.config, dict) else None
-    return "CAUSAL_LM" if isinstance(archs, list) and any(str(a).endswith("ForCausalLM") for a in archs) else None
-
-
-def _report(plan: ExtractPlan, results: list[_Result], keys: dict[str, str]) -> dict:
-    """Deterministic (no times, threads or memory figures), like merge_report.json."""
-    modules, whole, skipped = {}, {}, {k: list(v) for k, v in plan.skipped.items()}
-    norm2 = kept2 = err2 = 0.0
-    for r in results:
-        i = r.item
-        if not r.changed:
-            skipped.setdefault("unchanged", []).append(i.name)
-        elif not i.lowrank:
-            whole[i.name] = {"key": keys[i.name], "kind": i.what}
-        elif r.rank == 0:
-            skipped.setdefault("below --sv-epsilon", []).append(i.name)
-        else:
-            norm2 += r.norm ** 2
-            kept2 += r.energy * r.norm ** 2
-            err2 += (r.error * r.norm) ** 2
-            modules[i.module] = {"tensor": i.name, "kind": i.what, "shape": list(i.shape), "rank": r.rank,
-                                 "energy": r.energy, "error": r.error, "optimal_error": r.optimal_error,
-                                 "norm": r.norm}
-    params = sum(v["rank"] * sum(v["shape"]) for v in modules.values())
-    base_ref, ft_ref = model_ref(plan.base), model_ref(plan.ft)
-    return {
-        "npmerge_version": __version__,
-        "base": {**base_ref.as_record(), "name": public_name(base_ref)},
-        "fine_tune": {**ft_ref.as_record(), "name": public_name(ft_ref)},
-        "parameters": {**plan.options.record(), "out_dtype": plan.out_dtype},
-        "decomposition": "exact truncated SVD (LAPACK gesdd, float64, single-threaded BLAS)",
-        "totals": {"lowrank": len(modules), "whole": len(whole), "adapter_parameters": params,
-                   "energy": kept2 / norm2 if norm2 else 1.0, "error": math.sqrt(err2 / norm2) if norm2 else 0.0},
-        "modules": modules,
-        "saved_whole": whole,
-        "skipped": skipped,
-        "notes": plan.notes,
-    }
-
-
-def run_extract(base_ref: str, ft_ref: str, out, options: Options, *, max_memory=None, threads=None,
-                force: bool = False, progress=None) -> dict:
-    """Plan and execute in one call (the library entry point)."""
-    plan = plan_extract(base_ref, ft_ref, options, max_memory=max_memory, threads=threads, out=out, force=force)
-    try:
-        return execute(plan, out, force=force, progress=progress)
-    finally:
-        plan.close()
-

@@ -54,7 +54,8 @@ def bench_set(cache: Path, size: str, seed: int) -> Path:
 def per_module(base: Path, ft: Path, rank: int, names: list[str], work: Path) -> list[dict]:
     """One module extracted alone (in process, one thread) beside gesdd on its Δ."""
     from npmerge import blas
-    from npmerge.extract import Options, execute, plan_extract
+    from npmerge.extract import Options, plan_extract
+    from npmerge.extract_run import execute
     from npmerge.io.models import open_model, source
 
     rows = []
