@@ -297,6 +297,19 @@ def test_bad_models_and_outputs(tmp_path, ft_tiny):
     assert_clean(tmp_path, before)
 
 
+def test_failure_while_extracting_leaves_nothing(tmp_path):
+    """NaN in a Δ is found only when the module is read: the error comes mid-run, after other
+    modules were spilled; the spill file is unlinked and no output or staging remains."""
+    rng = np.random.default_rng(4)
+    bad = load_model(BASE)["model.layers.1.mlp.up_proj.weight"].copy()
+    bad[3, 5] = np.nan
+    ft, _ = fine_tune(tmp_path, "ft", lambda k, s: lowrank_delta(rng, s, 2), **{"model.layers.1.mlp.up_proj.weight": bad})
+    before = set(os.listdir(tmp_path))
+    res = run("extract-lora", BASE, ft, "-o", tmp_path / "out", "--threads", "1")
+    assert_error(res, 4, "model.layers.1.mlp.up_proj.weight", "NaN")
+    assert_clean(tmp_path, before)
+
+
 def test_adapter_name_clash(tmp_path):
     """A base tensor named with a segment PEFT reserves (lora_A, base_layer, ...) would be read
     back as something else: refused, naming it."""
