@@ -33,7 +33,7 @@ from .io.lora_write import adapter_card, adapter_config, config_bytes, lowrank_k
 from .io.models import fingerprints, source
 from .io.staging import pwrite_all, sha256_file, writing
 from .io.writer import OutputTensor, OutputWriter
-from .report import model_ref, public_name, report_json
+from .report import model_ref, public_name, public_notes, report_json
 
 REPORT_NAME = "extract_report.json"
 CARD_NAME = "README.md"
@@ -192,8 +192,9 @@ def _write_whole(plan: ExtractPlan, item: Item, key: str, writer: OutputWriter) 
 def execute(plan: ExtractPlan, out, *, force: bool = False, progress: Callable[[int, str], None] | None = None) -> dict:
     """Run the plan into directory `out`; return the report (also written as extract_report.json)."""
     out = Path(out)
-    check = OutputWriter(out, bound_layout(plan), inputs=plan.input_paths(), force=force)
-    spill = _Spill(check.out_dir.parent)
+    # the output checks again before the long part (a library caller may plan without `out`)
+    check = OutputWriter(out, bound_layout(plan), inputs=plan.input_paths(), force=force).preflight()
+    spill = _Spill(check.out.parent)
     try:
         results = _compute(plan, spill, progress)
         return _write(plan, out, force, results, spill)
@@ -310,7 +311,7 @@ def _report(plan: ExtractPlan, results: list[_Result], keys: dict[str, str]) -> 
         "modules": modules,
         "saved_whole": whole,
         "skipped": skipped,
-        "notes": plan.notes,
+        "notes": public_notes(plan, plan.notes),
     }
 
 

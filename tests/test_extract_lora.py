@@ -232,6 +232,19 @@ def test_an_adapter_as_the_fine_tune(tmp_path):
     assert len(report["skipped"]["unchanged"]) == 17  # every tensor the adapter does not touch
 
 
+def test_dry_run_writes_nothing_and_json_is_the_report(tmp_path, ft_tiny):
+    before = set(os.listdir(tmp_path))
+    res = run("extract-lora", BASE, ft_tiny, "--rank", "2", "-o", tmp_path / "out", "--dry-run", "--json")
+    assert res.code == 0, res.err
+    plan = json.loads(res.out)
+    kinds = {t["tensor"]: (t["lowrank"], t["kind"], t["max_rank"]) for t in plan["tensors"]}
+    assert kinds["model.layers.0.mlp.down_proj.weight"] == (True, "linear", 2)
+    assert kinds["model.embed_tokens.weight"] == (False, "embedding", None)
+    assert_clean(tmp_path, before)
+    res = run("extract-lora", BASE, ft_tiny, "--rank", "2", "-o", tmp_path / "out", "--json")
+    assert json.loads(res.out) == json.loads((tmp_path / "out" / "extract_report.json").read_text())
+
+
 def test_same_bytes_for_threads_and_budgets(tmp_path):
     rng = np.random.default_rng(1)
     ft, _ = fine_tune(tmp_path, "ft", lambda k, s: rng.standard_normal(s) * 0.01)
