@@ -245,6 +245,22 @@ def test_dry_run_writes_nothing_and_json_is_the_report(tmp_path, ft_tiny):
     assert json.loads(res.out) == json.loads((tmp_path / "out" / "extract_report.json").read_text())
 
 
+def test_hub_id_base_is_named_by_its_id(tmp_path, monkeypatch, ft_tiny):
+    from test_hub import HUB_ENV, add_snapshot, model_files
+
+    for var in HUB_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    add_snapshot(tmp_path / "hf", "org/tiny-base", "c" * 40, model_files(BASE), refs=("main",))
+    out = tmp_path / "lora"
+    assert run("extract-lora", "org/tiny-base", ft_tiny, "--rank", "2", "-o", out, "-q").code == 0
+    config, _, report = adapter(out)
+    assert config["base_model_name_or_path"] == "org/tiny-base"
+    assert report["base"]["hub_id"] == "org/tiny-base" and report["base"]["commit"] == "c" * 40
+    assert "base_model: org/tiny-base\n" in (out / "README.md").read_text().split("---")[1]
+
+
 def test_same_bytes_for_threads_and_budgets(tmp_path):
     rng = np.random.default_rng(1)
     ft, _ = fine_tune(tmp_path, "ft", lambda k, s: rng.standard_normal(s) * 0.01)
