@@ -284,6 +284,19 @@ def test_encode_f64_rounds_once():
     assert out[0] == np.array(1.0078125, ml_dtypes.bfloat16).view(np.uint16)
 
 
+def test_blas_is_pinned_to_one_thread_while_extracting():
+    from npmerge import blas
+
+    found = blas._openblas()
+    if found is None:
+        pytest.skip(blas.pin_note())
+    get, _ = found
+    before = get()
+    with blas.one_thread():
+        assert get() == 1
+    assert get() == before
+
+
 # ------------------------------------------------------------------ bad input
 
 
