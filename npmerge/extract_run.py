@@ -27,7 +27,7 @@ import numpy as np
 from . import __version__, blas, lowrank
 from .dtypes import DTYPES, decode, encode, encode_f64
 from .errors import IncompatibleModels
-from .extract import CHUNK, ExtractPlan, Item, Options, bound_layout, layout, plan_extract
+from .extract import CHUNK, ExtractPlan, Item, bound_layout, layout
 from .io.lora import CONFIG_NAME
 from .io.lora_write import adapter_card, adapter_config, config_bytes, lowrank_keys, whole_key
 from .io.models import fingerprints, source
@@ -76,13 +76,14 @@ class _Spill:
 
 
 class _Gate:
-    """Admits work while the budget has room for it (each item fits alone, see _check_budget)."""
+    """Admits work while the budget has room for it (each item fits alone: extract._check_budget)."""
 
     def __init__(self, budget: int):
-        self.free = budget
+        self.budget = self.free = budget
         self.cond = threading.Condition()
 
     def run(self, need: int, work: Callable):
+        need = min(need, self.budget)
         with self.cond:
             self.cond.wait_for(lambda: self.free >= need)
             self.free -= need
@@ -313,14 +314,4 @@ def _report(plan: ExtractPlan, results: list[_Result], keys: dict[str, str]) -> 
         "skipped": skipped,
         "notes": public_notes(plan, plan.notes),
     }
-
-
-def run_extract(base_ref: str, ft_ref: str, out, options: Options, *, max_memory=None, threads=None,
-                force: bool = False, progress=None) -> dict:
-    """Plan and execute in one call (the library entry point)."""
-    plan = plan_extract(base_ref, ft_ref, options, max_memory=max_memory, threads=threads, out=out, force=force)
-    try:
-        return execute(plan, out, force=force, progress=progress)
-    finally:
-        plan.close()
 
