@@ -235,7 +235,7 @@ def extract_summary(report: dict, out, elapsed: float) -> None:
         t.add_row(escape(module), "x".join(map(str, m["shape"])), str(m["rank"]), f"{m['energy']:.6f}",
                   f"{m['error']:.3e}", f"{m['optimal_error']:.3e}")
     for name, w in report["saved_whole"].items():
-        t.add_row(escape(name), "", "whole", "", "", escape(w["kind"]))
+        t.add_row(escape(name), "", f"saved whole ({escape(w['kind'])})", "", "", "")
     c.print(t)
     tot = report["totals"]
     skipped = {why: len(names) for why, names in report["skipped"].items()}
