@@ -320,7 +320,10 @@ def extract_lora(
                 render.notes(plan.notes)
             if dry_run:
                 data = plan.as_dict(out)
-                typer.echo(json.dumps(data, indent=2)) if json_out else render.extract_plan(data)
+                if json_out:
+                    typer.echo(json.dumps(data, indent=2))
+                else:
+                    render.extract_plan(data)
                 return
             with render.progress_bar("extract-lora", plan.total_work, disable=quiet or json_out) as advance:
                 report = execute(plan, out, force=force, progress=advance)

@@ -203,8 +203,22 @@ def execute(plan: ExtractPlan, out, *, force: bool = False, progress: Callable[[
         spill.close()
 
 
+def _first_use(plan: ExtractPlan) -> None:
+    """Run every kernel the workers will run once, in this thread: numba kernels load on first
+    use, and a first use from two threads at once can deadlock (Python's import lock against
+    numba's compiler lock; seen under load)."""
+    one, scratch = np.empty(1, np.float32), np.empty(1, np.float32)
+    for item in plan.items:
+        if math.prod(item.shape):
+            _values(plan, item.name, 0, 1, one, scratch, delta=True)
+            _values(plan, item.name, 0, 1, one, scratch, delta=False)
+    _decoded(_encoded(np.zeros(1), plan.out_dtype), plan.out_dtype, (1,))
+    encode(one, plan.out_dtype, np.empty(1, DTYPES[plan.out_dtype].storage))
+
+
 def _compute(plan: ExtractPlan, spill: _Spill, progress) -> list[_Result]:
     gate = _Gate(plan.budget)
+    _first_use(plan)
 
     def one(item: Item) -> _Result:
         result = gate.run(item.need, lambda: _extract(plan, item, spill))
