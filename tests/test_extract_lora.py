@@ -352,6 +352,26 @@ def test_failure_while_extracting_leaves_nothing(tmp_path):
     assert_clean(tmp_path, before)
 
 
+def test_interrupt_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C after the adapter file is staged: the staging directory goes (there is no
+    --resume for an extraction), and so does the spill file."""
+    from npmerge import extract_run
+
+    rng = np.random.default_rng(6)
+    base = load_model(BASE)
+    ft, _ = fine_tune(tmp_path, "ft", lambda k, s: lowrank_delta(rng, s, 2),
+                      **{"model.norm.weight": base["model.norm.weight"] + np.float32(1)})
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract_run, "_write_whole", interrupted)
+    before = set(os.listdir(tmp_path))
+    res = run("extract-lora", BASE, ft, "-o", tmp_path / "out")
+    assert res.code == 130 and res.err.startswith("Error: interrupted"), res.err
+    assert_clean(tmp_path, before)
+
+
 def test_adapter_name_clash(tmp_path):
     """A base tensor named with a segment PEFT reserves (lora_A, base_layer, ...) would be read
     back as something else: refused, naming it."""
