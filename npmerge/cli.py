@@ -436,6 +436,78 @@ def inspect_command(
     _guard(body, json_out)
 
 
+@app.command("extract-lora", cls=_Command, epilog="Example: npmerge extract-lora meta-llama/Llama-3.2-1B ./ft "
+             "--rank 64 -o ./ft-lora   # then: npmerge task-arithmetic BASE BASE+./ft-lora -o OUT")
+def extract_lora(
+    base: str = typer.Argument(..., metavar="BASE", help=f"Base model: {MODEL_REF}.", rich_help_panel=_INPUTS),
+    ft: str = typer.Argument(..., metavar="FT", help="The fine-tune of BASE: a directory, .safetensors file, Hub id "
+                             "or MODEL+ADAPTER.", rich_help_panel=_INPUTS),
+    out: Path = typer.Option(..., "-o", "--out", metavar="DIR", help="Output PEFT adapter directory (created "
+                             "atomically).", rich_help_panel=_OUTPUT),
+    rank: int = typer.Option(128, "--rank", "-r", metavar="INT", help="Largest rank of a module's factors (default "
+                             "128, mergekit's).", show_default=False, rich_help_panel=_METHOD),
+    sv_epsilon: float = typer.Option(0.0, "--sv-epsilon", metavar="FLOAT", help="Drop singular values at or below "
+                                     "this (default 0).", show_default=False,
+                                     rich_help_panel=_METHOD),
+    rank_energy: Optional[float] = typer.Option(None, "--rank-energy", metavar="F", help="Per module, the smallest "
+                                                "rank keeping fraction F (0 < F <= 1) of the change's squared "
+                                                "Frobenius norm, at most --rank (written as rank_pattern).",
+                                                rich_help_panel=_METHOD),
+    distribute_scale: bool = typer.Option(True, "--distribute-scale/--no-distribute-scale", help="sqrt(s) on both "
+                                          "factors (default), or s on lora_B.", show_default=False,
+                                          rich_help_panel=_METHOD),
+    include: Optional[List[str]] = typer.Option(None, "--include", "-i", metavar="REGEX", help="Only modules whose "
+                                                "name matches (re.search; repeatable).", rich_help_panel=_INPUTS),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", "-e", metavar="REGEX", help="Leave out modules "
+                                                "whose name matches (re.search; repeatable).", rich_help_panel=_INPUTS),
+    embed_lora: bool = typer.Option(False, "--embed-lora", help="LoRA on the input embedding and the head too "
+                                    "(default: saved whole in modules_to_save when changed).", rich_help_panel=_METHOD),
+    skip_undecomposable: bool = typer.Option(False, "--skip-undecomposable", help="Leave out changed norms and other "
+                                             "tensors no LoRA can hold (default: saved whole).",
+                                             rich_help_panel=_METHOD),
+    out_dtype: Optional[str] = OUT_DTYPE, max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS,
+    json_out: bool = typer.Option(False, "--json", help="Print the report (or the error) as JSON on stdout.",
+                                  rich_help_panel=_OUTPUT),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Run every check the extraction makes (inputs, output "
+                                 "location, free space, memory per module) and print the plan on stdout; write "
+                                 "nothing.", rich_help_panel=_SAFETY),
+    force: bool = FORCE, quiet: bool = QUIET,
+):
+    """Extract a LoRA adapter from a fine-tune: per module the best rank-r approximation of
+    FT - BASE (exact truncated SVD), as a PEFT adapter directory npmerge and PEFT load."""
+    def body():
+        from . import render
+        from .extract import Options, plan_extract
+        from .extract_run import execute
+
+        started = time.perf_counter()
+        options = Options(rank=rank, sv_epsilon=sv_epsilon, rank_energy=rank_energy,
+                          distribute_scale=distribute_scale, include=tuple(include or ()),
+                          exclude=tuple(exclude or ()), embed_lora=embed_lora,
+                          skip_undecomposable=skip_undecomposable, out_dtype=out_dtype)
+        plan = plan_extract(base, ft, options, max_memory=max_memory, threads=threads, out=out, force=force)
+        try:
+            if not quiet:
+                render.notes(plan.notes)
+            if dry_run:
+                data = plan.as_dict(out)
+                if json_out:
+                    typer.echo(json.dumps(data, indent=2))
+                else:
+                    render.extract_plan(data)
+                return
+            with render.progress_bar("extract-lora", plan.total_work, disable=quiet or json_out) as advance:
+                report = execute(plan, out, force=force, progress=advance)
+        finally:
+            plan.close()
+        if json_out:
+            typer.echo(json.dumps(report, indent=2))
+        elif not quiet:
+            render.extract_summary(report, out, time.perf_counter() - started)
+
+    _guard(body, json_out)
+
+
 @app.command(cls=_Command, epilog="Example: npmerge verify merged --recompute")
 def verify(
     out: str = typer.Argument(..., metavar="OUT", help="A merge's output directory, or the Hub id of a merge in the "

@@ -324,6 +324,28 @@ def encode(src: np.ndarray, code: str, out: np.ndarray) -> None:
         _encode(k, s, code, out.view(np.ndarray))
 
 
+def encode_f64(src: np.ndarray, code: str, out: np.ndarray) -> None:
+    """out[:] = float64 `src` rounded once to `code` (F32 and F64 directly; BF16/F16 through
+    float32 rounded to odd, then encode()'s round-to-nearest-even: float32 keeps more than two
+    extra bits, so the two steps round like one). For values computed in float64, e.g. LoRA
+    factors from an SVD, where rounding to float32 first would round twice."""
+    src = _flat(src, "src")
+    if src.dtype != np.float64:
+        raise ValueError(f"src must be float64, not {src.dtype}")
+    if code in ("F32", "F64"):
+        _as_storage(_flat(out, "out"), code, "out")[...] = src
+        return
+    near = src.astype(np.float32)
+    wide = near.astype(np.float64)
+    inexact = wide != src
+    # round to odd: truncate toward zero, then set the last bit of an inexact result
+    over = inexact & (np.abs(wide) > np.abs(src))
+    near[over] = np.nextafter(near[over], np.float32(0))
+    bits = near.view(np.uint32)
+    bits[inexact] |= np.uint32(1)
+    encode(near, code, out)
+
+
 def _encode(k, s: np.ndarray, code: str, dst: np.ndarray) -> None:
     if code == "BF16":
         k.encode_bf16(s, dst)

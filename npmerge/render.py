@@ -180,14 +180,19 @@ def _named(record: dict) -> str:
 
 
 # -- a run ------------------------------------------------------------------------------------
-@contextlib.contextmanager
 def progress(plan, disable: bool):
+    return progress_bar(plan.method.name, plan.total_work, disable)
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: int, disable: bool):
+    """A bar on stderr advanced by bytes of input; yields advance(nbytes, name)."""
     # Only on a terminal: in a log or pipe a bar is noise, and `Error:` must stay the first line.
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=stderr(),
                    disable=disable or not stderr().is_terminal, transient=False)
     with bar:
-        task = bar.add_task(plan.method.name, total=plan.total_work)
+        task = bar.add_task(label, total=total)
 
         def advance(nbytes: int, name: str) -> None:
             bar.update(task, advance=nbytes)
@@ -373,3 +378,39 @@ def part_done(record: dict, out, json_out: bool, quiet: bool) -> None:
     stdout().print(f"part {i}/{n} done: {len(files)} shard(s), {human_bytes(sum(f['size'] for f in files.values()))}; "
                    f"{len(done)} of {n} parts finished"
                    + (f"; now: npmerge assemble {escape(str(out))}" if len(done) == n else ""), soft_wrap=True)
+
+
+def extract_summary(report: dict, out, elapsed: float) -> None:
+    """extract-lora's result: one row per low-rank module, the tensors saved whole, totals."""
+    c = stdout()
+    t = Table("module", "shape", "rank", "energy kept", "rel. error", "optimum", title=escape(f"LoRA -> {out}"))
+    for module, m in report["modules"].items():
+        t.add_row(escape(module), "x".join(map(str, m["shape"])), str(m["rank"]), f"{m['energy']:.6f}",
+                  f"{m['error']:.3e}", f"{m['optimal_error']:.3e}")
+    for name, w in report["saved_whole"].items():
+        t.add_row(escape(name), "", f"saved whole ({escape(w['kind'])})", "", "", "")
+    c.print(t)
+    tot = report["totals"]
+    skipped = {why: len(names) for why, names in report["skipped"].items()}
+    size = sum(f["size"] for f in report["files"].values())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    facts = [f"{tot['lowrank']} low-rank modules, {tot['whole']} tensors saved whole"]
+    facts += ["skipped: " + ", ".join(f"{n} {why}" for why, n in skipped.items())] if skipped else []
+    facts += [f"energy kept {tot['energy']:.6f}, relative error {tot['error']:.3e}",
+              f"{human_bytes(size)} written in {elapsed:.1f} s", f"peak RSS {human_bytes(rss, True)}"]
+    c.print("; ".join(facts))
+
+
+def extract_plan(data: dict) -> None:
+    """extract-lora --dry-run: what each selected tensor becomes and the memory it takes."""
+    c = stdout()
+    t = Table("tensor", "shape", "becomes", "max rank", "memory",
+              title=escape(f"extract-lora {data['base']} {data['fine_tune']} -> {data['out']}"))
+    for i in data["tensors"]:
+        becomes = f"LoRA ({i['kind']})" if i["lowrank"] else f"whole if changed ({i['kind']})"
+        t.add_row(escape(i["tensor"]), "x".join(map(str, i["shape"])), becomes,
+                  str(i["max_rank"]) if i["max_rank"] else "", human_bytes(i["memory"], True))
+    c.print(t)
+    skipped = "; ".join(f"{len(v)} {why}" for why, v in data["skipped"].items())
+    c.print(f"output dtype {data['out_dtype']}; {data['threads']} thread(s) within --max-memory "
+            f"{human_bytes(data['max_memory'], True)}" + (f"; left out: {skipped}" if skipped else ""))

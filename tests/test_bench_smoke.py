@@ -71,3 +71,20 @@ def test_bench_cold_jit(tmp_path):
     assert r["demo_cold"]["compiled"] and r["demo_cached"]["cached"] and not r["demo_cold"]["cached"]
     assert any(k.startswith("passthrough.scale") for k in r["first_merge"]["passthrough"]["compiled"])
     assert "Cold start" in proc.stdout
+
+
+def test_bench_extract_tiny(tmp_path):
+    """scripts/bench_extract.py end to end on the tiny set: the whole run and one module per shape."""
+    out = tmp_path / "e.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_extract.py"), "--params", "tiny", "--rank", "4",
+           "--include", r"layers\.0\.", "--cache", str(tmp_path / "cache"), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    r = json.loads(out.read_text())
+    assert r["modules"] == 7 and r["adapter_bytes"] > 0 and 0 < r["energy"] < 1
+    assert 1 <= r["worst_error_over_optimum"] < 1 + 1e-3
+    for key in ("wall", "cpu", "max_rss", "peak_anon"):
+        assert r["run"][key] > 0, key
+    assert {tuple(m["shape"]) for m in r["per_module"]} == {(256, 704), (704, 256), (128, 256), (256, 256)}
+    assert all(m["extract"] > 0 and m["gesdd"] > 0 for m in r["per_module"])
+    assert not list((tmp_path / "cache" / "runs").iterdir())  # outputs removed

@@ -119,11 +119,13 @@ def _plan_one(filename: str, tensors: list[OutputTensor], metadata: dict = OUTPU
     return ShardPlan(filename, prefix, tuple(t.name for t in ordered), offsets, len(prefix) + start)
 
 
-def plan_shards(tensors: Sequence[OutputTensor], shard_bytes: int = DEFAULT_SHARD_BYTES) -> ShardLayout:
+def plan_shards(tensors: Sequence[OutputTensor], shard_bytes: int = DEFAULT_SHARD_BYTES,
+                single_name: str = SINGLE_NAME) -> ShardLayout:
     """Assign tensors greedily, in the given order, to shards of at most `shard_bytes` of data.
 
     A new shard starts when the next tensor would push the current (non-empty) one past
-    the limit, so a tensor larger than the limit sits alone.
+    the limit, so a tensor larger than the limit sits alone. One shard is `single_name`
+    (a PEFT adapter's is adapter_model.safetensors).
     """
     if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, (int, np.integer)) or shard_bytes < 1:
         raise RecipeError(f"shard size must be a positive number of bytes, got {shown(shard_bytes)}")
@@ -141,7 +143,7 @@ def plan_shards(tensors: Sequence[OutputTensor], shard_bytes: int = DEFAULT_SHAR
     n = len(groups)
     if n > _MAX_SHARDS:
         raise RecipeError(f"the output would need {n} shards", hint="use a larger --shard-size")
-    names = [SINGLE_NAME] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    names = [single_name] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     shards = tuple(_plan_one(name, g) for name, g in zip(names, groups))
     return ShardLayout(shards, sum(t.nbytes for t in tensors), tuple(tensors), int(shard_bytes))
 

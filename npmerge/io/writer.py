@@ -110,20 +110,23 @@ class OutputWriter:
     verifies them against the manifest and `fingerprint` (plan.json) and skips them.
     `fingerprint["inputs"]` (staging.file_fingerprint entries) are re-checked just
     before the commit. `finish_shards()` may be called before `commit()` to make the
-    shard files final in `staging_dir` (e.g. to hash them for a report).
+    shard files final in `staging_dir` (e.g. to hash them for a report). `resumable=False`:
+    every abort removes staging (for outputs that cannot be resumed).
     """
 
     private_files = st.PRIVATE  # in staging, never part of the output
 
     def __init__(self, out_dir, layout: ShardLayout, *, inputs: Sequence = (), force: bool = False,
                  check_space: bool = True, resume: bool = False, fingerprint: dict | None = None,
-                 one_file: bool = False, part: tuple[int, int] | None = None, adopt: bool = False):
+                 one_file: bool = False, part: tuple[int, int] | None = None, adopt: bool = False,
+                 resumable: bool = True):
         self.out_dir = st.resolve_out(out_dir)
         self.one_file = one_file  # OUT is the layout's single shard itself (no directory, no companions)
         self._held: dict | None = None  # one file: the stats finish_shard got, kept until the header's rewrite
         if one_file and len(layout.shards) != 1:
             raise ValueError("a one-file output needs a layout of one shard")
         self.layout, self.force, self.check_space, self.resume = layout, force, check_space, resume
+        self.resumable = resumable  # False: an abort never keeps finished shards (a writer without --resume)
         self.inputs = [os.fspath(p) for p in inputs]
         self.fingerprint = {**(fingerprint or {}), "layout_sha256": layout_digest(layout),
                             "layout": {"shards": len(layout.shards), "dtypes": {t.name: t.dtype for t in layout.tensors}}}
@@ -522,7 +525,7 @@ class OutputWriter:
         self._fds.clear()
         self._streams.clear()
         if self._stage.owned:
-            if self._done and _resumable(exc) and self._stage.park({r["file"] for r in self._done.values()}):
+            if self._done and self.resumable and _resumable(exc) and self._stage.park({r["file"] for r in self._done.values()}):
                 self.kept = (f"{len(self._done)} of {len(self.layout.shards)} shard(s) are finished and kept in "
                              f"{self.staging_dir}: run the same command with --resume to continue, "
                              "or delete that directory")
