@@ -442,36 +442,37 @@ def extract_lora(
     base: str = typer.Argument(..., metavar="BASE", help=f"Base model: {MODEL_REF}.", rich_help_panel=_INPUTS),
     ft: str = typer.Argument(..., metavar="FT", help="The fine-tune of BASE: a directory, .safetensors file, Hub id "
                              "or MODEL+ADAPTER.", rich_help_panel=_INPUTS),
-    out: Path = typer.Option(..., "-o", "--out", metavar="DIR", help="Output PEFT adapter directory (created "
+    out: Path = typer.Option(..., "-o", "--out", metavar="OUT", help="Output PEFT adapter directory (created "
                              "atomically).", rich_help_panel=_OUTPUT),
-    rank: int = typer.Option(128, "--rank", "-r", metavar="INT", help="Largest rank of a module's factors (default "
+    rank: int = typer.Option(128, "--rank", "-r", metavar="INT", help="Largest rank of a module's factors (default: "
                              "128, mergekit's).", show_default=False, rich_help_panel=_METHOD),
     sv_epsilon: float = typer.Option(0.0, "--sv-epsilon", metavar="FLOAT", help="Drop singular values at or below "
-                                     "this (default 0).", show_default=False,
+                                     "this (default: 0).", show_default=False,
                                      rich_help_panel=_METHOD),
     rank_energy: Optional[float] = typer.Option(None, "--rank-energy", metavar="F", help="Per module, the smallest "
                                                 "rank keeping fraction F (0 < F <= 1) of the change's squared "
                                                 "Frobenius norm, at most --rank (written as rank_pattern).",
                                                 rich_help_panel=_METHOD),
     distribute_scale: bool = typer.Option(True, "--distribute-scale/--no-distribute-scale", help="sqrt(s) on both "
-                                          "factors (default), or s on lora_B.", show_default=False,
+                                          "factors, or s on lora_B (default: --distribute-scale).", show_default=False,
                                           rich_help_panel=_METHOD),
     include: Optional[List[str]] = typer.Option(None, "--include", "-i", metavar="REGEX", help="Only modules whose "
-                                                "name matches (re.search; repeatable).", rich_help_panel=_INPUTS),
+                                                "name matches (re.search; repeatable).", rich_help_panel=_METHOD),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", "-e", metavar="REGEX", help="Leave out modules "
-                                                "whose name matches (re.search; repeatable).", rich_help_panel=_INPUTS),
+                                                "whose name matches (re.search; repeatable).", rich_help_panel=_METHOD),
     embed_lora: bool = typer.Option(False, "--embed-lora", help="LoRA on the input embedding and the head too "
                                     "(default: saved whole in modules_to_save when changed).", rich_help_panel=_METHOD),
     skip_undecomposable: bool = typer.Option(False, "--skip-undecomposable", help="Leave out changed norms and other "
                                              "tensors no LoRA can hold (default: saved whole).",
                                              rich_help_panel=_METHOD),
     out_dtype: Optional[str] = OUT_DTYPE, max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS,
-    json_out: bool = typer.Option(False, "--json", help="Print the report (or the error) as JSON on stdout.",
-                                  rich_help_panel=_OUTPUT),
     dry_run: bool = typer.Option(False, "--dry-run", help="Run every check the extraction makes (inputs, output "
                                  "location, free space, memory per module) and print the plan on stdout; write "
                                  "nothing.", rich_help_panel=_SAFETY),
-    force: bool = FORCE, quiet: bool = QUIET,
+    force: bool = FORCE,
+    json_out: bool = typer.Option(False, "--json", help="Print the report (or the error) as JSON on stdout.",
+                                  rich_help_panel=_DISPLAY),
+    quiet: bool = QUIET,
 ):
     """Extract a LoRA adapter from a fine-tune: per module the best rank-r approximation of
     FT - BASE (exact truncated SVD), as a PEFT adapter directory npmerge and PEFT load."""

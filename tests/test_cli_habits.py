@@ -200,7 +200,7 @@ def test_command_help_has_panels_an_example_and_no_bool(command):
     if command not in ("info", "verify", "inspect", "assemble"):
         assert {"Output", "Resources", "Safety"} <= panels
         assert "--dry-run" in text and "--max-memory SIZE" in text
-    if command not in ("info", "run", "verify", "assemble", "inspect", "warmup"):
+    if command not in ("info", "run", "verify", "assemble", "inspect", "warmup", "extract-lora"):
         from npmerge.methods import registry
 
         method = registry.get(command)
