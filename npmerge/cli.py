@@ -19,7 +19,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import inspect  # noqa: E402
 import json  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from enum import Enum  # noqa: E402
@@ -27,51 +26,15 @@ from pathlib import Path  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
 import typer  # noqa: E402
-from typer.core import TyperCommand, TyperGroup  # noqa: E402
 
-from .errors import NpmergeError, RecipeError, VerifyFailed  # noqa: E402
-
-EXIT_CODES = ((0, "done"), (2, "usage or recipe error"), (3, "invalid input file"), (4, "incompatible models"),
-              (5, "output not writable, disk full or locked"),
-              (6, "verify: the output differs from its report or recipe"), (130, "interrupted (Ctrl-C)"),
-              (143, "terminated (SIGTERM)"), (129, "hung up (SIGHUP)"),
-              (1, "a bug in npmerge (NPMERGE_DEBUG=1 shows the traceback)"))
-MODEL_REF = ("a model directory, a .safetensors file, or a Hub id (org/name or org/name@revision) from the Hugging "
-             "Face cache")
-
-
-class _FlagsAsFlags:
-    """Help a user reads: a flag without a type (Typer 0.2x prints `<bool>`, which invites
-    `--dry-run true`), arguments by their names only (`BASE MODEL...`, not `{BASE}` typed
-    `<str>`), and -h/--help in the Display panel instead of an "Options" panel of its own."""
-
-    def get_params(self, ctx):
-        params = super().get_params(ctx)
-        for param in params:
-            if getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""
-            if param.param_type_name == "argument":
-                usage = param.metavar or param.name.upper()
-                usage += "..." if param.nargs != 1 and not usage.endswith("...") else ""
-                usage = usage if param.required else f"[{usage}]"
-                param.display_type_rich = lambda ctx: None
-                param._usage_display_name = lambda usage=usage: usage
-            if param.name == "help" and not isinstance(self, TyperGroup):  # the root: Options (--version, --help)
-                param.rich_help_panel = _DISPLAY
-        return params
-
-
-class _Command(_FlagsAsFlags, TyperCommand):
-    pass
-
-
-class _Group(_FlagsAsFlags, TyperGroup):
-    pass
-
+from . import cli_tools  # noqa: E402
+from .cli_common import (DRY, EXIT_CODES, FORCE, INPUTS, JSON, MEM, METHOD, MODEL_REF, OUT, OUTPUT, PART, QUIET, RAY,  # noqa: E402
+                         RESUME, SHARD, SHARED, THREADS, Command, Group, fail, guard)
+from .errors import RecipeError  # noqa: E402
 
 app = typer.Typer(
     name="npmerge",
-    cls=_Group,
+    cls=Group,
     help="Merge fine-tuned safetensors checkpoints (TIES and its family) exactly, "
          "in bounded memory, on CPU. No PyTorch.",
     epilog=f"Models are {MODEL_REF}. Example: npmerge ties BASE FT1 FT2 --density 0.2 -o OUT\n\n"
@@ -96,46 +59,6 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Merge fine-tuned safetensors checkpoints exactly, in bounded memory, without PyTorch."""
 
 
-# -- shared options -------------------------------------------------------------------
-# One panel per purpose; defaults written one way: "(default: X)".
-_METHOD, _INPUTS, _OUTPUT, _RESOURCES, _SAFETY, _DISPLAY = ("Method", "Inputs", "Output", "Resources", "Safety",
-                                                            "Display")
-OUT = typer.Option(..., "-o", "--out", metavar="OUT", help="Output model directory, or one file when OUT ends in "
-                   ".safetensors (diffusion tools); created atomically.", rich_help_panel=_OUTPUT)
-OUT_DTYPE = typer.Option(None, "--out-dtype", metavar="DTYPE",
-                         help="Output dtype: bfloat16, float16, float32 (default: the base's).", rich_help_panel=_OUTPUT)
-SHARD = typer.Option(None, "--shard-size", metavar="SIZE", help="Max tensor bytes per output shard, e.g. 5GB "
-                     "(default: 5GB; for one .safetensors file its limit, default: 50GB).", rich_help_panel=_OUTPUT)
-MEM = typer.Option(None, "--max-memory", metavar="SIZE", help="Working-memory budget, e.g. 512MiB, 4GiB (default: 1/4 "
-                   "of available RAM, at most 4GiB).", rich_help_panel=_RESOURCES)
-THREADS = typer.Option(None, "--threads", metavar="N", help="Compute threads (default: all cores).",
-                       rich_help_panel=_RESOURCES)
-DRY = typer.Option(False, "--dry-run", help="Run every check the merge makes (inputs, output location, free space, "
-                   "lock) and print the plan on stdout; write nothing.", rich_help_panel=_SAFETY)
-JSON = typer.Option(False, "--json", help="Print the merge report (or the plan, or the error) as JSON on stdout.",
-                    rich_help_panel=_DISPLAY)
-FORCE = typer.Option(False, "--force", help="Replace an existing output directory.", rich_help_panel=_SAFETY)
-NONFINITE = typer.Option(False, "--allow-nonfinite", help="Merge even if a weight is NaN or Inf.",
-                         rich_help_panel=_SAFETY)
-QUIET = typer.Option(False, "-q", "--quiet", help="No progress bar, notes or summary.", rich_help_panel=_DISPLAY)
-RESUME = typer.Option(False, "--resume", help="Continue an interrupted merge into the same -o: its finished shards "
-                      "are verified (sha256) and kept. Refused if the recipe or inputs changed.", rich_help_panel=_SAFETY)
-TOKENIZER = typer.Option(None, "--tokenizer-source", metavar="SOURCE", help="Map embedding and head rows by token "
-                         "to an output vocabulary: base (the base's), union (every model's tokens) or one of the "
-                         "models; its tokenizer files are written (default: none, rows merged by position, the base's "
-                         "tokenizer copied).", rich_help_panel=_OUTPUT)
-PART = typer.Option(None, "--part", metavar="I/N", help="Merge only part I of N (whole output shards, balanced by "
-                   "bytes) into a staging directory beside -o, on a filesystem every node sees; then `npmerge "
-                   "assemble OUT` (see README 'Beyond one machine').", rich_help_panel=_RESOURCES)
-RAY = typer.Option(None, "--ray", metavar="ADDRESS", help="Run the merge as parts on Ray and assemble it: 'local' "
-                  "(a Ray started here), 'auto' (the cluster `ray start` made) or a cluster address; --threads CPUs "
-                  "per part (default: 1), one part per share of the cluster's CPUs, at most one per shard; needs "
-                  "npmerge[ray].", rich_help_panel=_RESOURCES)
-_SHARED = dict(tokenizer_source=(Optional[str], TOKENIZER),
-               out_dtype=(Optional[str], OUT_DTYPE), shard_size=(Optional[str], SHARD), max_memory=(Optional[str], MEM),
-               threads=(Optional[int], THREADS), dry_run=(bool, DRY), json_out=(bool, JSON), force=(bool, FORCE),
-               allow_nonfinite=(bool, NONFINITE), quiet=(bool, QUIET), resume=(bool, RESUME), part=(Optional[str], PART),
-               ray=(Optional[str], RAY))
 _SHORT = {"weight": "-w", "density": "-d", "t": "-t"}
 
 
@@ -146,7 +69,7 @@ def _option(param, per_model: bool):
         f"default: {param.cli_flag if param.default else '--no-' + param.cli_flag[2:]}" if param.kind == "bool"
         else f"default: {param.default}")
     flags = [param.cli_flag] + ([_SHORT[param.name]] if param.name in _SHORT else [])
-    panel = _METHOD
+    panel = METHOD
     if per_model:
         return (Optional[List[float]], typer.Option(
             None, *flags, metavar="FLOAT", help=f"{param.help[0].upper()}{param.help[1:]}; one value per option: "
@@ -171,24 +94,24 @@ def _add_method_command(method) -> None:
     sig: list = []
     if method.base == "required":
         sig.append(P("base", P.POSITIONAL_OR_KEYWORD, annotation=str, default=typer.Argument(
-            ..., metavar="BASE", help=f"Base model: {MODEL_REF}.", rich_help_panel=_INPUTS)))
+            ..., metavar="BASE", help=f"Base model: {MODEL_REF}.", rich_help_panel=INPUTS)))
     exact = {1: "The other model", 2: "The two models to merge"}.get(
         method.min_models if method.min_models == method.max_models else 0)
     what = exact or ("Models to merge" if method.base == "none" else "Fine-tuned models to merge")
     sig.append(P("models", P.POSITIONAL_OR_KEYWORD, annotation=List[str], default=typer.Argument(
         ..., metavar="MODEL...", help=what + (": a" if exact == "The other model" else ", each a")
-        + " directory, .safetensors file or Hub id.", rich_help_panel=_INPUTS)))
+        + " directory, .safetensors file or Hub id.", rich_help_panel=INPUTS)))
     if method.base == "optional":
         sig.append(P("base", P.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
             None, "--base", metavar="BASE", help="Base model: merge task vectors against it (default: none, the "
-            "models themselves).", rich_help_panel=_METHOD)))
+            "models themselves).", rich_help_panel=METHOD)))
     per_model = {f"m_{p.name}": p for p in method.model_params}
     global_ = {f"g_{p.name}": p for p in method.global_params}
     for key, param in [*per_model.items(), *global_.items()]:
         annotation, option = _option(param, key in per_model)
         sig.append(P(key, P.KEYWORD_ONLY, annotation=annotation, default=option))
     sig.append(P("out", P.KEYWORD_ONLY, annotation=Path, default=OUT))
-    for key, (annotation, option) in _SHARED.items():
+    for key, (annotation, option) in SHARED.items():
         sig.append(P(key, P.KEYWORD_ONLY, annotation=annotation, default=option))
 
     def command(**kw):
@@ -208,7 +131,7 @@ def _add_method_command(method) -> None:
     if method.paper:
         doc += f" Paper: {method.paper}"
     app.command(method.cli_name, help=doc, epilog=f"Example: {method.example}" if method.example else None,
-                rich_help_panel="Merge methods", cls=_Command)(command)
+                rich_help_panel="Merge methods", cls=Command)(command)
 
 
 def _add_method_commands() -> None:
@@ -221,17 +144,17 @@ def _add_method_commands() -> None:
 _add_method_commands()
 
 
-@app.command(cls=_Command, epilog="Example: npmerge run merge.yml -o merged --dry-run")
+@app.command(cls=Command, epilog="Example: npmerge run merge.yml -o merged --dry-run")
 def run(
     recipe: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML in mergekit's layout (merge_method, "
                                   "base_model, models or slices, parameters, dtype, out_dtype); models by path or "
-                                  "Hub id.", rich_help_panel=_INPUTS),
+                                  "Hub id.", rich_help_panel=INPUTS),
     out: Path = OUT,
     shard_size: Optional[str] = SHARD, max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS,
     dry_run: bool = DRY, json_out: bool = JSON, force: bool = FORCE, quiet: bool = QUIET, resume: bool = RESUME,
     intermediate_dir: Optional[Path] = typer.Option(
         None, "--intermediate-dir", metavar="DIR", help="Multi-stage recipes: where the named stages are written "
-        "(DIR/NAME; default OUT.stages beside OUT).", rich_help_panel=_OUTPUT),
+        "(DIR/NAME; default OUT.stages beside OUT).", rich_help_panel=OUTPUT),
     part: Optional[str] = PART, ray: Optional[str] = RAY,
 ):
     """Run a merge recipe (YAML), e.g. the npmerge_recipe.yml of an earlier merge; a file of
@@ -239,12 +162,12 @@ def run(
     from . import stages
 
     found = []
-    _guard(lambda: found.append(stages.read(recipe)), json_out)
+    guard(lambda: found.append(stages.read(recipe)), json_out)
     if found[0] is not None and (part is not None or ray is not None):
-        _guard(lambda: _refuse(RecipeError("--part and --ray split one merge; a multi-stage recipe is several",
+        guard(lambda: _refuse(RecipeError("--part and --ray split one merge; a multi-stage recipe is several",
                                            hint="run the stages by hand, each with --part or --ray")), json_out)
     if found[0] is not None:
-        _guard(lambda: _run_stages(recipe, found[0], out, intermediate_dir, shard_size, max_memory, threads,
+        guard(lambda: _run_stages(recipe, found[0], out, intermediate_dir, shard_size, max_memory, threads,
                                    dry_run, json_out, force, quiet, resume), json_out)
         return
 
@@ -256,27 +179,7 @@ def run(
     _execute(build, out, shard_size, max_memory, threads, dry_run, json_out, force, quiet, resume, part, ray)
 
 
-@app.command(cls=_Command, epilog="Example: npmerge assemble merged")
-def assemble(
-    out: Path = typer.Argument(..., metavar="OUT", help="The output directory the parts were run with (-o).",
-                               rich_help_panel=_INPUTS),
-    max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS, force: bool = FORCE, json_out: bool = JSON,
-    quiet: bool = QUIET,
-):
-    """Put together a merge split into parts (--part I/N): check that every part is there and
-    was made from the same plan, verify their shards, write the index, config, tokenizer,
-    card and report, and rename the output into place (byte-identical to one machine)."""
-    def body():
-        from .parts import assemble as put_together
-
-        started = time.perf_counter()
-        report = put_together(out, force=force, max_memory=max_memory, threads=threads)
-        if json_out:
-            typer.echo(json.dumps(report, indent=2))
-        elif not quiet:
-            typer.echo(f"assembled {out}: {len(report['files'])} files in {time.perf_counter() - started:.1f} s")
-
-    _guard(body, json_out)
+cli_tools.register(app)  # after run: the Commands panel lists them in this order
 
 
 def _refuse(error: Exception):
@@ -350,224 +253,6 @@ def _run_stages(source, todo, out, intermediate, shard_size, max_memory, threads
         typer.echo(json.dumps(report, indent=2))
 
 
-@app.command(cls=_Command, epilog="Example: npmerge info meta-llama/Llama-3.2-1B --tensors | less")
-def info(
-    path: str = typer.Argument(..., metavar="MODEL", help=f"The model: {MODEL_REF}; or a LoRA adapter directory.",
-                               rich_help_panel=_INPUTS),
-    json_out: bool = typer.Option(False, "--json", help="Print the facts as JSON on stdout.", rich_help_panel=_DISPLAY),
-    tensors: bool = typer.Option(False, "--tensors", help="List every tensor.", rich_help_panel=_DISPLAY),
-):
-    """Show a checkpoint's tensors, dtypes, parameter count and shards (validates every header);
-    for a LoRA adapter directory, the adapter: rank, alpha, scale, target modules, base."""
-    def body():
-        from .io.lora import LoraAdapter
-        from .io.models import is_adapter, open_model
-
-        if is_adapter(path):
-            adapter = LoraAdapter(path)
-            data = {"path": str(path), "adapter": adapter.summary()}
-            adapter.close()
-            if json_out:
-                typer.echo(json.dumps(data, indent=2))
-                return
-            from . import render
-
-            render.adapter_info(data)
-            return
-        ckpt = open_model(path)
-        model = ckpt.ref
-        dtypes: dict[str, int] = {}
-        for ref in ckpt.tensors.values():
-            dtypes[ref.info.dtype.name] = dtypes.get(ref.info.dtype.name, 0) + ref.info.numel
-        data = {"path": str(path), **model.as_record(), "tensors": len(ckpt.tensors), "parameters": ckpt.total_params,
-                "bytes": ckpt.total_bytes, "dtypes": dtypes,
-                "shards": [Path(p).name for p in ckpt.files],
-                "architecture": (ckpt.config or {}).get("architectures", [None])[0] if ckpt.config else None}
-        if tensors or json_out:
-            data["tensor_list"] = [{"name": n, "dtype": r.info.dtype.name, "shape": list(r.info.shape),
-                                    "file": Path(r.file.path).name} for n, r in ckpt.tensors.items()]
-        ckpt.close()
-        from . import render
-
-        render.notes(model.notes)
-        if json_out:
-            typer.echo(json.dumps(data, indent=2))
-            return
-        render.info(data, tensors)
-
-    _guard(body, json_out)
-
-
-@app.command("inspect", cls=_Command, epilog="Example: npmerge inspect BASE FT1 FT2 --plot fine-tunes.png")
-def inspect_command(
-    base: str = typer.Argument(..., metavar="BASE", help=f"Base model: {MODEL_REF}.", rich_help_panel=_INPUTS),
-    models: List[str] = typer.Argument(..., metavar="MODEL...", help="Fine-tuned models (two or more), each a "
-                                       "directory, .safetensors file or Hub id.", rich_help_panel=_INPUTS),
-    density: Optional[List[float]] = typer.Option(None, "--density", "-d", metavar="FLOAT", help="Densities at "
-                                                  "which to count TIES's sign conflicts (repeatable; default: "
-                                                  "0.1, 0.2, ..., 1.0).", rich_help_panel=_METHOD),
-    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Also draw FILE.png or FILE.svg: cosine "
-                                        "similarity by layer and pair, sign conflicts against density (needs "
-                                        "npmerge[plot]: matplotlib).", rich_help_panel=_OUTPUT),
-    max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS, json_out: bool = JSON, quiet: bool = QUIET,
-):
-    """How fine-tunes relate, per layer: task-vector norms, pairwise cosine similarity, sign
-    conflicts (overall and, per model, against TIES's election at each density), and what a
-    merge of them would refuse or note. Streamed in bounded memory."""
-    def body():
-        from . import render
-        from .inspection import DENSITIES, inspect_models
-
-        densities = tuple(sorted(set(density))) if density else DENSITIES
-        if any(not 0 < d <= 1 for d in densities):
-            raise RecipeError(f"--density must be in (0, 1], got {[d for d in densities if not 0 < d <= 1][0]}")
-        if plot is not None:
-            render.check_plot_target(plot)
-        data = inspect_models(base, list(models), densities=densities, max_memory=max_memory, threads=threads,
-                              progress=None if quiet or json_out else render.bar("inspect"))
-        if plot is not None:
-            render.inspection_plot(data, plot)
-        if json_out:
-            typer.echo(json.dumps(data, indent=2))
-        elif not quiet:
-            render.notes(data["notes"])
-            render.inspection(data)
-
-    _guard(body, json_out)
-
-
-@app.command("extract-lora", cls=_Command, epilog="Example: npmerge extract-lora meta-llama/Llama-3.2-1B ./ft "
-             "--rank 64 -o ./ft-lora   # then: npmerge task-arithmetic BASE BASE+./ft-lora -o OUT")
-def extract_lora(
-    base: str = typer.Argument(..., metavar="BASE", help=f"Base model: {MODEL_REF}.", rich_help_panel=_INPUTS),
-    ft: str = typer.Argument(..., metavar="FT", help="The fine-tune of BASE: a directory, .safetensors file, Hub id "
-                             "or MODEL+ADAPTER.", rich_help_panel=_INPUTS),
-    out: Path = typer.Option(..., "-o", "--out", metavar="OUT", help="Output PEFT adapter directory (created "
-                             "atomically).", rich_help_panel=_OUTPUT),
-    rank: int = typer.Option(128, "--rank", "-r", metavar="INT", help="Largest rank of a module's factors (default: "
-                             "128, mergekit's).", show_default=False, rich_help_panel=_METHOD),
-    sv_epsilon: float = typer.Option(0.0, "--sv-epsilon", metavar="FLOAT", help="Drop singular values at or below "
-                                     "this (default: 0).", show_default=False,
-                                     rich_help_panel=_METHOD),
-    rank_energy: Optional[float] = typer.Option(None, "--rank-energy", metavar="F", help="Per module, the smallest "
-                                                "rank keeping fraction F (0 < F <= 1) of the change's squared "
-                                                "Frobenius norm, at most --rank (written as rank_pattern).",
-                                                rich_help_panel=_METHOD),
-    distribute_scale: bool = typer.Option(True, "--distribute-scale/--no-distribute-scale", help="sqrt(s) on both "
-                                          "factors, or s on lora_B (default: --distribute-scale).", show_default=False,
-                                          rich_help_panel=_METHOD),
-    include: Optional[List[str]] = typer.Option(None, "--include", "-i", metavar="REGEX", help="Only modules whose "
-                                                "name matches (re.search; repeatable).", rich_help_panel=_METHOD),
-    exclude: Optional[List[str]] = typer.Option(None, "--exclude", "-e", metavar="REGEX", help="Leave out modules "
-                                                "whose name matches (re.search; repeatable).", rich_help_panel=_METHOD),
-    embed_lora: bool = typer.Option(False, "--embed-lora", help="LoRA on the input embedding and the head too "
-                                    "(default: saved whole in modules_to_save when changed).", rich_help_panel=_METHOD),
-    skip_undecomposable: bool = typer.Option(False, "--skip-undecomposable", help="Leave out changed norms and other "
-                                             "tensors no LoRA can hold (default: saved whole).",
-                                             rich_help_panel=_METHOD),
-    out_dtype: Optional[str] = OUT_DTYPE, max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Run every check the extraction makes (inputs, output "
-                                 "location, free space, memory per module) and print the plan on stdout; write "
-                                 "nothing.", rich_help_panel=_SAFETY),
-    force: bool = FORCE,
-    json_out: bool = typer.Option(False, "--json", help="Print the report (or the error) as JSON on stdout.",
-                                  rich_help_panel=_DISPLAY),
-    quiet: bool = QUIET,
-):
-    """Extract a LoRA adapter from a fine-tune: per module the best rank-r approximation of
-    FT - BASE (exact truncated SVD), as a PEFT adapter directory npmerge and PEFT load."""
-    def body():
-        from . import render
-        from .extract import Options, plan_extract
-        from .extract_run import execute
-
-        started = time.perf_counter()
-        options = Options(rank=rank, sv_epsilon=sv_epsilon, rank_energy=rank_energy,
-                          distribute_scale=distribute_scale, include=tuple(include or ()),
-                          exclude=tuple(exclude or ()), embed_lora=embed_lora,
-                          skip_undecomposable=skip_undecomposable, out_dtype=out_dtype)
-        plan = plan_extract(base, ft, options, max_memory=max_memory, threads=threads, out=out, force=force)
-        try:
-            if not quiet:
-                render.notes(plan.notes)
-            if dry_run:
-                data = plan.as_dict(out)
-                if json_out:
-                    typer.echo(json.dumps(data, indent=2))
-                else:
-                    render.extract_plan(data)
-                return
-            with render.progress_bar("extract-lora", plan.total_work, disable=quiet or json_out) as advance:
-                report = execute(plan, out, force=force, progress=advance)
-        finally:
-            plan.close()
-        if json_out:
-            typer.echo(json.dumps(report, indent=2))
-        elif not quiet:
-            render.extract_summary(report, out, time.perf_counter() - started)
-
-    _guard(body, json_out)
-
-
-@app.command(cls=_Command, epilog="Example: npmerge verify merged --recompute")
-def verify(
-    out: str = typer.Argument(..., metavar="OUT", help="A merge's output directory, or the Hub id of a merge in the "
-                              "local Hugging Face cache.", rich_help_panel=_INPUTS),
-    recompute: bool = typer.Option(False, "--recompute", help="Also re-run the output's npmerge_recipe.yml (its "
-                                   "inputs checked against the fingerprints the report recorded) into a scratch "
-                                   "directory and compare every byte.", rich_help_panel=_METHOD),
-    scratch: Optional[Path] = typer.Option(None, "--scratch", metavar="DIR", help="Where --recompute writes its "
-                                           "merge, removed afterwards (default: beside OUT; the temp directory "
-                                           "for a Hub id).", rich_help_panel=_RESOURCES),
-    max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS, json_out: bool = JSON, quiet: bool = QUIET,
-):
-    """Check a merge's output against its merge_report.json (size and sha256 of every file) and,
-    with --recompute, against a re-run of its recipe. Exit 0 when all matches, 6 when a file
-    differs or is missing."""
-    def body():
-        from . import render, verify as check
-
-        where = check.locate(out)
-        report = check.load_report(where)
-        if recompute:
-            verdict = check.recompute(where, report, scratch=scratch, max_memory=max_memory, threads=threads,
-                                      progress_factory=lambda plan: render.progress(plan, disable=quiet or json_out))
-        else:
-            verdict = check.check_files(where, report)
-        if json_out:
-            typer.echo(json.dumps(verdict.as_dict(), indent=2))
-        elif not quiet:
-            render.notes(verdict.notes)
-            render.verdict(verdict)
-        verdict.raise_if_failed()
-
-    _guard(body, json_out, result_printed=True)
-
-
-@app.command(cls=_Command, epilog="Example: npmerge warmup --dtype bfloat16 --method ties")
-def warmup(
-    dtype: Optional[List[str]] = typer.Option(
-        None, "--dtype", metavar="DTYPE", help="Storage dtype of the checkpoints to merge (repeatable; default: "
-        "bfloat16, float16, float32).", rich_help_panel="Kernels"),
-    method: Optional[List[str]] = typer.Option(None, "--method", metavar="METHOD", help="A merge method (repeatable; "
-                                               "default: all).", rich_help_panel="Kernels"),
-):
-    """Compile and cache the kernels now (e.g. while building a container image)."""
-    def body():
-        from . import kernels, render
-        from .dtypes import parse_user_dtype
-        from .methods import registry
-        from .warmup import DEFAULT_DTYPES, compile_kernels
-
-        codes = tuple(dict.fromkeys(parse_user_dtype(d) for d in dtype)) if dtype else DEFAULT_DTYPES
-        methods = [registry.get(m).name for m in method] if method else None
-        seconds = compile_kernels(codes, methods)
-        where = kernels.ensure_cache_dir() or "memory only (no writable cache directory)"
-        render.stderr().print(f"kernels for {', '.join(codes)} compiled in {seconds:.1f} s, cached in {where}")
-
-    _guard(body, False)
-
-
 # -- plumbing -------------------------------------------------------------------------
 def _merge_command(method, base, models, out, recipe_args, shard_size, max_memory, threads, dry_run,
                    json_out, force, quiet, resume, per_model_flags, part, ray):
@@ -622,7 +307,7 @@ def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_o
         elif not quiet:
             render.summary(plan, report, out, elapsed)
 
-    _guard(body, json_out)
+    guard(body, json_out)
 
 
 def _on_ray(plan, out, address, threads, force, max_memory, quiet) -> dict:
@@ -684,59 +369,6 @@ def _is_number(text: str) -> bool:
     return True
 
 
-_SIGNALS = {signal.SIGTERM: (143, "terminated"), signal.SIGHUP: (129, "hung up")}
-
-
-def _on_signal(signum, frame):
-    """SIGTERM/SIGHUP end Python without running `finally` blocks; raising runs the cleanup."""
-    raise SystemExit(_SIGNALS[signum][0])
-
-
-def _guard(body, json_out: bool, result_printed: bool = False) -> None:
-    """Run a command body; turn npmerge errors and interrupts into messages and exit codes.
-    `result_printed`: a failure the body reported as its JSON result (verify) is not printed
-    as a second JSON document."""
-    previous = {sig: signal.signal(sig, _on_signal) for sig in _SIGNALS}
-    try:
-        body()
-    except NpmergeError as exc:
-        if os.environ.get("NPMERGE_DEBUG"):
-            raise
-        printed = result_printed and isinstance(exc, VerifyFailed)
-        _fail(exc.exit_code, exc.code, exc.message, [exc.hint, getattr(exc, "resume_hint", None)],
-              json_out and not printed)
-    except KeyboardInterrupt as exc:
-        _fail(130, "interrupted", "interrupted; no output was written", [getattr(exc, "resume_hint", None)], json_out)
-    except SystemExit as exc:
-        for code, what in _SIGNALS.values():
-            if exc.code == code:
-                _fail(code, what.replace(" ", "_"), f"{what}; no output was written",
-                      [getattr(exc, "resume_hint", None)], json_out)
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-MESSAGE_LINE = 1000  # characters of an error or hint line shown (a value quoted in it may be huge)
-
-
-def _cut(line: str) -> str:
-    return line if len(line) <= MESSAGE_LINE else f"{line[:MESSAGE_LINE]}... ({len(line) - MESSAGE_LINE:,} more characters)"
-
-
-def _fail(code: int, kind: str, message: str, hints: list, json_out: bool):
-    hints = [_cut(str(h)) for h in hints if h]
-    message = "\n".join(_cut(line) for line in str(message).split("\n"))
-    if json_out:
-        typer.echo(json.dumps({"error": {"code": kind, "exit_code": code, "message": message,
-                                         "hint": "; ".join(hints) or None}}))
-    first, *rest = message.split("\n")
-    sys.stderr.write(f"Error: {first}\n" + "".join(f"{line}\n" for line in rest))
-    sys.stderr.write("".join(f"Hint: {h}\n" for h in hints))
-    raise typer.Exit(code)
-
-
 def _usage_error_class() -> type:
     """Typer >= 0.2x vendors click (its errors derive from TyperException); older Typer uses click's."""
     base = getattr(typer, "TyperException", None)
@@ -762,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
             if _is_number(getattr(exc, "option_name", None) or "x"):  # `-w -0.5 -0.3`: "-0.3" read as an option
                 hints.insert(0, "an option takes one value: repeat the option for each value, e.g. -w -0.5 -w -0.3")
             try:
-                _fail(exc.exit_code, "usage", exc.format_message(), hints, "--json" in (argv or sys.argv[1:]))
+                fail(exc.exit_code, "usage", exc.format_message(), hints, "--json" in (argv or sys.argv[1:]))
             except typer.Exit as done:
                 code = done.exit_code
     except typer.Abort:
