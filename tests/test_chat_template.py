@@ -57,6 +57,19 @@ def test_builtin_name(name, tmp_path):
     again = tmp_path / "again"  # the saved recipe reproduces the output
     npmerge("run", out / "npmerge_recipe.yml", "-o", again)
     assert tree_bytes(again) == tree_bytes(out)
+    assert transformers_template(out) == chat_template.builtin(name)
+
+
+def transformers_template(out) -> str:
+    """What transformers reads (its tokenizers need no torch): AutoTokenizer's chat_template."""
+    import logging
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    return AutoTokenizer.from_pretrained(str(out)).chat_template
 
 
 def test_literal_template_replaces_the_one_in_tokenizer_config(tmp_path):
@@ -73,6 +86,7 @@ def test_literal_template_replaces_the_one_in_tokenizer_config(tmp_path):
     assert (out / "chat_template.jinja").read_text() == LITERAL == got.pop("chat_template")
     config.pop("chat_template")
     assert got == config
+    assert transformers_template(out) == LITERAL
 
 
 def test_auto_takes_the_most_common_template(tmp_path):
