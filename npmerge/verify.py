@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import __version__
 from .constants import RECIPE_NAME, REPORT_NAME
 from .errors import IncompatibleModels, InvalidCheckpoint, VerifyFailed, shown
 from .io.staging import sha256_file
@@ -162,7 +163,7 @@ def recompute(out: Path, report: dict, *, scratch: Path | None = None, max_memor
     recipe = _recipe_of(out, report)
     shard_size = (report.get("output") or {}).get("shard_size")
     verdict = Verdict(out, recomputed=True)
-    made_by, running = report.get("npmerge_version"), _version()
+    made_by, running = report.get("npmerge_version"), __version__
     if made_by != running:
         verdict.notes.append(f"the merge was made by npmerge {made_by}, re-run with {running}: a difference may "
                              "come from the version")
@@ -209,12 +210,6 @@ def _rerun(recipe, report: dict, again: Path, verdict: Verdict, *, progress_fact
             api.execute(plan, again, progress=advance)
     finally:
         plan.close()
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _scratch_beside(out: Path) -> Path:
