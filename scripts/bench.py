@@ -787,6 +787,11 @@ def parse_args(argv=None):
     return args
 
 
+def _sibling(script: str, argv: list[str]) -> int:
+    """Run another benchmark script of this folder with `argv`; its exit code."""
+    return subprocess.call([sys.executable, str(Path(__file__).resolve().parent / script), *argv])
+
+
 def human(nbytes: float) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if nbytes >= scale:
@@ -801,19 +806,15 @@ def main(argv=None) -> int:
         reference_worker(argv[1:])
         return 0
     args = parse_args(argv)
-    if args.cold_jit:
-        import bench_cold
-
-        return bench_cold.main([x for m in args.cold_methods for x in ("--methods", m)]
-                               + ["--busy", str((args.busy or [0])[0]), "--repeat", str(args.repeat)]
-                               + (["--json", str(args.json)] if args.json else []))
+    if args.cold_jit:  # its own script (which uses this one's helpers): run, not imported
+        return _sibling("bench_cold.py", [x for m in args.cold_methods for x in ("--methods", m)]
+                        + ["--busy", str((args.busy or [0])[0]), "--repeat", str(args.repeat)]
+                        + (["--json", str(args.json)] if args.json else []))
     if args.lora:
-        import bench_lora
-
-        return bench_lora.main(["--params", args.params, "--adapters", str(args.finetunes), "--density",
-                                str(args.density), "--repeat", str(args.repeat), "--seed", str(args.seed),
-                                "--cache", str(args.cache)] + (["--json", str(args.json)] if args.json else [])
-                               + (["--max-memory", args.max_memory[0]] if args.max_memory else []))
+        return _sibling("bench_lora.py", ["--params", args.params, "--adapters", str(args.finetunes), "--density",
+                                          str(args.density), "--repeat", str(args.repeat), "--seed", str(args.seed),
+                                          "--cache", str(args.cache)] + (["--json", str(args.json)] if args.json else [])
+                        + (["--max-memory", args.max_memory[0]] if args.max_memory else []))
     cache = args.cache.expanduser().resolve()
     cache.mkdir(parents=True, exist_ok=True)
     set_dir = cache / f"{args.params}-{args.finetunes}ft"

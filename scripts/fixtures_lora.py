@@ -7,7 +7,7 @@ Adapters are written exactly as PEFT's `save_pretrained(..., safe_serialization=
 lays them out: `adapter_config.json` (LoraConfig.to_dict(), sorted keys, indent 2) and
 `adapter_model.safetensors` with keys `base_model.model.<module>.lora_A.weight` etc.
 (adapter name removed). The safetensors bytes, the random numbers (PCG64 + Irwin-Hall
-normals) and BF16 rounding are make_fixtures.py's, so the files are byte-identical on
+normals) and BF16 rounding are mf.py's, so the files are byte-identical on
 every run and `tests/test_fixtures.py` checks them like the other fixtures.
 
 Llama adapters target the bundled `tiny-llama/base` (BF16, untied lm_head, no
@@ -25,18 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+import fixtures_base as mf  # the shared generator helpers (a sibling: scripts/ is on sys.path)
+
 SEED_LORA = 20240615
 GPT2 = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=16)
 LLAMA_BASE = "fixtures/tiny-llama/base"
 GPT2_BASE = "fixtures/tiny-lora/tiny-gpt2/base"
 PREFIX = "base_model.model."
-
-
-def _mf():
-    """scripts/make_fixtures.py (a sibling; imported lazily because it imports this file)."""
-    import make_fixtures
-
-    return make_fixtures
 
 
 def adapter_config(**overrides) -> dict:
@@ -56,7 +51,6 @@ def adapter_config(**overrides) -> dict:
 
 def _factors(module: str, out: int, inn: int, r: int, embedding: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """float32 A [r, inn] and B [out, r] of a trained-looking LoRA (tau ~ 1e-3)."""
-    mf = _mf()
     rng = mf._rng(SEED_LORA, 1, mf._key(module), r)
     a = mf._normal(rng, (r, inn)) / math.sqrt(inn)
     b = 2e-3 * mf._normal(rng, (out, r))
@@ -66,11 +60,10 @@ def _factors(module: str, out: int, inn: int, r: int, embedding: bool = False) -
 
 
 def _stored(x: np.ndarray, code: str) -> tuple[str, np.ndarray]:
-    return (code, _mf().f32_to_bf16_bits(x)) if code == "BF16" else (code, np.ascontiguousarray(x, np.float32))
+    return (code, mf.f32_to_bf16_bits(x)) if code == "BF16" else (code, np.ascontiguousarray(x, np.float32))
 
 
 def _write_adapter(d: Path, cfg: dict, tensors: dict) -> None:
-    mf = _mf()
     mf._write(d / "adapter_config.json", mf._json(cfg, sort_keys=True))
     mf._write(d / "adapter_model.safetensors", mf._safetensors_bytes(tensors))
 
@@ -82,7 +75,6 @@ def _lora(tensors: dict, module: str, out: int, inn: int, r: int, code: str) -> 
 
 
 def _small(name: str, shape, scale: float) -> np.ndarray:
-    mf = _mf()
     return scale * mf._normal(mf._rng(SEED_LORA, 2, mf._key(name)), shape)
 
 
@@ -90,7 +82,6 @@ def _small(name: str, shape, scale: float) -> np.ndarray:
 
 
 def _llama_adapters(root: Path) -> None:
-    mf = _mf()
     specs = dict(mf.llama_tensor_specs(mf.LLAMA))
     layers = range(mf.LLAMA["num_hidden_layers"])
 
@@ -150,7 +141,6 @@ def gpt2_tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
 
 def gpt2_base() -> dict[str, np.ndarray]:
     """float32 values of the tiny GPT-2 base."""
-    mf = _mf()
     out = {}
     for name, shape in gpt2_tensor_specs(GPT2):
         rng = mf._rng(SEED_LORA, 0, mf._key(name))
@@ -175,7 +165,6 @@ def _gpt2_config() -> dict:
 
 
 def _gpt2_adapters(root: Path) -> None:
-    mf = _mf()
     base = gpt2_base()
     mf._write(root / "base" / "model.safetensors", mf._safetensors_bytes({k: ("F32", v) for k, v in base.items()}))
     mf._write(root / "base" / "config.json", mf._json(_gpt2_config(), sort_keys=True))
@@ -250,7 +239,7 @@ def make_lora_fixtures(out_dir) -> None:
         shutil.rmtree(root)
     _llama_adapters(root / "tiny-llama")
     _gpt2_adapters(root / "tiny-gpt2")
-    _mf()._write(root / "README.md", _README)
+    mf._write(root / "README.md", _README)
 
 
 if __name__ == "__main__":

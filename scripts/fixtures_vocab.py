@@ -16,7 +16,7 @@ Small Llama-style BF16 checkpoints (hidden 32, one layer) with WordLevel tokeniz
 - tiny-rope/{base, ft-new, ft-old}: base and ft-old store
   model.layers.0.self_attn.rotary_emb.inv_freq (F32), ft-new does not.
 
-NumPy only and byte-for-byte deterministic, like make_fixtures.py whose helpers it uses.
+NumPy only and byte-for-byte deterministic, like mf.py whose helpers it uses.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+
+import fixtures_base as mf  # the shared generator helpers (a sibling: scripts/ is on sys.path)
 
 SEED_VOCAB = 20240615
 FAMILIES = ("tiny-vocab", "tiny-padded", "tiny-tied", "tiny-rope")
@@ -37,20 +39,13 @@ TOOL_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'
                  "{% if message['role'] == 'tool' %}{{'<tool>'}}{% endif %}{% endfor %}")
 
 
-def _mf():
-    import make_fixtures  # imported here: make_fixtures imports this module at its top
-
-    return make_fixtures
-
-
 def _special(tid: int, content: str) -> dict:
     return {"id": tid, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
             "normalized": False, "special": True}
 
 
 def _tokenizer(size: int, plain=(), added=(), chat_template=None) -> dict[str, str]:
-    """make_fixtures' WordLevel tokenizer of `size` words, plus plain words and added special tokens."""
-    mf = _mf()
+    """fixtures_base's WordLevel tokenizer of `size` words, plus plain words and added special tokens."""
     files = mf.tokenizer_files(size)
     tok = json.loads(files["tokenizer.json"])
     for word in plain:
@@ -70,20 +65,17 @@ def _tokenizer(size: int, plain=(), added=(), chat_template=None) -> dict[str, s
 
 
 def _specs(rows: int, head: bool) -> list[tuple[str, tuple[int, ...]]]:
-    mf = _mf()
     specs = mf.llama_tensor_specs(dict(SHAPE, vocab_size=rows))
     return [(n, s) for n, s in specs if head or n != "lm_head.weight"]
 
 
 def _base_weights(family: str, rows: int) -> dict[str, np.ndarray]:
     """float64 base values for every tensor of an untied model with `rows` rows."""
-    mf = _mf()
     return {n: mf._base_value(SEED_VOCAB + FAMILIES.index(family), n, s, 1) for n, s in _specs(rows, True)}
 
 
 def _finetune(base: dict[str, np.ndarray], family: str, model: str, rows: int) -> dict[str, np.ndarray]:
     """base + ~1e-3 heavy-tailed deltas; rows beyond the base's are new tokens, N(0, 0.02)."""
-    mf = _mf()
     out = {}
     for name, value in base.items():
         rng = mf._rng(SEED_VOCAB, mf._key(family + "/" + model), mf._key(name))
@@ -99,7 +91,6 @@ def _finetune(base: dict[str, np.ndarray], family: str, model: str, rows: int) -
 
 def _write_model(d: Path, tensors: dict[str, np.ndarray], rows: int, tokenizer: dict[str, str] | None,
                  tied: bool = False, extra: dict[str, tuple[str, np.ndarray]] | None = None) -> None:
-    mf = _mf()
     st = {n: ("BF16", mf.f32_to_bf16_bits(v.astype(np.float32))) for n, v in tensors.items()}
     st.update(extra or {})
     mf._write(d / "model.safetensors", mf._safetensors_bytes(st))
@@ -138,8 +129,8 @@ def _tied(out: Path) -> None:
     tok = _tokenizer(80)
     _write_model(out / fam / "base", base, 80, tok, tied=True)
     untied = _finetune(base, fam, "ft-untied", 80)
-    own = _mf()._rng(SEED_VOCAB, _mf()._key(fam + "/ft-untied/head"))
-    untied["lm_head.weight"] = base["model.embed_tokens.weight"] + 2e-3 * _mf()._student_t3(own, (80, 32))
+    own = mf._rng(SEED_VOCAB, mf._key(fam + "/ft-untied/head"))
+    untied["lm_head.weight"] = base["model.embed_tokens.weight"] + 2e-3 * mf._student_t3(own, (80, 32))
     _write_model(out / fam / "ft-untied", untied, 80, tok)
     dead = _finetune(base, fam, "ft-deadhead", 80)
     dead["lm_head.weight"] = base["model.embed_tokens.weight"]  # stale: the exporter's copy before fine-tuning

@@ -41,6 +41,7 @@ def _load_generator():
 
 
 gen = _load_generator()
+import fixtures_base  # noqa: E402  (the generator's helpers: make_fixtures put scripts/ on sys.path)
 
 
 def _files(root: Path) -> dict[str, Path]:
@@ -121,13 +122,13 @@ def test_bf16_rounding_matches_ml_dtypes():
             np.array([0x7F7FFFFF, 0x00008000, 0x00018000, 0x80007FFF], np.uint32).view(np.float32),
         ]
     )
-    ours = gen.f32_to_bf16_bits(x)
+    ours = fixtures_base.f32_to_bf16_bits(x)
     ref = x.astype(ml_dtypes.bfloat16).view(np.uint16)
     np.testing.assert_array_equal(ours, ref)
     nan = np.array([np.nan, -np.nan], np.float32)
-    back = gen.bf16_bits_to_f32(gen.f32_to_bf16_bits(nan))
+    back = fixtures_base.bf16_bits_to_f32(fixtures_base.f32_to_bf16_bits(nan))
     assert np.isnan(back).all()
-    np.testing.assert_array_equal(gen.bf16_bits_to_f32(ours[:100]), ref[:100].view(ml_dtypes.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(fixtures_base.bf16_bits_to_f32(ours[:100]), ref[:100].view(ml_dtypes.bfloat16).astype(np.float32))
 
 
 # ---------------------------------------------------------------- canonical format
@@ -169,7 +170,7 @@ def test_index_is_consistent(model):
     assert set(index) == {"metadata", "weight_map"}
     weight_map = index["weight_map"]
     cfg = json.loads((d / "config.json").read_text())
-    natural = [n for n, _ in gen.llama_tensor_specs(cfg)]
+    natural = [n for n, _ in fixtures_base.llama_tensor_specs(cfg)]
     assert list(weight_map) == natural  # natural state-dict order
     assert set(weight_map.values()) == set(SHARDS)
     seen: dict[str, str] = {}
@@ -368,4 +369,4 @@ def test_generator_dtype_order_matches_package():
     """The generator duplicates the official enum order; keep it in step with npmerge."""
     from npmerge.dtypes import DTYPES
 
-    assert {n: d.order for n, d in DTYPES.items()} == gen._DTYPE_ORDER
+    assert {n: d.order for n, d in DTYPES.items()} == fixtures_base._DTYPE_ORDER
