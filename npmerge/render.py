@@ -283,7 +283,7 @@ def _cos(x) -> str:
 def inspection(data: dict) -> None:
     """`npmerge inspect`: the models; one row per layer (RMS of each task vector, each pair's
     cosine, sign conflicts); then, by density, the share of each model's kept elements
-    that TIES's election goes against."""
+    that the sign election goes against."""
     c = stdout()
     names, n, tot = data["models"], len(data["models"]), data["total"]
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
@@ -304,7 +304,7 @@ def inspection(data: dict) -> None:
         t.add_row(escape(layer), f"{sum(d['rms']) / n:.3g}", *[_cos(d["cosine"][i][j]) for i, j in pairs],
                   _pct(d["sign_conflict"]))
     c.print(t)
-    e = Table(title="kept elements TIES elects against, by density")
+    e = Table(title=escape(f"kept elements the sign election ({data['election']}) goes against, by density"))
     e.add_column("density", justify="right")
     for i in range(n):
         e.add_column(f"model {i + 1}", justify="right")
@@ -356,7 +356,7 @@ def inspection_plot(data: dict, path) -> None:
                label="all: sign conflicts")
     right.set_xlabel("density")
     right.set_ylabel("share of kept elements (conflicts: of all)")
-    right.set_title("against TIES's elected sign")
+    right.set_title(f"against the elected sign ({data['election']})")
     right.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None} if str(path).lower().endswith(".png") else None)

@@ -36,21 +36,46 @@ def mat_vec(G: list[list[float]], x: list[float]) -> list[float]:
     return [math.fsum(G[i][j] * x[j] for j in range(len(x))) for i in range(len(G))]
 
 
+class GramSums:
+    """Gᵢⱼ = ⟨vᵢ, vⱼ⟩ for every pair i ≤ j of the models (task vectors when `deltas`), summed
+    exactly in float64 in one streaming pass (VectorSums, §A.1); `matrix()` once it is done."""
+
+    def __init__(self, ctx: TensorContext, deltas: bool):
+        n = ctx.n_models
+        self.n = n
+        self.pairs = [(i, j) for i in range(n) for j in range(i, n)]
+        self.sums = VectorSums(ctx, FLAT, [(1 + i, 1 + j) for i, j in self.pairs], deltas)
+
+    @staticmethod
+    def nbytes(ctx: TensorContext) -> int:
+        return VectorSums.nbytes(ctx, FLAT, ctx.n_models * (ctx.n_models + 1) // 2)
+
+    def feed(self, span: Span) -> None:
+        self.sums.feed(span)
+
+    def matrix(self) -> list[list[float]]:
+        G = [[0.0] * self.n for _ in range(self.n)]
+        for (i, j), s in zip(self.pairs, self.sums.result()[:, 0].tolist()):
+            G[i][j] = G[j][i] = s
+        return G
+
+    def release(self) -> None:
+        self.sums.release()
+
+
 class GramDriver(Driver):
     """Reduce the Gram matrix of the task vectors (with a base) or the models, compute one
     float64 coefficient per model (`coefficients(G)`, subclasses), combine."""
 
     def __init__(self, ctx: TensorContext):
         super().__init__(ctx, ["reduce", "merge"])
-        N = ctx.n_models
-        self.pairs = [(i, j) for i in range(N) for j in range(i, N)]
-        self.sums = VectorSums(ctx, FLAT, [(1 + i, 1 + j) for i, j in self.pairs], ctx.has_base)
-        self.coef = np.zeros(N, np.float64)
+        self.sums = GramSums(ctx, ctx.has_base)
+        self.coef = np.zeros(ctx.n_models, np.float64)
         self._buffers = None
 
     def work_bytes(self, span: int) -> int:
         """Accumulators, and the kernels' per-thread float64 copies of a block of every input."""
-        return VectorSums.nbytes(self.ctx, FLAT, len(self.pairs)) + self.ctx.threads * BLOCK * 8 * (self.ctx.n_models + 1)
+        return GramSums.nbytes(self.ctx) + self.ctx.threads * BLOCK * 8 * (self.ctx.n_models + 1)
 
     def kernel_for(self, pass_name: str) -> str:
         return "reduce.combine" if pass_name == "merge" else "reduce.row_sums"
@@ -68,12 +93,7 @@ class GramDriver(Driver):
     def end_pass(self, pass_name: str) -> None:
         if pass_name != "reduce":
             return
-        sums = self.sums.result()[:, 0]
-        N = self.ctx.n_models
-        G = [[0.0] * N for _ in range(N)]
-        for (i, j), s in zip(self.pairs, sums.tolist()):
-            G[i][j] = G[j][i] = s
-        self.gram = G
+        G = self.gram = self.sums.matrix()
         self.coef = np.array(self.coefficients(G), np.float64)
 
     def release(self) -> None:
