@@ -60,7 +60,7 @@ def writer_for(plan: Plan, out, force: bool, resume: bool, part: tuple[int, int]
         raise RecipeError(f"the plan was made for {'one file' if plan.one_file else 'a directory'}, not for {out}")
     return OutputWriter(Path(out), plan.layout, inputs=[Path(c.path) for c in plan.inputs], force=force,
                         resume=resume, fingerprint=plan.fingerprint(), one_file=plan.one_file, part=part,
-                        adopt=adopt)
+                        adopt=adopt, final_header=_summary_header(plan) if plan.one_file else None)
 
 
 def execute(plan: Plan, out, *, force: bool = False, resume: bool = False,
@@ -82,10 +82,9 @@ def execute(plan: Plan, out, *, force: bool = False, resume: bool = False,
                 where = writer.finish_part({"part": part[0], "parts": part[1], "recipe": plan.recipe.to_yaml(),
                                             "shard_size": plan.layout.shard_bytes})
                 return {"part": part, "staging": str(where), "files": writer.shard_files}
-            if plan.one_file:
-                report = _finish_one_file(plan, writer, stats)
+            if plan.one_file:  # its header, summary included, was final with its data (writer_for)
                 writer.commit()
-                return report
+                return {**build_report(plan, stats, {}), "files": writer.shard_files}
             return finish_directory(plan, writer, stats)
     except BaseException as exc:
         if writer.kept:
@@ -110,19 +109,21 @@ def finish_directory(plan: Plan, writer: OutputWriter, stats: dict) -> dict:
     return report
 
 
-def _finish_one_file(plan: Plan, writer: OutputWriter, stats: dict) -> dict:
-    """A one-file output: the merge's summary (the report without its per-tensor tables)
-    joins the recipe in the header, in the room kept for it; then the file is final."""
-    report = build_report(plan, stats, {})
-    summary = {k: v for k, v in report.items() if k not in ("tensors", "tensor_parameters", "files")}
-    prefix = with_metadata(plan.layout.shards[0], {"merge_summary": json.dumps(summary, separators=(",", ":"))})
-    if prefix is None:  # a very long list of notes: the summary without them
-        summary["notes"] = [f"{len(summary['notes'])} notes (too long for the header; --json shows them)"]
-        prefix = with_metadata(plan.layout.shards[0], {"merge_summary": json.dumps(summary, separators=(",", ":"))})
-    if writer.resumed_stats(0) is None:  # else an interrupted run finished the file, header and all
-        writer.rewrite_header(0, prefix)
-    writer.finish_shards()
-    return {**report, "files": writer.shard_files}
+def _summary_header(plan: Plan):
+    """A one-file output's final header: the merge's summary (the report without its
+    per-tensor tables) joins the recipe, in the room kept for it (io/shards.py)."""
+    shard = plan.layout.shards[0]
+
+    def header(stats: dict) -> bytes:
+        summary = {k: v for k, v in build_report(plan, stats, {}).items()
+                   if k not in ("tensors", "tensor_parameters", "files")}
+        prefix = with_metadata(shard, {"merge_summary": json.dumps(summary, separators=(",", ":"))})
+        if prefix is None:  # a very long list of notes: the summary without them
+            summary["notes"] = [f"{len(summary['notes'])} notes (too long for the header; --json shows them)"]
+            prefix = with_metadata(shard, {"merge_summary": json.dumps(summary, separators=(",", ":"))})
+        return prefix
+
+    return header
 
 
 def _config_dtype(plan: Plan) -> str:

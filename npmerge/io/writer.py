@@ -119,10 +119,12 @@ class OutputWriter:
     def __init__(self, out_dir, layout: ShardLayout, *, inputs: Sequence = (), force: bool = False,
                  check_space: bool = True, resume: bool = False, fingerprint: dict | None = None,
                  one_file: bool = False, part: tuple[int, int] | None = None, adopt: bool = False,
-                 resumable: bool = True):
+                 resumable: bool = True, final_header=None):
         self.out_dir = st.resolve_out(out_dir)
         self.one_file = one_file  # OUT is the layout's single shard itself (no directory, no companions)
-        self._held: dict | None = None  # one file: the stats finish_shard got, kept until the header's rewrite
+        # final_header(stats) -> the shard's prefix, of its planned length, written when the shard
+        # is finished (a one-file output's summary, known only once its data is written)
+        self.final_header = final_header
         if one_file and len(layout.shards) != 1:
             raise ValueError("a one-file output needs a layout of one shard")
         self.layout, self.force, self.check_space, self.resume = layout, force, check_space, resume
@@ -148,7 +150,6 @@ class OutputWriter:
         self._resumed: set[int] = set()
         self._state = "new"  # new -> open -> committed | aborted
         self._shards_done = False
-        self._shards_done_calling = False
         self.kept: str | None = None  # set by an abort that kept finished shards for --resume
 
     @property
@@ -338,17 +339,6 @@ class OutputWriter:
 
     # -- shards
 
-    def rewrite_header(self, i: int, prefix: bytes) -> None:
-        """Replace shard i's header by `prefix` of the same length (a one-file output's summary,
-        known only once the data is written); its sha256 is then taken from the file."""
-        shard = self.layout.shards[i]
-        if len(prefix) != len(shard.header) or i not in self._fds:
-            raise RuntimeError(f"OutputWriter.rewrite_header({i}): {len(prefix)} bytes for a header of "
-                               f"{len(shard.header)}, shard {'open' if i in self._fds else 'not open'}")
-        path = self.staging_dir / (shard.filename + ".tmp")
-        st.pwrite_all(self._fds[i], memoryview(prefix), 0, path)
-        self._streams[i].wrote(self._fds[i], 0, memoryview(prefix))  # out of order: hashed by re-reading
-
     def resumed_stats(self, i: int) -> dict | None:
         """Statistics of shard i if an interrupted run finished it (verified on open); None: compute it."""
         return self._done[i]["stats"] if i in self._resumed else None
@@ -358,15 +348,18 @@ class OutputWriter:
         record its size, sha256 and `stats` (JSON-serialisable) in the manifest."""
         if i in self._done or i not in self._fds:
             return
-        if self.one_file and not self._shards_done_calling:
-            self._held = stats  # final in finish_shards, after rewrite_header
-            return
         shard = self.layout.shards[i]
         for name in shard.tensors:
             size = self._sizes[name]
             if size is not None and self._written[name] != size:
                 raise RuntimeError(f"tensor {name!r} incomplete: {self._written[name]} of {size} bytes written")
         tmp, final = self.staging_dir / (shard.filename + ".tmp"), self.staging_dir / shard.filename
+        if self.final_header is not None:
+            prefix = memoryview(self.final_header(stats or {}))
+            if len(prefix) != len(shard.header):
+                raise RuntimeError(f"final header of {len(prefix)} bytes for a planned {len(shard.header)}")
+            st.pwrite_all(self._fds[i], prefix, 0, tmp)
+            self._streams[i].wrote(self._fds[i], 0, prefix)  # out of order: hashed by re-reading the file
         with writing(tmp):
             fd = self._fds.pop(i)
             try:
@@ -391,14 +384,8 @@ class OutputWriter:
             raise RuntimeError(f"OutputWriter.finish_shards() on a writer that is {self._state}")
         if self._shards_done:
             return
-        for i in sorted(self.mine - set(self._done)):
-            for name in self.layout.shards[i].tensors:
-                size = self._sizes[name]
-                if size is not None and self._written[name] != size:
-                    raise RuntimeError(f"tensor {name!r} incomplete: {self._written[name]} of {size} bytes written")
-        self._shards_done_calling = True
         for i in sorted(self.mine):
-            self.finish_shard(i, self._held)
+            self.finish_shard(i)  # checks every tensor was written in full
         index = self.layout.index_json() if self.part is None else None
         if index is not None:
             st.place_file(self.staging_dir / INDEX_NAME, [index])
