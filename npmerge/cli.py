@@ -296,7 +296,10 @@ def _execute(build_recipe, out, shard_size, max_memory, threads, dry_run, json_o
         finally:
             plan.close()
         if split is not None:
-            render.part_done(report, out, json_out, quiet)
+            from .parts import finished_parts
+
+            n = split[1]
+            render.part_done(report, sorted(i for i, m in finished_parts(out) if m == n), out, json_out, quiet)
             return
         elapsed = time.perf_counter() - started
         if not quiet:
@@ -317,11 +320,9 @@ def _on_ray(plan, out, address, threads, force, max_memory, quiet) -> dict:
     if plan.one_file:
         raise RecipeError("--ray splits a model directory by shards; a one-file output is one shard",
                           hint="give -o a directory")
-    total = sum(s.size for s in plan.layout.shards)
-    advance = render.bar("ray")(total) if not quiet else None
-    ray_parts.run_parts(ray_parts.strip_ray(_ARGV, address), None, threads or 1, len(plan.layout.shards),
-                        None if address == "local" else address,
-                        progress=(lambda nbytes: advance(nbytes, "part")) if advance else None)
+    with render.progress_bar("ray", sum(s.size for s in plan.layout.shards), disable=quiet) as advance:
+        ray_parts.run_parts(ray_parts.strip_ray(_ARGV, address), None, threads or 1, len(plan.layout.shards),
+                            None if address == "local" else address, progress=lambda nbytes: advance(nbytes, "part"))
     return parts.assemble(out, force=force, max_memory=max_memory, threads=threads)
 
 

@@ -5,6 +5,7 @@ Thin, as cli.py: each parses its options, calls the module that does the work, r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -117,7 +118,7 @@ def inspect_command(
     max_memory: Optional[str] = MEM, threads: Optional[int] = THREADS, json_out: bool = JSON, quiet: bool = QUIET,
 ):
     """How fine-tunes relate, per layer: task-vector norms, pairwise cosine similarity, sign
-    conflicts (overall and, per model, against TIES's election at each density), and what a
+    conflicts (overall and, per model, against the sign election at each density), and what a
     merge of them would refuse or note. Streamed in bounded memory."""
     def body():
         from . import render
@@ -128,8 +129,10 @@ def inspect_command(
             raise RecipeError(f"--density must be in (0, 1], got {[d for d in densities if not 0 < d <= 1][0]}")
         if plot is not None:
             render.check_plot_target(plot)
-        data = inspect_models(base, list(models), densities=densities, max_memory=max_memory, threads=threads,
-                              progress=None if quiet or json_out else render.bar("inspect"))
+        with contextlib.ExitStack() as bars:  # the bar's total is known once the models are planned
+            data = inspect_models(base, list(models), densities=densities, max_memory=max_memory, threads=threads,
+                                  progress=lambda total: bars.enter_context(
+                                      render.progress_bar("inspect", total, disable=quiet or json_out)))
         if plot is not None:
             render.inspection_plot(data, plot)
         if json_out:

@@ -33,7 +33,7 @@ class _Discard:
 def inspect_models(base: str, models: list[str], *, densities=DENSITIES, max_memory=None, threads=None,
                    progress=None) -> dict:
     """Every figure of `npmerge inspect` (the --json document). `progress(total_bytes)`
-    returns the engine's progress callback (render.progress's advance)."""
+    returns the engine's progress callback (render.progress_bar's advance)."""
     from .budget import choose_span
     from .engine import Engine
     from .plan import build_plan

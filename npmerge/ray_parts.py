@@ -10,6 +10,7 @@ would fail again, so it stops the merge at once with the part's own message.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -104,8 +105,6 @@ def run_parts(argv: list[str], parts: int | None, threads: int, shard_count: int
 
 
 def _json(text: str) -> dict:
-    import json
-
     try:
         return json.loads(text)
     except ValueError:

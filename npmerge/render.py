@@ -252,26 +252,6 @@ def verdict(v) -> None:
         c.print("not part of the merge: " + escape(", ".join(v.extra)), soft_wrap=True)
 
 
-def bar(title: str):
-    """A byte-counting bar for work without a plan (`npmerge inspect`), on a terminal only:
-    `start(total)` shows it and returns the engine's progress callback; it goes at the end."""
-    def start(total: int):
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=stderr(),
-                            disable=not stderr().is_terminal, transient=True)
-        task = progress.add_task(title, total=total)
-        progress.start()
-
-        def advance(nbytes: int, name: str) -> None:
-            progress.update(task, advance=nbytes)
-            if progress.tasks[0].completed >= total:
-                progress.stop()
-
-        return advance
-
-    return start
-
-
 def _pct(x) -> str:
     return "-" if x is None else f"{x:.1%}"
 
@@ -363,12 +343,9 @@ def inspection_plot(data: dict, path) -> None:
     plt.close(fig)
 
 
-def part_done(record: dict, out, json_out: bool, quiet: bool) -> None:
-    """A part of a merge split into parts: what it wrote, and how many parts are done."""
-    from .parts import finished_parts
-
+def part_done(record: dict, done: list[int], out, json_out: bool, quiet: bool) -> None:
+    """A part of a merge split into parts: what it wrote, and which parts are finished."""
     i, n = record["part"]
-    done = sorted(p for p, m in finished_parts(out) if m == n)
     if json_out:
         print(json.dumps({**record, "parts_done": done}, indent=2))
         return
