@@ -51,6 +51,12 @@ FIRST_MERGES = {
     "model-stock": [B, A, C],
     "sce": [B, A, C, D, "--select-topk", "0.5"],
     "passthrough": [A, "--scale", "0.5"],
+    "multislerp": [A, C, D],
+    "karcher": [A, C, D],
+    "arcee-fusion": [B, A],
+    "nearswap": [B, A, "--t", "0.0001"],
+    "ram": [B, A, C, D],
+    "ramplus-tl": [B, A, C, D],
 }
 DEMO = ["ties"] + FIRST_MERGES["ties"]
 
