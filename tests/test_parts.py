@@ -73,7 +73,7 @@ def test_concurrent_parts_and_a_killed_one_rerun(work):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (1, 2)]
     killed = start(*args, "--part", "3/3", slow=0.02)
     staging = work / ".split.npmerge-parts" / "part-0003-of-0003"
-    wait_for(lambda: any(staging.glob("*.tmp")), killed)
+    wait_for(lambda: any(staging.glob("model-*.tmp")), killed)  # killed while writing a shard
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     for p in procs:
@@ -164,3 +164,20 @@ def test_ray_runs_the_parts_on_a_local_cluster_and_stops_at_a_part_s_error(work)
         assert not (work / "ray-bad").exists()
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_a_part_killed_while_setting_up_resumes_from_scratch(work):
+    """Killed after its staging directory and lock, before its plan.json (a Ray retry runs
+    --resume): nothing was written, so --resume starts the part afresh instead of refusing."""
+    want = one_machine(work, "ties")
+    staging = work / ".split.npmerge-parts" / "part-0001-of-0001"
+    staging.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    from npmerge.io.staging import LOCK_NAME
+
+    (staging / LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": __import__("socket").gethostname(),
+                                              "started": "2026-01-01T00:00:00+00:00"}) + "\n")
+    assert part(work, "ties", 1, 1).returncode == 5  # a plain rerun still refuses a leftover staging directory
+    proc = part(work, "ties", 1, 1, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert here(work, "assemble", "split").returncode == 0 and tree_bytes(work / "split") == want

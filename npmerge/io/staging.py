@@ -414,6 +414,8 @@ class Staging:
                     if sha256_file(self.path / shards[i][0]) == rec.get("sha256")}
             self._prune({shards[i][0] for i in kept})
             place_file(self.path / MANIFEST_NAME, [_line(kept[i]) for i in sorted(kept)])
+            if not os.path.lexists(self.path / PLAN_NAME):  # killed while setting up: start it afresh here
+                place_file(self.path / PLAN_NAME, [(json.dumps(fingerprint, indent=1) + "\n").encode()])
             with writing(self.path):
                 fsync_dir(self.path)
         except BaseException:
@@ -434,6 +436,8 @@ class Staging:
         """Refuse to resume a different plan (recipe, layout, version, input files)."""
         hint = (f"run exactly the interrupted command again with --resume, or delete {self.path} "
                 "to start over")
+        if not os.path.lexists(self.path / PLAN_NAME):
+            return  # the run died setting up, before its plan (and any shard): nothing to differ from
         try:
             old = json.loads((self.path / PLAN_NAME).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
